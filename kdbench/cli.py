@@ -1,0 +1,371 @@
+"""The ``kdbench`` command line: a thin layer over the Python API.
+
+Each command parses its options, calls one library function and prints the result. Errors a user
+can cause (:class:`~kdbench.errors.KdbenchError`) print one sentence and exit with code 2; heavy
+libraries are imported inside the commands so that ``kdbench --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+
+from kdbench.errors import KdbenchError
+
+app = typer.Typer(
+    name="kdbench",
+    help="Benchmark-first knowledge distillation for LLMs: train any published KD method, evaluate, rank.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cache_app = typer.Typer(help="The artifact cache: where it is, what it holds, clear it.", no_args_is_help=True)
+data_app = typer.Typer(help="Data utilities (contamination check).", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+app.add_typer(data_app, name="data")
+
+
+def _register_judge() -> None:
+    from kdbench.cli_judge import app as judge_app
+
+    app.add_typer(judge_app, name="judge")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def _say(message: str) -> None:
+    _console(stderr=True).print(message)
+
+
+def handles_errors(fn: Callable) -> Callable:
+    """Turn user errors into one sentence and exit code 2; Ctrl-C into a resume hint."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KdbenchError as err:
+            _console(stderr=True).print(f"[bold red]error:[/bold red] {err}")
+            raise typer.Exit(code=err.exit_code) from None
+        except KeyboardInterrupt:
+            _console(stderr=True).print("interrupted: finished work is saved; rerun the same command to resume.")
+            raise typer.Exit(code=130) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    """Keep transformers' own progress bars and info logs out of kdbench's output."""
+    import os
+    import warnings
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _overrides_to_dict(overrides: list[str] | None) -> dict:
+    from kdbench.config import apply_overrides
+
+    return apply_overrides({}, overrides)
+
+
+# ------------------------------------------------------------------------------------------------
+# train
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handles_errors
+def train(
+    method: str = typer.Argument(..., help="Method recipe (see `kdbench list methods`)."),
+    student: Optional[str] = typer.Option(None, "--student", help="Student model directory or Hugging Face id."),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model directory or id (KD methods)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data (JSONL/JSON/Parquet: instruction, input, output)."),
+    valid_data: Optional[str] = typer.Option(None, "--valid-data", help="Validation data (default: hold out 5%)."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Folder for run directories (default: runs)."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run directory name; rerunning it resumes."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Training seed."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig settings."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting: --set learning_rate=1e-4, --set params.kd_ratio=0.3."),
+):
+    """Train a student with one distillation method; writes a run directory with the model and its cost."""
+    from kdbench.config import build, load_yaml
+    from kdbench.train import TrainConfig
+    from kdbench.train import train as run_train
+
+    values = load_yaml(config)
+    flags = {"student": student, "teacher": teacher, "data": data, "valid_data": valid_data, "output_dir": output_dir,
+             "run_name": run_name, "seed": seed}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values["method"] = method
+    from kdbench.config import apply_overrides
+
+    values = apply_overrides(values, set_)
+    train_config = build(TrainConfig, values)
+    _quiet_libraries()
+    result = run_train(train_config, log=_say, command=sys.argv)
+    typer.echo(f"run: {result.run.path}")
+    typer.echo(f"model: {result.model_dir}")
+    typer.echo(f"final training loss: {result.final_train_loss}")
+
+
+# ------------------------------------------------------------------------------------------------
+# eval
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+@handles_errors
+def eval_(
+    suite: str = typer.Option(..., "--suite", help="Suite name (see `kdbench list suites`)."),
+    model: str = typer.Option(..., "--model", help="Model directory or Hugging Face id."),
+    data: Optional[str] = typer.Option(None, "--data", help="Suite data: a file or folder (default: $KDBENCH_DATA, then the Hub)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Sampling seeds, comma-separated (default 10,20,30,40,50)."),
+    greedy: bool = typer.Option(False, "--greedy", help="Greedy decoding instead of sampling."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate only the first N examples."),
+    buckets: Optional[str] = typer.Option(None, "--buckets", help="Length-bucket edges in words, e.g. 30,70, or auto."),
+    output_dir: str = typer.Option("runs", "--output-dir", help="Folder for run directories."),
+    run_name: Optional[str] = typer.Option(None, "--run-name", help="Run directory name; rerunning it resumes."),
+    label: Optional[str] = typer.Option(None, "--label", help="Name of this model in leaderboards."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generation batch (or harness batch size)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting: --set decoding.no_repeat_ngram_size=6."),
+):
+    """Evaluate a model on a suite (reference-based: Rouge-L/EM; lm_eval: Open LLM Leaderboard tasks)."""
+    from kdbench import registry
+
+    entry = registry.get("tasks", suite)
+    _quiet_libraries()
+    if entry.body.get("type") == "lm_eval":
+        _eval_harness(entry.name, model, limit, batch_size or 8, output_dir, run_name, label)
+        return
+    from kdbench.config import apply_overrides, build
+    from kdbench.evaluate import EvalConfig, evaluate
+    from kdbench.report import leaderboard_markdown
+
+    values: dict = {"suite": suite, "model": model, "data_path": data, "greedy": greedy, "limit": limit,
+                    "buckets": buckets, "output_dir": output_dir, "run_name": run_name, "label": label}
+    if seeds:
+        try:
+            values["seeds"] = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise KdbenchError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 10,20,30.") from None
+    if batch_size:
+        values["decoding"] = {"batch_size": batch_size}
+    values = apply_overrides({k: v for k, v in values.items() if v is not None}, set_)
+    result = evaluate(build(EvalConfig, values), log=_say, command=sys.argv)
+    typer.echo(leaderboard_markdown([result.run], title=f"kdbench eval --suite {suite}", baseline_label=None,
+                                    reference_label=None))
+    typer.echo(f"run: {result.run.path}")
+
+
+def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: str, run_name, label) -> None:
+    from kdbench.harness import run_harness
+    from kdbench.models import resolve_model_path
+    from kdbench.store import RunDir
+
+    path = resolve_model_path(model)
+    label = label or Path(model).name
+    run = RunDir.create(output_dir, run_name or f"eval-{suite}-{label}", kind="eval",
+                        config={"suite": suite, "model": model, "limit": limit, "batch_size": batch_size, "label": label},
+                        command=sys.argv)
+    result = run_harness(path, suite=suite, limit=limit, batch_size=batch_size, log=_say)
+    run.write_metrics(result.to_metric_records(run, suite), replace_suite=suite)
+    run.finish("complete", suite=suite, label=label, harness=result.label)
+    for record in result.to_metric_records(run, suite):
+        typer.echo(f"{record['subset']:<28} {record['metric']:<24} {record['value']:.4f}")
+    typer.echo(f"{result.label}; run: {run.path}")
+
+
+# ------------------------------------------------------------------------------------------------
+# demo, check, report
+# ------------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handles_errors
+def demo(
+    preset: str = typer.Option("smoke", "--preset", help="smoke (minutes), standard (larger, several seeds)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/demo-PRESET)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Artifact cache (default: $KDBENCH_CACHE or ~/.cache/kdbench)."),
+    set_: List[str] = typer.Option([], "--set", help="Override a preset setting: --set student_steps=200."),
+):
+    """Run the embedded benchmark end to end on CPU (no downloads) and print its leaderboard."""
+    from kdbench.demo import preset_with, run_demo
+
+    chosen = preset_with(preset, _overrides_to_dict(set_))
+    _quiet_libraries()
+    result = run_demo(chosen, out_dir=out, cache_dir=cache_dir, log=_say)
+    typer.echo(result.leaderboard_md)
+    typer.echo(f"leaderboard: {result.out_dir / 'leaderboard.md'}  (total {result.timings['total_seconds']:.0f}s, "
+               f"teacher {'cached' if result.teacher_reused else 'trained'})")
+
+
+@app.command()
+@handles_errors
+def check(
+    baseline: Path = typer.Option(Path("results/baseline"), "--baseline", help="Baseline folder (holds baseline.json)."),
+    runs: List[Path] = typer.Option(..., "--runs", help="Run directory or a folder of runs (repeatable)."),
+    write: bool = typer.Option(False, "--write", help="Write a new baseline instead: each --runs folder is one seed."),
+    note: str = typer.Option("", "--note", help="With --write: how the runs were produced."),
+):
+    """Regression gate: compare runs with the committed baseline; exit 1 if a metric regressed."""
+    from kdbench.check import build_baseline, write_baseline
+    from kdbench.check import check as run_check
+    from kdbench.store import find_run_dirs
+
+    if write:
+        baseline_data = build_baseline([find_run_dirs([r]) for r in runs], note=note)
+        path = write_baseline(baseline, baseline_data)
+        typer.echo(f"wrote {path} ({len(baseline_data['metrics'])} metrics from {len(runs)} seeds)")
+        return
+    passed, comparisons = run_check(baseline, runs)
+    width = max(len(c.name) for c in comparisons) if comparisons else 10
+    typer.echo(f"{'metric':<{width}}  {'baseline':>8}  {'current':>8}  {'delta':>7}  {'tol':>5}  status")
+    for c in comparisons:
+        current = "-" if c.current is None else f"{c.current:8.2f}"
+        delta = "-" if c.delta is None else f"{c.delta:+7.2f}"
+        if c.status != "ok" or len(comparisons) <= 40:
+            typer.echo(f"{c.name:<{width}}  {c.baseline:8.2f}  {current:>8}  {delta:>7}  {c.tolerance:5.2f}  {c.status}")
+    bad = [c for c in comparisons if c.status in ("regressed", "missing")]
+    if bad:
+        typer.echo(f"FAILED: {len(bad)} metric(s) regressed or missing: " + ", ".join(c.name for c in bad))
+        raise typer.Exit(code=1)
+    typer.echo(f"passed: {len(comparisons)} metrics within tolerance of {baseline}")
+
+
+@app.command()
+@handles_errors
+def report(
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories (or folders of runs)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write leaderboard.md and metrics.csv here."),
+    baseline_label: str = typer.Option("sft", "--baseline-label", help="Row the paired tests compare against."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="Suite to rank (default: the first found)."),
+):
+    """A Markdown leaderboard (with CIs and Holm-corrected paired tests) and a long-format CSV of the runs."""
+    from kdbench.report import leaderboard_markdown, write_long_csv
+    from kdbench.store import atomic_write_text, find_run_dirs
+
+    runs = find_run_dirs(run_dirs)
+    if not runs:
+        raise KdbenchError("No run directories found there; pass folders written by kdbench train/eval/demo.")
+    markdown = leaderboard_markdown(runs, suite=suite, baseline_label=baseline_label)
+    typer.echo(markdown)
+    if out:
+        atomic_write_text(out / "leaderboard.md", markdown)
+        write_long_csv(runs, out / "metrics.csv")
+        typer.echo(f"wrote {out / 'leaderboard.md'} and {out / 'metrics.csv'}")
+
+
+# ------------------------------------------------------------------------------------------------
+# list, cache, data
+# ------------------------------------------------------------------------------------------------
+
+_KIND_NAMES = {"methods": "trainers", "suites": "tasks", "judges": "judges"}
+
+
+@app.command("list")
+@handles_errors
+def list_(what: Optional[str] = typer.Argument(None, help="methods, suites or judges (default: all three).")):
+    """List the registered methods, suites and judges, one line each."""
+    from kdbench import registry
+
+    kinds = [what] if what else list(_KIND_NAMES)
+    for name in kinds:
+        if name not in _KIND_NAMES:
+            raise KdbenchError(f"Unknown list {name!r}; choose methods, suites or judges.")
+        entries = registry.entries(_KIND_NAMES[name])
+        typer.echo(f"{name}:")
+        width = max((len(n) for n in entries), default=4)
+        for entry_name in sorted(entries):
+            entry = entries[entry_name]
+            alias = f" (alias of {entry.alias_of})" if entry.alias_of else ""
+            typer.echo(f"  {entry_name:<{width}}  {entry.description}{alias}")
+
+
+@cache_app.command("where")
+@handles_errors
+def cache_where():
+    """Print the cache folder."""
+    from kdbench.store import default_cache_dir
+
+    typer.echo(str(default_cache_dir()))
+
+
+@cache_app.command("list")
+@handles_errors
+def cache_list(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default: kdbench cache where).")):
+    """List the complete artifacts in the cache (kind, key, size, when built)."""
+    from kdbench.store import ArtifactStore
+
+    store = ArtifactStore(cache_dir)
+    entries = store.entries()
+    if not entries:
+        typer.echo(f"(empty) {store.root}")
+        return
+    for artifact in entries:
+        size = sum(p.stat().st_size for p in artifact.path.rglob("*") if p.is_file())
+        typer.echo(f"{artifact.kind:<20} {artifact.key}  {size / 2**20:8.1f} MiB  {artifact.meta.get('created', '')}")
+
+
+@cache_app.command("clear")
+@handles_errors
+def cache_clear(
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only artifacts of this kind (e.g. demo-teacher)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+):
+    """Delete cached artifacts (all, or one kind)."""
+    from kdbench.store import ArtifactStore
+
+    store = ArtifactStore(cache_dir)
+    if not yes and not typer.confirm(f"Delete {'all' if not kind else kind} artifacts under {store.root}?"):
+        raise typer.Exit(code=1)
+    typer.echo(f"removed {store.clear(kind)} artifact(s) from {store.root}")
+
+
+@data_app.command("overlap")
+@handles_errors
+def data_overlap(
+    train_path: Path = typer.Argument(..., help="Training data (JSONL or plain text)."),
+    suite: str = typer.Argument(..., help="Evaluation suite name."),
+    data: Optional[str] = typer.Option(None, "--data", help="Suite data path."),
+    n: int = typer.Option(13, "--n", help="n-gram size."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the per-example report as JSON here."),
+):
+    """Contamination check: n-gram overlap between a training set and an evaluation suite."""
+    from kdbench.overlap import overlap_report
+    from kdbench.store import atomic_write_json
+
+    report_data = overlap_report(train_path, suite, data_path=data, n=n)
+    for key, value in report_data["summary"].items():
+        typer.echo(f"{key}: {value}")
+    if out:
+        atomic_write_json(out, report_data)
+        typer.echo(f"wrote {out}")
+
+
+_register_judge()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,198 @@
+"""The embedded benchmark: ``kdbench demo`` trains a teacher and distils it into students on a CPU,
+evaluates everything and prints a leaderboard, with no download.
+
+1. A seeded synthetic corpus and word-level tokenizer (:mod:`kdbench.synthetic`), cached.
+2. The teacher: a larger model trained on the whole world (all labelled training instances plus the
+   world's facts) for more steps. Cached as an artifact keyed by everything that determines it.
+3. The student: a smaller model that only sees a labelled subset; each method in the preset trains
+   it from the same initialisation through the same engine as real models (``kdbench.train``).
+4. Teacher and students are evaluated on the test split (Rouge-L, exact match, per length bucket
+   and category, bootstrap CIs) and ranked in a Markdown leaderboard (``kdbench.report``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from kdbench.config import option, to_dict
+from kdbench.errors import ConfigError
+from kdbench.store import ArtifactStore, atomic_write_json, atomic_write_text
+from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
+
+
+@dataclass
+class Preset:
+    name: str = option("smoke", "Preset name.")
+    corpus: CorpusConfig = option(factory=CorpusConfig, help="The generated world and its splits.")
+    teacher_size: str = option("gpt2-mini", "Teacher size (kdbench.models.SIZES).")
+    teacher_steps: int = option(900, "Teacher optimizer steps.")
+    teacher_lr: float = option(1e-3, "Teacher learning rate.")
+    student_size: str = option("gpt2-nano", "Student size.")
+    student_steps: int = option(300, "Student optimizer steps per method.")
+    student_lr: float = option(2e-3, "Student learning rate.")
+    batch_size: int = option(32, "Micro-batch size.")
+    methods: list[str] = option(factory=lambda: ["sft", "kd"], help="Methods trained on the student.")
+    train_seeds: list[int] = option(factory=lambda: [1], help="Training seeds per method.")
+    eval_seeds: list[int] = option(factory=list, help="Sampling seeds for evaluation; empty = greedy decoding.")
+    max_new_tokens: int = option(128, "Generation limit.")
+    eval_limit: int | None = option(None, "Evaluate only the first N test examples.")
+
+
+PRESETS: dict[str, Preset] = {
+    "smoke": Preset(),
+    "standard": Preset(
+        name="standard",
+        corpus=CorpusConfig(n_people=100, n_cities=16, student_label_fraction=0.3),
+        teacher_size="gpt2-small-demo", teacher_steps=1600,
+        student_size="gpt2-nano", student_steps=500,
+        methods=["sft", "kd", "rkl", "jsd", "akl"], train_seeds=[1, 2, 3],
+        eval_seeds=[],
+    ),
+}
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    leaderboard_md: str
+    timings: dict = field(default_factory=dict)
+    teacher_reused: bool = False
+
+
+def build_teacher(preset: Preset, corpus_dir: Path, store: ArtifactStore, log: Callable[[str], None]) -> tuple[Path, bool, float]:
+    """Train (or reuse) the teacher; returns (model dir, reused, seconds)."""
+    from kdbench.models import make_model
+    from kdbench.train import TrainConfig, train
+
+    inputs = {"corpus": to_dict(preset.corpus), "size": preset.teacher_size, "steps": preset.teacher_steps,
+              "lr": preset.teacher_lr, "batch_size": preset.batch_size, "seed": 0}
+
+    def build(tmp: Path) -> dict:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(corpus_dir / "tokenizer"))
+        init_dir = tmp / "init"
+        make_model(preset.teacher_size, tokenizer, seed=0, max_positions=256).save_pretrained(str(init_dir))
+        tokenizer.save_pretrained(str(init_dir))
+        result = train(TrainConfig(method="sft", student=str(init_dir), data=str(corpus_dir / FILES["teacher_train"]),
+                                   valid_data=str(corpus_dir / FILES["validation"]), output_dir=str(tmp / "runs"),
+                                   run_name="teacher", seed=0, learning_rate=preset.teacher_lr,
+                                   max_steps=preset.teacher_steps, batch_size=preset.batch_size, max_length=256,
+                                   max_prompt_length=128, prompt_style="compact", logging_steps=50, group_by_length=True,
+                                   save_steps=max(100, preset.teacher_steps // 4)),
+                       log=log, command=["kdbench", "demo", "(teacher)"])
+        shutil.move(str(result.model_dir), str(tmp / "model"))
+        shutil.rmtree(init_dir)
+        return {"train_cost": result.cost}
+
+    started = time.time()
+    artifact = store.get_or_build("demo-teacher", inputs, build, log=log)
+    return artifact.path / "model", artifact.reused, time.time() - started
+
+
+def build_student_init(preset: Preset, corpus_dir: Path, store: ArtifactStore, seed: int) -> Path:
+    from kdbench.models import make_model
+
+    def build(tmp: Path) -> dict:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(corpus_dir / "tokenizer"))
+        make_model(preset.student_size, tokenizer, seed=seed, max_positions=256).save_pretrained(str(tmp / "model"))
+        tokenizer.save_pretrained(str(tmp / "model"))
+        return {}
+
+    inputs = {"corpus": to_dict(preset.corpus), "size": preset.student_size, "seed": seed}
+    return store.get_or_build("demo-student-init", inputs, build).path / "model"
+
+
+def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
+             log: Callable[[str], None] | None = None, progress: bool = True) -> DemoResult:
+    """Run the embedded benchmark end to end; returns the leaderboard (also written under ``out_dir``)."""
+    from kdbench.evaluate import EvalConfig, evaluate
+    from kdbench.generate import DecodingConfig
+    from kdbench.report import leaderboard_markdown
+    from kdbench.store import find_run_dirs
+    from kdbench.train import TrainConfig, train
+
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ConfigError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+        preset = PRESETS[preset]
+    say = log or (lambda message: None)
+    out = Path(out_dir) if out_dir else Path("runs") / f"demo-{preset.name}"
+    out.mkdir(parents=True, exist_ok=True)
+    store = ArtifactStore(cache_dir)
+    timings: dict[str, float] = {}
+    started = time.time()
+
+    corpus = store.get_or_build("demo-corpus", to_dict(preset.corpus), lambda tmp: build_corpus(preset.corpus, tmp))
+    corpus_dir = corpus.path
+    counts = corpus.meta.get("counts", {})
+    say(f"corpus: {counts.get('teacher_train')} teacher rows, {counts.get('student_train')} labelled student rows, "
+        f"{counts.get('student_unlabelled')} unlabelled prompts, {counts.get('test')} test examples ({corpus_dir})")
+
+    teacher_dir, reused, seconds = build_teacher(preset, corpus_dir, store, say)
+    timings["teacher_seconds"] = round(seconds, 1)
+    say(f"teacher: {'reused from cache' if reused else 'trained'} in {seconds:.1f}s ({teacher_dir})")
+
+    trained: list[tuple[str, int, Path]] = []
+    for method in preset.methods:
+        for seed in preset.train_seeds:
+            t0 = time.time()
+            result = train(TrainConfig(
+                method=method, student=str(build_student_init(preset, corpus_dir, store, seed)),
+                teacher=str(teacher_dir), data=str(corpus_dir / FILES["student_train"]),
+                valid_data=str(corpus_dir / FILES["validation"]), output_dir=str(out / "train"),
+                run_name=f"{method}-seed{seed}", seed=seed, learning_rate=preset.student_lr,
+                max_steps=preset.student_steps, batch_size=preset.batch_size, max_length=256, max_prompt_length=128,
+                prompt_style="compact", logging_steps=25, group_by_length=True, save_steps=max(50, preset.student_steps // 3)),
+                log=say, command=["kdbench", "demo", preset.name], progress=progress)
+            timings[f"train_{method}_seed{seed}_seconds"] = round(time.time() - t0, 1)
+            trained.append((method, seed, result.model_dir))
+
+    decoding = DecodingConfig(greedy=not preset.eval_seeds, max_new_tokens=preset.max_new_tokens,
+                              max_prompt_length=128, batch_size=64)
+    to_evaluate = [("teacher", None, teacher_dir)] + trained
+    for label, seed, model_dir in to_evaluate:
+        t0 = time.time()
+        name = label if seed is None else f"{label}-seed{seed}"
+        evaluate(EvalConfig(suite="synthetic", model=str(model_dir), data_path=str(corpus_dir),
+                            seeds=list(preset.eval_seeds) or [0], greedy=not preset.eval_seeds,
+                            limit=preset.eval_limit, decoding=decoding, output_dir=str(out / "eval"),
+                            run_name=name, label=label),
+                 log=say, command=["kdbench", "demo", preset.name], progress=progress)
+        timings[f"eval_{name}_seconds"] = round(time.time() - t0, 1)
+    timings["total_seconds"] = round(time.time() - started, 1)
+
+    runs = find_run_dirs([out / "eval"])
+    markdown = leaderboard_markdown(runs, title=f"kdbench demo --preset {preset.name}", baseline_label="sft",
+                                    reference_label="teacher",
+                                    data_note=f"embedded synthetic world (seed {preset.corpus.seed}, "
+                                              f"{counts.get('test')} test examples)")
+    atomic_write_text(out / "leaderboard.md", markdown)
+    atomic_write_json(out / "demo.json", {"preset": to_dict(preset), "timings": timings, "teacher_reused": reused,
+                                          "corpus_dir": str(corpus_dir), "teacher_dir": str(teacher_dir)})
+    return DemoResult(out, markdown, timings, reused)
+
+
+def preset_with(name: str, overrides: dict) -> Preset:
+    from kdbench.config import build
+
+    if name not in PRESETS:
+        raise ConfigError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
+    if not overrides:
+        return PRESETS[name]
+    merged = {**to_dict(PRESETS[name])}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return build(Preset, merged)
+
+
+__all__ = ["PRESETS", "Preset", "DemoResult", "run_demo", "preset_with"]

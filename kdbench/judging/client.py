@@ -1,0 +1,507 @@
+"""An asynchronous, fault-tolerant, caching client for any OpenAI-compatible judge endpoint.
+
+Judge calls cost money and fail in practice, so every call goes through :class:`JudgeClient`:
+
+* **Concurrency and rate limits**: at most ``concurrency`` requests in flight (an ``asyncio.Semaphore``)
+  and, optionally, at most ``requests_per_minute`` request starts (evenly spaced slots).
+* **Retries**: 429, 5xx, 408/409, timeouts and connection errors are retried with exponential backoff and
+  full jitter (``sleep ~ U(0, min(backoff_max_s, backoff_initial_s · 2^attempt))``; a server's
+  ``Retry-After`` header, when present, is honoured instead, capped at ``backoff_max_s``). Other 4xx are not
+  retried: 401/403/404 stop the run with a :class:`~kdbench.errors.KdbenchError` (nothing else can
+  succeed), 400/422 fail that one judgment.
+* **Cache**: every successful response is appended (flushed + fsynced, :func:`kdbench.store.append_jsonl`)
+  to a JSONL file the moment it arrives, keyed by sha256 of (judge model, messages, parameters). A run
+  killed at any point and restarted makes no repeated call for what it had received. Failed calls are not
+  cached, so a rerun retries exactly those. The API key is never part of a key or a record.
+* **Provenance and cost**: each reply records the model snapshot the endpoint reported
+  (``response.model``) and its token usage; :class:`UsageStats` sums them per run with an estimated cost.
+
+The key and base URL come from the environment (``KDBENCH_JUDGE_API_KEY`` / ``OPENAI_API_KEY``,
+``KDBENCH_JUDGE_BASE_URL`` / ``OPENAI_BASE_URL``); the judge model is always an explicit setting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from kdbench.errors import ConfigError, KdbenchError
+from kdbench.store import append_jsonl, default_cache_dir, file_lock, hash_obj, read_jsonl
+
+API_KEY_VARIABLES = ("KDBENCH_JUDGE_API_KEY", "OPENAI_API_KEY")
+BASE_URL_VARIABLES = ("KDBENCH_JUDGE_BASE_URL", "OPENAI_BASE_URL")
+CACHE_SCHEMA = 1
+
+# USD per million (input, output) tokens, list prices at the time of writing; a setting overrides them.
+# Only used for the *estimated* cost printed with a run; unknown models get no estimate.
+PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
+    "gpt-4": (30.0, 60.0),
+    "gpt-4-0314": (30.0, 60.0),
+    "gpt-4-0613": (30.0, 60.0),
+    "gpt-4-turbo": (10.0, 30.0),
+    "gpt-4-1106-preview": (10.0, 30.0),
+    "gpt-4-0125-preview": (10.0, 30.0),
+    "gpt-4o": (2.5, 10.0),
+    "gpt-4o-2024-08-06": (2.5, 10.0),
+    "gpt-4o-2024-05-13": (5.0, 15.0),
+    "gpt-4o-mini": (0.15, 0.6),
+    "gpt-4.1": (2.0, 8.0),
+    "gpt-4.1-mini": (0.4, 1.6),
+    "gpt-3.5-turbo": (0.5, 1.5),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests, replies, settings
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgeCall:
+    """One chat-completion request: the messages and the sampling parameters (temperature, max_tokens,
+    logprobs, top_logprobs ...). Two calls with equal messages and parameters to the same judge model are
+    the same judgment and are made once."""
+
+    messages: tuple[tuple[str, str], ...]  # ((role, content), ...)
+    params: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def make(cls, messages: Sequence[dict], **params: Any) -> "JudgeCall":
+        return cls(tuple((m["role"], m["content"]) for m in messages), tuple(sorted(params.items())))
+
+    def message_dicts(self) -> list[dict]:
+        return [{"role": role, "content": content} for role, content in self.messages]
+
+    def param_dict(self) -> dict:
+        return dict(self.params)
+
+    def cache_key(self, judge_model: str) -> str:
+        """sha256 of (judge model, messages, parameters); never of the key or the endpoint."""
+        return hash_obj({"judge_model": judge_model, "messages": self.message_dicts(), "params": self.param_dict()})
+
+    def prompt_chars(self) -> int:
+        return sum(len(content) for _, content in self.messages)
+
+
+@dataclass
+class JudgeReply:
+    """The outcome of one :class:`JudgeCall`. ``ok`` False means the call failed after all retries
+    (``error`` says why); a reply with ``ok`` True may still hold an unparseable verdict."""
+
+    key: str
+    ok: bool
+    content: str | None = None
+    top_logprobs: list[dict] | None = None  # first completion token: [{"token": str, "logprob": float}, ...]
+    model_reported: str | None = None
+    usage: dict = field(default_factory=dict)
+    cached: bool = False
+    attempts: int = 0
+    error: str | None = None
+    finish_reason: str | None = None
+
+
+@dataclass
+class ClientSettings:
+    """How to reach and pace the judge. The API key is deliberately not a field (it is never recorded)."""
+
+    model: str
+    base_url: str | None = None
+    concurrency: int = 16
+    requests_per_minute: float | None = None
+    max_retries: int = 6
+    timeout_s: float = 120.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    price_input_per_mtok: float | None = None
+    price_output_per_mtok: float | None = None
+
+    def __post_init__(self):
+        if not self.model:
+            raise ConfigError("Name the judge model (for example --judge-model gpt-4o-2024-08-06).")
+        if self.concurrency < 1:
+            raise ConfigError("The judge concurrency must be at least 1.")
+        if self.max_retries < 0:
+            raise ConfigError("max_retries must be 0 or more.")
+        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
+            raise ConfigError("requests_per_minute must be positive (or unset for no limit).")
+
+    def record(self) -> dict:
+        """The settings as written next to results (no secrets: the key is not a field)."""
+        return asdict(self)
+
+    def prices(self) -> tuple[float, float] | None:
+        if self.price_input_per_mtok is not None and self.price_output_per_mtok is not None:
+            return self.price_input_per_mtok, self.price_output_per_mtok
+        return PRICES_PER_MTOK.get(self.model)
+
+
+def resolve_api_key(environ: dict | None = None) -> str | None:
+    env = os.environ if environ is None else environ
+    for name in API_KEY_VARIABLES:
+        if env.get(name):
+            return env[name]
+    return None
+
+
+def resolve_base_url(explicit: str | None = None, environ: dict | None = None) -> str | None:
+    if explicit:
+        return explicit
+    env = os.environ if environ is None else environ
+    for name in BASE_URL_VARIABLES:
+        if env.get(name):
+            return env[name]
+    return None
+
+
+def default_cache_path(judge_model: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The judgment cache of ``judge_model``: one JSONL file per judge model, in ``cache_dir`` or
+    ``<kdbench cache>/judgments/``."""
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in judge_model)
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "judgments"
+    return folder / f"{safe}.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+
+
+class JudgmentCache:
+    """Append-only JSONL of successful judge responses, keyed by :meth:`JudgeCall.cache_key`.
+
+    Records are appended with fsync under an inter-process lock, so several processes may share a file and a
+    killed process loses at most the response it was writing (that one call is simply made again).
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._records: dict[str, dict] = {}
+        for record in read_jsonl(self.path):
+            if record.get("schema") == CACHE_SCHEMA and "key" in record:
+                self._records[record["key"]] = record
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._records
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, key: str) -> dict | None:
+        return self._records.get(key)
+
+    def put(self, record: dict) -> None:
+        record = {"schema": CACHE_SCHEMA, **record}
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            append_jsonl(self.path, record)
+        self._records[record["key"]] = record
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage and cost
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UsageStats:
+    """Calls and tokens of one run; ``*_cached`` counts what the cache saved (paid in an earlier run)."""
+
+    calls_made: int = 0
+    calls_cached: int = 0
+    calls_failed: int = 0
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_cached: int = 0
+    completion_tokens_cached: int = 0
+    failures: dict = field(default_factory=dict)  # reason -> count
+    models_reported: dict = field(default_factory=dict)  # response.model -> count
+
+    def estimated_cost_usd(self, prices: tuple[float, float] | None) -> float | None:
+        if prices is None:
+            return None
+        return (self.prompt_tokens * prices[0] + self.completion_tokens * prices[1]) / 1e6
+
+    def record(self, prices: tuple[float, float] | None) -> dict:
+        out = asdict(self)
+        out["estimated_cost_usd"] = self.estimated_cost_usd(prices)
+        out["cost_note"] = ("estimated from list prices per million tokens" if prices
+                            else "no price known for this judge model (pass --price-in/--price-out)")
+        return out
+
+
+def estimate_tokens(text_chars: int) -> int:
+    """Rough token count of English text (≈ 4 characters per token, OpenAI's rule of thumb)."""
+    return math.ceil(text_chars / 4)
+
+
+@dataclass
+class DryRunEstimate:
+    """What a run would cost: calls not yet cached, and their token counts (prompt estimated at ~4
+    characters per token; completion tokens bounded by each call's max_tokens)."""
+
+    calls_total: int
+    calls_cached: int
+    calls_to_make: int
+    prompt_tokens_estimate: int
+    completion_tokens_max: int
+    estimated_cost_usd_max: float | None
+
+    def describe(self) -> str:
+        cost = (f", at most ~${self.estimated_cost_usd_max:.2f}" if self.estimated_cost_usd_max is not None
+                else ", cost unknown for this judge model")
+        return (f"{self.calls_to_make} judge calls to make ({self.calls_cached} of {self.calls_total} cached): "
+                f"~{self.prompt_tokens_estimate:,} prompt tokens, at most {self.completion_tokens_max:,} "
+                f"completion tokens{cost}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The client
+# ---------------------------------------------------------------------------------------------
+
+
+class _FatalJudgeError(Exception):
+    """A response that means no further call can succeed (bad key, unknown model)."""
+
+
+class _RequestSlots:
+    """Evenly spaced request starts: at most ``per_minute`` per minute (a leaky bucket)."""
+
+    def __init__(self, per_minute: float | None):
+        self.interval_s = 60.0 / per_minute if per_minute else 0.0
+        self._next = 0.0
+        self._lock = asyncio.Lock()
+
+    async def wait(self) -> None:
+        if not self.interval_s:
+            return
+        async with self._lock:
+            now = time.monotonic()
+            start = max(now, self._next)
+            self._next = start + self.interval_s
+        if start > now:
+            await asyncio.sleep(start - now)
+
+
+class JudgeClient:
+    """Judge many :class:`JudgeCall` s concurrently through the official ``openai`` package.
+
+    ``complete(calls)`` returns one :class:`JudgeReply` per call, in order; a call that still fails after
+    the retries comes back with ``ok=False`` (never silently dropped). ``api_key=None`` reads the
+    environment; a missing key raises a :class:`~kdbench.errors.KdbenchError` on the first real call
+    (cached judgments need no key).
+    """
+
+    def __init__(self, settings: ClientSettings, *, cache_path: str | os.PathLike | None = None,
+                 api_key: str | None = None, progress: Callable[[int, int], None] | None = None,
+                 rng: random.Random | None = None):
+        self.settings = settings
+        self.settings.base_url = resolve_base_url(settings.base_url)
+        self.cache = JudgmentCache(cache_path or default_cache_path(settings.model))
+        self._api_key = api_key
+        self.progress = progress
+        self.stats = UsageStats()
+        self._rng = rng or random.Random()
+        self._ever_succeeded = False
+
+    # -- public ---------------------------------------------------------------------------
+    def keys(self, calls: Iterable[JudgeCall]) -> list[str]:
+        return [call.cache_key(self.settings.model) for call in calls]
+
+    def dry_run(self, calls: Sequence[JudgeCall]) -> DryRunEstimate:
+        """Count the calls (and their tokens) a run would make, without making any."""
+        unique: dict[str, JudgeCall] = dict(zip(self.keys(calls), calls))
+        to_make = [call for key, call in unique.items() if key not in self.cache]
+        prompt_tokens = sum(estimate_tokens(call.prompt_chars()) for call in to_make)
+        completion_max = sum(int(call.param_dict().get("max_tokens") or 0) for call in to_make)
+        prices = self.settings.prices()
+        cost = (prompt_tokens * prices[0] + completion_max * prices[1]) / 1e6 if prices else None
+        return DryRunEstimate(len(unique), len(unique) - len(to_make), len(to_make), prompt_tokens, completion_max,
+                              cost)
+
+    def complete(self, calls: Sequence[JudgeCall]) -> list[JudgeReply]:
+        """Synchronous wrapper around :meth:`acomplete` (runs its own event loop)."""
+        return asyncio.run(self.acomplete(calls))
+
+    async def acomplete(self, calls: Sequence[JudgeCall]) -> list[JudgeReply]:
+        keys = self.keys(calls)
+        unique: dict[str, JudgeCall] = {}
+        for key, call in zip(keys, calls):
+            unique.setdefault(key, call)
+        replies: dict[str, JudgeReply] = {}
+        pending: list[tuple[str, JudgeCall]] = []
+        for key, call in unique.items():
+            hit = self.cache.get(key)
+            if hit is not None:
+                replies[key] = self._reply_from_record(hit, cached=True)
+                self.stats.calls_cached += 1
+                self.stats.prompt_tokens_cached += int(hit.get("usage", {}).get("prompt_tokens") or 0)
+                self.stats.completion_tokens_cached += int(hit.get("usage", {}).get("completion_tokens") or 0)
+                self._count_model(hit.get("model_reported"))
+            else:
+                pending.append((key, call))
+        done = len(replies)
+        total = len(unique)
+        if self.progress:
+            self.progress(done, total)
+        if pending:
+            client = self._openai_client()
+            semaphore = asyncio.Semaphore(self.settings.concurrency)
+            slots = _RequestSlots(self.settings.requests_per_minute)
+
+            async def run_one(key: str, call: JudgeCall) -> None:
+                nonlocal done
+                replies[key] = await self._call_with_retries(client, semaphore, slots, key, call)
+                done += 1
+                if self.progress:
+                    self.progress(done, total)
+
+            tasks = [asyncio.create_task(run_one(key, call)) for key, call in pending]
+            try:
+                await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+            finally:
+                await client.close()
+        return [replies[key] for key in keys]
+
+    # -- internals ------------------------------------------------------------------------
+    def _openai_client(self):
+        from openai import AsyncOpenAI
+
+        key = self._api_key or resolve_api_key()
+        if not key:
+            raise KdbenchError(
+                f"No judge API key: set {API_KEY_VARIABLES[0]} or {API_KEY_VARIABLES[1]} in the environment "
+                "(or use --dry-run / the offline judge)."
+            )
+        # Retries are ours (with jitter, a cache write per success and a failure count), not the SDK's.
+        return AsyncOpenAI(api_key=key, base_url=self.settings.base_url, max_retries=0,
+                           timeout=self.settings.timeout_s)
+
+    def _count_model(self, model: str | None) -> None:
+        if model:
+            self.stats.models_reported[model] = self.stats.models_reported.get(model, 0) + 1
+
+    def _fail(self, key: str, reason: str, attempts: int) -> JudgeReply:
+        self.stats.calls_failed += 1
+        self.stats.failures[reason] = self.stats.failures.get(reason, 0) + 1
+        return JudgeReply(key=key, ok=False, attempts=attempts, error=reason)
+
+    def _backoff_s(self, attempt: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            return min(max(retry_after_s, 0.0), self.settings.backoff_max_s)
+        ceiling = min(self.settings.backoff_max_s, self.settings.backoff_initial_s * (2 ** attempt))
+        return self._rng.uniform(0.0, ceiling)  # "full jitter" (AWS architecture blog, 2015)
+
+    async def _call_with_retries(self, client, semaphore, slots, key: str, call: JudgeCall) -> JudgeReply:
+        import openai
+
+        params = call.param_dict()
+        attempts = 0
+        last_reason = "unknown"
+        while True:
+            retry_after_s = None
+            await slots.wait()
+            attempts += 1
+            try:
+                async with semaphore:
+                    response = await client.chat.completions.create(
+                        model=self.settings.model, messages=call.message_dicts(), **params)
+                record = self._record_from_response(key, response)
+            except openai.APIStatusError as err:
+                status = err.status_code
+                if status in (401, 403):
+                    raise KdbenchError(
+                        f"The judge endpoint rejected the API key (HTTP {status}); check "
+                        f"{API_KEY_VARIABLES[0]} / {API_KEY_VARIABLES[1]}.") from None
+                if status == 404:
+                    raise KdbenchError(
+                        f"The judge endpoint does not know model {self.settings.model!r} (HTTP 404); check "
+                        "--judge-model and the base URL.") from None
+                if status not in (408, 409, 429) and status < 500:
+                    return self._fail(key, f"http_{status}", attempts)  # e.g. prompt too long: not retryable
+                last_reason = "rate_limited" if status == 429 else f"http_{status}"
+                retry_after_s = _retry_after_s(err)
+            except openai.APITimeoutError:
+                last_reason = "timeout"
+            except openai.APIConnectionError:
+                last_reason = "connection_error"
+            except _MalformedResponse as err:
+                last_reason = f"malformed_response: {err}"
+            else:
+                # on disk (fsynced) before the reply is used; in a worker thread so that other requests keep
+                # flowing while this one waits for the disk
+                await asyncio.to_thread(self.cache.put, record)
+                self._ever_succeeded = True
+                self.stats.calls_made += 1
+                self.stats.prompt_tokens += int(record["usage"].get("prompt_tokens") or 0)
+                self.stats.completion_tokens += int(record["usage"].get("completion_tokens") or 0)
+                self._count_model(record.get("model_reported"))
+                reply = self._reply_from_record(record, cached=False)
+                reply.attempts = attempts
+                return reply
+            if attempts > self.settings.max_retries:
+                if last_reason in ("timeout", "connection_error") and not self._ever_succeeded:
+                    where = self.settings.base_url or "the default OpenAI endpoint"
+                    raise KdbenchError(
+                        f"Could not reach the judge endpoint at {where} after {attempts} attempts "
+                        f"({last_reason.replace('_', ' ')}); check the base URL and that the server is up.")
+                return self._fail(key, last_reason.split(":")[0], attempts)
+            self.stats.retries += 1
+            await asyncio.sleep(self._backoff_s(attempts - 1, retry_after_s))
+
+    def _record_from_response(self, key: str, response) -> dict:
+        choices = getattr(response, "choices", None) or []
+        if not choices or getattr(choices[0], "message", None) is None:
+            raise _MalformedResponse("no choices")
+        choice = choices[0]
+        top = None
+        logprobs = getattr(choice, "logprobs", None)
+        content_logprobs = getattr(logprobs, "content", None) if logprobs is not None else None
+        if content_logprobs:
+            top = [{"token": t.token, "logprob": float(t.logprob)} for t in (content_logprobs[0].top_logprobs or [])]
+        usage = getattr(response, "usage", None)
+        return {
+            "key": key,
+            "judge_model": self.settings.model,
+            "model_reported": getattr(response, "model", None),
+            "content": choice.message.content,
+            "top_logprobs": top,
+            "finish_reason": getattr(choice, "finish_reason", None),
+            "usage": {"prompt_tokens": getattr(usage, "prompt_tokens", None),
+                      "completion_tokens": getattr(usage, "completion_tokens", None)} if usage else {},
+            "created": time.time(),
+        }
+
+    @staticmethod
+    def _reply_from_record(record: dict, *, cached: bool) -> JudgeReply:
+        return JudgeReply(key=record["key"], ok=True, content=record.get("content"),
+                          top_logprobs=record.get("top_logprobs"), model_reported=record.get("model_reported"),
+                          usage=record.get("usage") or {}, cached=cached, finish_reason=record.get("finish_reason"))
+
+
+class _MalformedResponse(Exception):
+    pass
+
+
+def _retry_after_s(err) -> float | None:
+    response = getattr(err, "response", None)
+    headers = getattr(response, "headers", None)
+    if not headers:
+        return None
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None

@@ -1,0 +1,51 @@
+"""kdbench.losses: every distillation objective of kdbench as a pure function (no model code).
+
+Definitions and decisions: ``docs/methods.md`` (and ``METHODS.md`` of the spec).
+
+* Token-level divergences, one signature ``fn(student_logits, teacher_logits, mask=None, *,
+  temperature=1.0, reduction="mean", **params)``: :func:`fkl`, :func:`rkl`, :func:`fkl_rkl`,
+  :func:`jsd`, :func:`tvd`, :func:`skl`, :func:`srkl`, :func:`akl`, :func:`akl_r`
+  (by name: :data:`DIVERGENCES`). ``teacher_logits`` may be a :class:`SparseTeacher` (top-k).
+* Sequence log-probs: :func:`token_logps`, :func:`sequence_logps`, :func:`cross_entropy`.
+* Preference losses on sequence log-probs: :func:`dpo`, :func:`ipo`, :func:`simpo`, :func:`cpo`,
+  :func:`dpkd`, :func:`dadpo` (by name: :data:`PREFERENCE_LOSSES`).
+* Teacher-guided: :func:`adpa`, :func:`dckd`.
+* Fused (logits never materialized): :func:`fused_token_loss`.
+"""
+
+from kdbench.losses.fused import fused_token_loss
+from kdbench.losses.guided import adpa, dckd
+from kdbench.losses.sequence import (
+    PREFERENCE_LOSSES,
+    cpo,
+    cross_entropy,
+    dadpo,
+    dpkd,
+    dpo,
+    ipo,
+    sequence_logps,
+    simpo,
+    token_logps,
+)
+from kdbench.losses.sparse import SparseTeacher
+from kdbench.losses.token import (
+    DIVERGENCES,
+    akl,
+    akl_r,
+    akl_weights,
+    fkl,
+    fkl_rkl,
+    jsd,
+    rkl,
+    skl,
+    srkl,
+    tvd,
+)
+
+__all__ = [
+    "DIVERGENCES", "PREFERENCE_LOSSES", "SparseTeacher",
+    "fkl", "rkl", "fkl_rkl", "jsd", "tvd", "skl", "srkl", "akl", "akl_r", "akl_weights",
+    "token_logps", "sequence_logps", "cross_entropy",
+    "dpo", "ipo", "simpo", "cpo", "dpkd", "dadpo",
+    "adpa", "dckd", "fused_token_loss",
+]

@@ -1,0 +1,95 @@
+"""Training objectives: how a recipe turns one micro-batch into a summed loss.
+
+Each objective returns the loss *summed* over the micro-batch's counted response tokens; the
+engine divides by the number of counted tokens of the whole optimizer step (across micro-batches
+and processes), so gradient accumulation and data parallelism do not change the result
+(METHODS.md, "Token-level reduction").
+
+A method is a loss function in :mod:`kdbench.losses` plus a recipe file in ``trainers/`` naming an
+objective here and its parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kdbench.errors import ConfigError
+
+
+@dataclass
+class Batch:
+    """Aligned tensors of one micro-batch: position t predicts ``targets[:, t]``.
+
+    ``student_logits`` / ``teacher_logits``: [B, T, V]; ``targets``: [B, T] (−100 = not counted);
+    ``mask``: [B, T] float (1 = counted response position).
+    """
+
+    student_logits: Any
+    teacher_logits: Any | None
+    targets: Any
+    mask: Any
+
+
+def cross_entropy_sum(logits, targets):
+    """Σ over counted positions of −log q(target); logits upcast to float32 (METHODS.md conventions)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def _sft(batch: Batch, params: dict) -> dict:
+    ce = cross_entropy_sum(batch.student_logits, batch.targets)
+    return {"loss": ce, "ce": ce}
+
+
+def _token_kd(batch: Batch, params: dict) -> dict:
+    """(1−r)·CE(gold) + r·D(p‖q) (MiniLLM convention) or CE + r·D (ADPA Eq. 1, ``kd_weighting: additive``)."""
+    from kdbench.losses import DIVERGENCES
+
+    divergence = DIVERGENCES[params["divergence"]]
+    extra = params.get("divergence_params") or {}
+    div = divergence(batch.student_logits, batch.teacher_logits, batch.mask, temperature=params["temperature"],
+                     reduction="sum", **extra)
+    if params.get("temperature_squared"):
+        div = div * params["temperature"] ** 2
+    ce = cross_entropy_sum(batch.student_logits, batch.targets)
+    ratio = params["kd_ratio"]
+    loss = (1 - ratio) * ce + ratio * div if params["kd_weighting"] == "mix" else ce + ratio * div
+    return {"loss": loss, "ce": ce, params["divergence"]: div}
+
+
+def _validate_token_kd(params: dict) -> None:
+    from kdbench.losses import DIVERGENCES
+
+    if params.get("divergence") not in DIVERGENCES:
+        raise ConfigError(f"Unknown divergence {params.get('divergence')!r}; choose one of: {', '.join(DIVERGENCES)}.")
+    if not 0.0 <= float(params.get("kd_ratio", -1)) <= 1.0 and params.get("kd_weighting") == "mix":
+        raise ConfigError("Parameter kd_ratio must be between 0 and 1 with kd_weighting: mix.")
+    if float(params.get("kd_ratio", 0)) < 0:
+        raise ConfigError("Parameter kd_ratio must not be negative.")
+    if not float(params.get("temperature", 0)) > 0:
+        raise ConfigError("Parameter temperature must be greater than 0.")
+    if params.get("kd_weighting") not in ("mix", "additive"):
+        raise ConfigError("Parameter kd_weighting must be 'mix' ((1-r)·CE + r·KD) or 'additive' (CE + r·KD).")
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    fn: Callable[[Batch, dict], dict]
+    needs_teacher: bool
+    validate: Callable[[dict], None] | None = None
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "sft": Objective("sft", _sft, needs_teacher=False),
+    "token_kd": Objective("token_kd", _token_kd, needs_teacher=True, validate=_validate_token_kd),
+}
+
+
+def get_objective(name: str) -> Objective:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"Recipe names unknown objective {name!r}; known: {', '.join(OBJECTIVES)}.")
+    return OBJECTIVES[name]

@@ -1,0 +1,168 @@
+"""`kdbench judge ...` end to end against the local fake judge server (real HTTP, real openai client)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from judge_server import REPORTED_MODEL, FakeJudgeServer
+from kdbench.cli_judge import app
+from kdbench.errors import KdbenchError
+from kdbench.judging import alpaca_eval as ae
+from kdbench.store import RunDir, append_jsonl
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared test data not found at {DATA}")
+KEY = "sk-cli-SECRET-0c1d2e"
+FAST = ["--timeout-s", "2", "--backoff-s", "0.01", "--max-retries", "3"]
+
+
+@pytest.fixture()
+def env(monkeypatch, tmp_path):
+    monkeypatch.setenv("KDBENCH_JUDGE_API_KEY", KEY)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def _invoke(args):
+    result = CliRunner().invoke(app, args, catch_exceptions=True)
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _assert_no_key(root: Path):
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert KEY not in path.read_text(errors="replace"), path
+
+
+def _length_responder(messages, params):
+    """P(m) = 0.8 when the output shown first is longer, else 0.2 (an independent, checkable rule)."""
+    user = messages[-1]["content"]
+    outputs = user.split('"output": """')[1:]
+    first, second = (o.split('"""', 1)[0] for o in outputs)
+    p_m = 0.8 if len(first) > len(second) else 0.2
+    return ("m" if p_m > 0.5 else "M"), [{"token": "m", "logprob": math.log(p_m)},
+                                          {"token": "M", "logprob": math.log(1 - p_m)}]
+
+
+def test_alpaca_eval_2_end_to_end(env):
+    results = DATA / "alpaca_eval" / "results"
+    model = json.loads((results / "alpaca-7b/model_outputs.json").read_text())[:40]
+    model[5]["output"] = json.loads((results / "gpt4_1106_preview/model_outputs.json").read_text())[5]["output"]
+    outputs = env / "alpaca-7b.json"
+    outputs.write_text(json.dumps(model))
+    with FakeJudgeServer(api_key=KEY, responder=_length_responder,
+                         faults=lambda pid, a: "429" if a == 1 and int(pid, 16) % 4 == 0 else None) as server:
+        out = _invoke(["alpaca-eval", "--outputs", str(outputs), "--version", "2",
+                       "--reference", str(results / "gpt4_1106_preview/model_outputs.json"),
+                       "--templates-dir", str(DATA / "alpaca_eval/evaluators_configs"), "--limit", "40",
+                       "--judge-model", "gpt-4-1106-preview", "--base-url", server.url, "--out", str(env / "ae"), *FAST])
+        assert sum(server.successes.values()) == 39  # identical outputs (row 5) need no call
+    saved = json.loads((env / "ae/results.json").read_text())
+    records = [json.loads(line) for line in (env / "ae/judgments.jsonl").read_text().splitlines()]
+    reference = json.loads((results / "gpt4_1106_preview/model_outputs.json").read_text())[:40]
+    expected = []
+    for ref, mine in zip(reference, model):
+        if ref["output"] == mine["output"]:
+            expected.append(1.5)
+        else:  # P(reference better) = 0.8 if the reference is longer
+            expected.append(2 - (0.8 if len(ref["output"]) > len(mine["output"]) else 0.2))
+    assert [r["preference"] for r in records] == pytest.approx(expected)
+    assert saved["metrics"]["win_rate"] == pytest.approx(ae.win_rate(expected)["win_rate"])
+    assert saved["metrics"]["n_total"] == 40 and saved["metrics"]["n_failed"] == 0
+    assert saved["metrics"]["length_controlled_winrate"] is None and "LC n/a" in out
+    assert saved["judge_models_reported"] == {REPORTED_MODEL: 39}
+    assert any(r["is_switched_outputs"] for r in records) and not all(r["is_switched_outputs"] for r in records)
+    _assert_no_key(env)
+
+
+def test_mt_bench_single_end_to_end_and_rerun_is_free(env):
+    answers = DATA / "mt_bench/model_answer/gpt-4.jsonl"
+    with FakeJudgeServer(api_key=KEY, faults=lambda pid, a: "garbage" if int(pid, 16) % 5 == 0 else None) as server:
+        args = ["mt-bench", "--answers", str(answers), "--data-dir", str(DATA / "mt_bench"), "--limit", "12",
+                "--judge-model", "gpt-4", "--base-url", server.url, "--out", str(env / "mt"), *FAST]
+        _invoke(args)
+        first = server.total_calls()
+        assert first == 24
+        dry = _invoke(args + ["--dry-run"])
+        assert "0 judge calls to make (24 of 24 cached)" in dry
+        _invoke(args)
+        assert server.total_calls() == first
+    saved = json.loads((env / "mt/results.json").read_text())
+    records = [json.loads(line) for line in (env / "mt/judgments.jsonl").read_text().splitlines()]
+    assert len(records) == 24 and {r["judge"][0] for r in records} == {"gpt-4"}
+    failed = sum(r["score"] == -1 for r in records)
+    assert 0 < failed < 24
+    scores = saved["scores"]["gpt-4"]
+    valid = [r["score"] for r in records if r["score"] != -1]
+    assert scores["overall"] == pytest.approx(sum(valid) / len(valid)) and scores["n_failed"] == failed
+    assert {r["judge"][1] for r in records} == {"single-v1", "single-v1-multi-turn"}  # first 12: writing, roleplay
+    _assert_no_key(env)
+
+
+def _run_dir(root: Path, name: str, rows: list[dict]) -> Path:
+    run = RunDir.create(root, name, kind="eval", config={"model": name})
+    append_jsonl(run.generations_path("vicuna", 10), rows)
+    return run.path
+
+
+def test_pairwise_llm_and_offline(env):
+    from kdbench.store import read_jsonl
+
+    vicuna = read_jsonl(DATA / "vicuna80/minillm_processed/valid.jsonl")[:20]
+    student = [{"id": i, "prompt": r["instruction"], "output": r["output"][: len(r["output"]) // 3],
+                "references": [r["output"]]} for i, r in enumerate(vicuna)]
+    teacher = [{"id": i, "prompt": r["instruction"], "output": r["output"] if i % 2 else "No idea."}
+               for i, r in enumerate(vicuna)]
+    s_dir, t_dir = _run_dir(env / "runs", "student", student), _run_dir(env / "runs", "teacher", teacher)
+
+    def longer_wins(messages, params):
+        text = messages[-1]["content"]
+        a = text.split("[The Start of Assistant A's Answer]\n")[1].split("\n[The End of Assistant A's Answer]")[0]
+        b = text.split("[The Start of Assistant B's Answer]\n")[1].split("\n[The End of Assistant B's Answer]")[0]
+        return ("[[A]]" if len(a) > len(b) else "[[B]]"), None
+
+    doomed = {}
+
+    def faults(pid, attempt):  # one prompt always fails: reported as failed, out of the denominator
+        if not doomed:
+            doomed["pid"] = pid
+        return "500" if pid == doomed["pid"] else None
+
+    with FakeJudgeServer(api_key=KEY, responder=longer_wins, faults=faults) as server:
+        out = _invoke(["pairwise", "--student", str(s_dir), "--teacher", str(t_dir), "--data-dir", str(DATA / "mt_bench"),
+                       "--judge-model", "gpt-4o-2024-08-06", "--base-url", server.url, "--out", str(env / "pw"),
+                       "--concurrency", "1", *FAST])
+    summary = json.loads((env / "pw/results.json").read_text())["summary"]
+    expected_wins = sum(len(s["output"]) > len(t["output"]) for s, t in zip(student, teacher))
+    assert summary["failed"] == 1 and summary["n"] == 19 and summary["n_prompts"] == 20
+    assert summary["wins"] + summary["ties"] + summary["losses"] == 19
+    assert summary["wins"] in (expected_wins, expected_wins - 1)
+    assert "judge failures 1" in out
+
+    out = _invoke(["pairwise", "--student", str(s_dir), "--teacher", str(t_dir), "--offline", "rouge",
+                   "--out", str(env / "off")])
+    saved = json.loads((env / "off/results.json").read_text())
+    assert "not an LLM judgment" in saved["judge"] and "not an LLM judgment" in out
+    assert saved["summary"]["n"] == 20 and saved["summary"]["failed"] == 0
+    _assert_no_key(env)
+
+
+def test_missing_answers_and_missing_key_are_kdbench_errors(env, monkeypatch):
+    with pytest.raises(KdbenchError, match="not found"):
+        _invoke(["alpaca-eval", "--outputs", str(env / "nope.json"), "--reference", str(env / "nope.json"),
+                 "--judge-model", "x", "--out", str(env / "o")])
+    monkeypatch.delenv("KDBENCH_JUDGE_API_KEY")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(KdbenchError, match="No judge API key"):
+        _invoke(["mt-bench", "--answers", str(DATA / "mt_bench/model_answer/gpt-4.jsonl"), "--limit", "1",
+                 "--data-dir", str(DATA / "mt_bench"), "--judge-model", "gpt-4", "--base-url", "http://127.0.0.1:9/v1",
+                 "--out", str(env / "o")])
