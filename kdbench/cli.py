@@ -252,24 +252,22 @@ def check(
 @app.command()
 @handles_errors
 def report(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories (or folders of runs)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write leaderboard.md and metrics.csv here."),
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories, folders of runs, or `kdbench judge --out` folders."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write leaderboard.md, report.html, metrics.csv and plots/*.png here."),
+    format_: str = typer.Option("md,html,csv", "--format", help="Comma-separated formats to write: md, html, csv."),
+    compare_papers: bool = typer.Option(False, "--compare-papers", help="Add published numbers of the same methods beside (never inside) the rankings."),
     baseline_label: str = typer.Option("sft", "--baseline-label", help="Row the paired tests compare against."),
-    suite: Optional[str] = typer.Option(None, "--suite", help="Suite to rank (default: the first found)."),
+    suite: Optional[str] = typer.Option(None, "--suite", help="Only this suite (default: every suite found)."),
 ):
-    """A Markdown leaderboard (with CIs and Holm-corrected paired tests) and a long-format CSV of the runs."""
-    from kdbench.report import leaderboard_markdown, write_long_csv
-    from kdbench.store import atomic_write_text, find_run_dirs
+    """Leaderboards with CIs and Holm-corrected paired tests, breakdowns, cost and plots; Markdown, HTML, CSV."""
+    from kdbench.report import build_report
 
-    runs = find_run_dirs(run_dirs)
-    if not runs:
-        raise KdbenchError("No run directories found there; pass folders written by kdbench train/eval/demo.")
-    markdown = leaderboard_markdown(runs, suite=suite, baseline_label=baseline_label)
-    typer.echo(markdown)
-    if out:
-        atomic_write_text(out / "leaderboard.md", markdown)
-        write_long_csv(runs, out / "metrics.csv")
-        typer.echo(f"wrote {out / 'leaderboard.md'} and {out / 'metrics.csv'}")
+    result = build_report(run_dirs, out=out, formats=format_.split(","), compare_papers=compare_papers,
+                          baseline_label=baseline_label, suite=suite)
+    typer.echo(result.markdown)
+    for kind, path in result.paths.items():
+        if not kind.startswith("plot:"):
+            typer.echo(f"wrote {path}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class Preset:
     name: str = option("smoke", "Preset name.")
     corpus: CorpusConfig = option(factory=CorpusConfig, help="The generated world and its splits.")
     teacher_size: str = option("gpt2-mini", "Teacher size (kdbench.models.SIZES).")
-    teacher_steps: int = option(900, "Teacher optimizer steps.")
+    teacher_steps: int = option(800, "Teacher optimizer steps.")
     teacher_lr: float = option(1e-3, "Teacher learning rate.")
     student_size: str = option("gpt2-nano", "Student size.")
     student_steps: int = option(300, "Student optimizer steps per method.")

@@ -39,6 +39,8 @@ from typing import Any, Callable, Iterable, Iterator
 from kdbench.errors import DataError
 
 METRICS_SCHEMA_VERSION = 1
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 COMPLETE_MARKER = "COMPLETE.json"
 
 # ---------------------------------------------------------------------------------------------
@@ -61,6 +63,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are meant to be shared
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -37,11 +37,11 @@ def _evaluate(rows_fn, rows, chunk_rows, out_dtype, inputs, needs, analytic=None
     grads = [torch.zeros_like(x) if need else None for x, need in zip(inputs, needs)]
     for start in range(0, rows.numel(), chunk_rows):
         idx = rows[start:start + chunk_rows]
-        chunk = [x.index_select(0, idx) for x in inputs]
+        chunk = [x[idx] for x in inputs]  # advanced indexing: index_select is ~25x slower on bf16 CPU rows
         if use_analytic:
             with torch.no_grad():
                 values, g = analytic(*chunk)
-                grads[0].index_copy_(0, idx, g.to(grads[0].dtype))
+                grads[0][idx] = g.to(grads[0].dtype)
         elif any(needs):
             with torch.enable_grad():
                 leaves = [c.detach().requires_grad_(need) for c, need in zip(chunk, needs)]
@@ -52,11 +52,11 @@ def _evaluate(rows_fn, rows, chunk_rows, out_dtype, inputs, needs, analytic=None
                 if need:
                     g = next(chunk_grads)
                     if g is not None:
-                        grads[i].index_copy_(0, idx, g.to(grads[i].dtype))
+                        grads[i][idx] = g.to(grads[i].dtype)
         else:
             with torch.no_grad():
                 values = rows_fn(*chunk)
-        out.index_copy_(0, idx, values.detach().to(out_dtype))
+        out[idx] = values.detach().to(out_dtype)
     return out, grads
 
 

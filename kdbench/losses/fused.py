@@ -12,7 +12,7 @@ from __future__ import annotations
 from kdbench.errors import ConfigError, DataError
 from kdbench.losses._chunked import default_chunk_rows
 from kdbench.losses._reduce import check_reduction, compute_dtype, counted_mask, counted_rows
-from kdbench.losses.token import divergence_rows
+from kdbench.losses.token import ANALYTIC_GRADIENTS, divergence_rows
 
 
 def _evaluate_fused(chunk_loss, rows, chunk_rows, dtype, student_hidden, student_weight, student_bias,
@@ -31,24 +31,30 @@ def _evaluate_fused(chunk_loss, rows, chunk_rows, dtype, student_hidden, student
     total = torch.zeros((), dtype=dtype, device=student_hidden.device)
     for start in range(0, rows.numel(), chunk_rows):
         idx = rows[start:start + chunk_rows]
-        h_s = student_hidden.index_select(0, idx)
+        h_s = student_hidden[idx]
         with torch.no_grad():
-            z_t = teacher_hidden.index_select(0, idx) @ teacher_weight.t()
+            z_t = teacher_hidden[idx] @ teacher_weight.t()
             if teacher_bias is not None:
                 z_t = z_t + teacher_bias
             z_s = h_s @ student_weight.t()  # in the weight's dtype, as the model's lm_head computes it
             if student_bias is not None:
                 z_s = z_s + student_bias
-        label_chunk = labels.index_select(0, idx) if labels is not None else None
-        with torch.enable_grad():
-            logits = z_s.detach().to(dtype).requires_grad_(any_grad)
-            chunk_sum = chunk_loss(logits, z_t.to(dtype), label_chunk).sum()
-            g = torch.autograd.grad(chunk_sum, [logits])[0] if any_grad else None
+        label_chunk = labels[idx] if labels is not None else None
+        if any_grad and getattr(chunk_loss, "value_and_grad", None) is not None:
+            with torch.no_grad():  # closed-form gradient: no autograd graph over the chunk
+                values, g = chunk_loss.value_and_grad(z_s.to(dtype), z_t.to(dtype), label_chunk)
+                chunk_sum = values.sum()
+        else:
+            with torch.enable_grad():
+                logits = z_s.detach().to(dtype).requires_grad_(any_grad)
+                chunk_sum = chunk_loss(logits, z_t.to(dtype), label_chunk).sum()
+                g = torch.autograd.grad(chunk_sum, [logits])[0] if any_grad else None
+            del logits
         total += chunk_sum.detach()
-        del z_s, z_t, logits
+        del z_s, z_t
         if g is not None:
             if need_h:
-                grad_hidden.index_copy_(0, idx, (g.to(student_weight.dtype) @ student_weight).to(grad_hidden.dtype))
+                grad_hidden[idx] = (g.to(student_weight.dtype) @ student_weight).to(grad_hidden.dtype)
             if need_w:
                 grad_weight.addmm_(g.t().to(acc_dtype), h_s.to(acc_dtype))
             if need_b:
@@ -153,6 +159,25 @@ def fused_token_loss(student_hidden, student_weight, teacher_hidden, teacher_wei
             log_q1 = log_q if tau == 1.0 else torch.log_softmax(student_logits, dim=-1)
             values = values - ce_weight * log_q1.gather(-1, label_chunk.unsqueeze(-1)).squeeze(-1)
         return values
+
+    closed_form = ANALYTIC_GRADIENTS.get(rows_impl)
+    if closed_form is not None:
+        def value_and_grad(student_logits, teacher_logits, label_chunk):
+            log_q = torch.log_softmax(student_logits / tau, dim=-1)
+            log_p = torch.log_softmax(teacher_logits / tau, dim=-1)
+            values, grad = closed_form(log_p, log_q, row_params)
+            weight = divergence_weight * scale
+            values, grad = weight * values, grad.mul_(weight / tau)
+            if ce_weight:  # ∂(−log softmax(z)[y])/∂z = softmax(z) − onehot(y)
+                log_q1 = log_q if tau == 1.0 else torch.log_softmax(student_logits, dim=-1)
+                target = label_chunk.unsqueeze(-1)
+                values = values - ce_weight * log_q1.gather(-1, target).squeeze(-1)
+                grad.add_(log_q1.exp(), alpha=ce_weight)
+                grad.scatter_add_(-1, target, torch.full(target.shape, -float(ce_weight), dtype=grad.dtype,
+                                                         device=grad.device))
+            return values, grad
+
+        chunk_loss.value_and_grad = value_and_grad
 
     if _FUNCTION is None:
         _FUNCTION = _make_function()

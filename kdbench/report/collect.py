@@ -19,7 +19,6 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from kdbench.store import RunDir, find_run_dirs, read_jsonl
 
@@ -146,9 +145,14 @@ def load(paths: list[Path]) -> ReportData:
 
     Raises DataError (from :func:`find_run_dirs`) for a path that does not exist.
     """
-    runs = [view(run) for run in find_run_dirs(paths)]
+    return from_runs(find_run_dirs(paths), find_judge_results(paths))
+
+
+def from_runs(run_dirs: list[RunDir], judge_results: list[JudgeResult] | None = None) -> ReportData:
+    """A :class:`ReportData` from run directories; eval runs are linked to the training runs of their models."""
+    runs = [view(run) for run in run_dirs]
     data = ReportData(eval_runs=[r for r in runs if r.kind != "train"], train_runs=[r for r in runs if r.kind == "train"],
-                      judge_results=find_judge_results(paths))
+                      judge_results=list(judge_results or []))
     by_path = {r.run.path.resolve(): r for r in data.train_runs}
     for run in data.eval_runs:
         model = run.config.get("model")
@@ -333,8 +337,3 @@ def inference_speed(run: RunView) -> tuple[int, float | None]:
     except ValueError:
         return tokens, None
     return tokens, (tokens / seconds if seconds > 0 else None)
-
-
-def value_of(record: dict, key: str, default: Any = None) -> Any:
-    value = record.get(key, default)
-    return default if value is None else value
