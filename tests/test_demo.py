@@ -1,0 +1,67 @@
+"""The embedded benchmark end to end: a miniature run in the fast suite, the real smoke preset (with
+its scientific claim and the regression gate) in the slow suite."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from kdbench.check import check
+from kdbench.demo import PRESETS, preset_with, run_demo
+from kdbench.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mini_preset():
+    return preset_with("smoke", {"corpus": {"n_people": 16, "n_cities": 4, "n_multiple_choice": 20},
+                                 "teacher_steps": 40, "student_steps": 12, "batch_size": 16, "max_new_tokens": 24,
+                                 "eval_limit": 30})
+
+
+def test_mini_demo_runs_end_to_end_and_reuses_the_teacher(tmp_path):
+    preset = _mini_preset()
+    first = run_demo(preset, out_dir=tmp_path / "a", cache_dir=tmp_path / "cache", progress=False)
+    assert not first.teacher_reused
+    board = (tmp_path / "a" / "leaderboard.md").read_text()
+    for label in ("teacher", "sft", "kd"):
+        assert re.search(rf"^\| {label} ", board, flags=re.M), board
+    assert "Rouge-L" in board and "(0,30]" in board
+    for name in ("teacher", "sft-seed1", "kd-seed1"):
+        run = tmp_path / "a" / "eval" / name
+        assert json.loads((run / "run.json").read_text())["status"] == "complete"
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert {m["metric"] for m in metrics} == {"rougeL", "exact_match"}
+        assert any(m["subset"].startswith("bucket:") for m in metrics)
+    second = run_demo(preset, out_dir=tmp_path / "b", cache_dir=tmp_path / "cache", progress=False)
+    assert second.teacher_reused
+    # deterministic for a fixed seed on one machine
+    a = (tmp_path / "a" / "eval" / "kd-seed1" / "metrics.jsonl").read_text()
+    b = (tmp_path / "b" / "eval" / "kd-seed1" / "metrics.jsonl").read_text()
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "run"} for line in text.splitlines()]
+    assert strip(a) == strip(b)
+
+
+def test_unknown_preset_and_bad_override_are_clear_errors():
+    with pytest.raises(ConfigError, match="Unknown preset"):
+        preset_with("huge", {})
+    with pytest.raises(ConfigError, match="Unknown setting"):
+        preset_with("smoke", {"teacher_stepz": 3})
+
+
+@pytest.mark.slow
+def test_smoke_preset_teacher_beats_sft_and_passes_the_gate(tmp_path):
+    """The README's first command: the teacher's Rouge-L CI lies above the SFT student's, and the
+    committed regression baseline accepts the run."""
+    result = run_demo("smoke", out_dir=tmp_path / "smoke", progress=False)
+    board = result.leaderboard_md
+    match = re.search(r"teacher vs sft rougeL 95% CIs: \[([\d.]+), ([\d.]+)\] vs \[([\d.]+), ([\d.]+)\] \((.*?)\)", board)
+    assert match, board
+    t_low, t_high, s_low, s_high = map(float, match.groups()[:4])
+    assert t_low > s_high, board
+    passed, comparisons = check(REPO / "results" / "baseline", [tmp_path / "smoke" / "eval"])
+    assert passed, [f"{c.name}: {c.baseline} -> {c.current}" for c in comparisons if c.status != "ok"]
+    assert set(PRESETS) >= {"smoke", "standard"}
