@@ -40,6 +40,7 @@ class Preset:
     eval_seeds: list[int] = option(factory=list, help="Sampling seeds for evaluation; empty = greedy decoding.")
     max_new_tokens: int = option(128, "Generation limit.")
     eval_limit: int | None = option(None, "Evaluate only the first N test examples.")
+    multiple_choice: bool = option(False, "Also score the four-option questions on held-out facts (lm-eval).")
 
 
 PRESETS: dict[str, Preset] = {
@@ -47,10 +48,10 @@ PRESETS: dict[str, Preset] = {
     "standard": Preset(
         name="standard",
         corpus=CorpusConfig(n_people=100, n_cities=16, student_label_fraction=0.3),
-        teacher_size="gpt2-small-demo", teacher_steps=1600,
-        student_size="gpt2-nano", student_steps=500,
-        methods=["sft", "kd", "rkl", "jsd", "akl"], train_seeds=[1, 2, 3],
-        eval_seeds=[],
+        teacher_size="gpt2-mini", teacher_steps=1500,
+        student_size="gpt2-nano", student_steps=400,
+        methods=["sft", "kd", "rkl", "akl"], train_seeds=[1, 2, 3],
+        eval_seeds=[], multiple_choice=True,
     ),
 }
 
@@ -166,6 +167,10 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
                             run_name=name, label=label),
                  log=say, command=["kdbench", "demo", preset.name], progress=progress)
         timings[f"eval_{name}_seconds"] = round(time.time() - t0, 1)
+    if preset.multiple_choice:
+        t0 = time.time()
+        score_multiple_choice(corpus_dir, to_evaluate, out, log=say)
+        timings["multiple_choice_seconds"] = round(time.time() - t0, 1)
     timings["total_seconds"] = round(time.time() - started, 1)
 
     runs = find_run_dirs([out / "eval"])
@@ -177,6 +182,27 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
     atomic_write_json(out / "demo.json", {"preset": to_dict(preset), "timings": timings, "teacher_reused": reused,
                                           "corpus_dir": str(corpus_dir), "teacher_dir": str(teacher_dir)})
     return DemoResult(out, markdown, timings, reused)
+
+
+MC_SUITE = {"name": "synthetic-mc", "type": "lm_eval", "protocol": "kdbench synthetic multiple choice",
+             "description": "Four-option questions on held-out facts of the generated world (chance = 25%).",
+             "tasks": [{"task": "kdbench_synthetic_mc", "num_fewshot": 0, "metric": "acc"}]}
+
+
+def score_multiple_choice(corpus_dir: Path, models: list[tuple[str, int | None, Path]], out: Path,
+                          log: Callable[[str], None] | None = None) -> None:
+    """Score each model on the world's multiple-choice questions through lm-eval; the records go into
+    the model's eval run (suite ``synthetic-mc``) beside its Rouge-L."""
+    from kdbench.harness import local_multiple_choice_task, run_harness
+    from kdbench.store import RunDir
+    from kdbench.synthetic.corpus import load_corpus_rows
+
+    include = local_multiple_choice_task(MC_SUITE["tasks"][0]["task"], load_corpus_rows(corpus_dir, "multiple_choice"),
+                                         out / "mc_task", prompt_template="instruction : {{question}} response :")
+    for label, seed, model_dir in models:
+        run = RunDir(out / "eval" / (label if seed is None else f"{label}-seed{seed}"))
+        result = run_harness(str(model_dir), suite=MC_SUITE, include_path=include, batch_size=32, log=log)
+        run.write_metrics(result.to_metric_records(run, MC_SUITE["name"]), replace_suite=MC_SUITE["name"])
 
 
 def preset_with(name: str, overrides: dict) -> Preset:

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _mini_preset():
-    return preset_with("smoke", {"corpus": {"n_people": 16, "n_cities": 4, "n_multiple_choice": 20},
+    return preset_with("smoke", {"corpus": {"n_people": 16, "n_cities": 4},
                                  "teacher_steps": 40, "student_steps": 12, "batch_size": 16, "max_new_tokens": 24,
                                  "eval_limit": 30})
 

@@ -30,7 +30,6 @@ class CorpusConfig:
     student_label_fraction: float = option(
         0.3, "Fraction of the training instances whose responses the student may see; the rest are "
              "unlabelled prompts (usable by SeqKD / on-policy methods).")
-    n_multiple_choice: int = option(200, "Four-option questions about the world (multiple-choice task).")
 
     def __post_init__(self):
         if self.n_people < 8 or self.n_cities < 2 or self.n_people < 4 * self.n_cities:
@@ -49,7 +48,7 @@ FILES = {
     "preferences": "preferences.jsonl",          # chosen / rejected on the student's labelled prompts
     "validation": "validation.jsonl",
     "test": "test.jsonl",
-    "multiple_choice": "multiple_choice.jsonl",
+    "multiple_choice": "multiple_choice.jsonl",  # four-option questions on held-out facts
 }
 
 
@@ -91,7 +90,8 @@ def build_corpus(config: CorpusConfig, out_dir: Path) -> dict:
     preferences = [{"key": r["key"], "instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
                     "rejected": r["rejected"]} for r in student_train if r["rejected"] != r["output"]]
     teacher_train = train + world_documents(world)
-    mc = multiple_choice_questions(world, config.seed, config.n_multiple_choice)
+    mc = multiple_choice_questions(world, config.seed, sorted(r["key"] for r in splits["test"]
+                                                              if r["category"] == "open_qa"))
 
     # evaluation files list every valid reference in ``output`` (MiniLLM's format allows a list)
     evaluation = {name: [{**r, "output": r["references"]} for r in splits[name]] for name in ("validation", "test")}

@@ -257,19 +257,24 @@ def split_of(key: str, seed: int, fractions: tuple[float, float, float]) -> str:
     return "train" if digest < train else ("validation" if digest < train + valid else "test")
 
 
-def multiple_choice_questions(world: World, seed: int, count: int) -> list[dict]:
-    """Four-option questions about the world (for the harness's multiple-choice task)."""
+def multiple_choice_questions(world: World, seed: int, open_qa_keys: list[str]) -> list[dict]:
+    """Four-option questions about the world, one per held-out open-QA instance (``open_qa/<name>/<attr>``),
+    so the multiple-choice task asks only what no training instance asked. Choices are full answer
+    sentences (what the models were trained to produce); the other three use plausible wrong values."""
     rng = random.Random(f"mc-{seed}")
+    people = {p.name: p for p in world.people}
     rows = []
-    for _ in range(count):
-        p = rng.choice(world.people)
-        attribute = rng.choice(["job", "city", "pet", "food", "color", "hobby"])
-        fields = _person_fields(p)
-        options = {fields[attribute]}
-        while len(options) < 4:
-            options.add(_wrong_value(rng, attribute, fields[attribute], world))
-        choices = sorted(options)
-        question, _ = ATTRIBUTE_QUESTIONS[attribute]
-        rows.append({"question": question.format(**fields), "choices": choices,
-                     "answer": choices.index(fields[attribute])})
+    for key in open_qa_keys:
+        _, name, attribute = key.split("/")
+        if attribute == "age":  # too many near-identical options
+            continue
+        fields = _person_fields(people[name])
+        values = {fields[attribute]}
+        while len(values) < 4:
+            values.add(_wrong_value(rng, attribute, fields[attribute], world))
+        question, answer = ATTRIBUTE_QUESTIONS[attribute]
+        ordered = sorted(values, key=str)
+        choices = [answer.format(**{**fields, attribute: value}) for value in ordered]
+        rows.append({"key": key, "question": question.format(**fields), "choices": choices,
+                     "answer": ordered.index(fields[attribute])})
     return rows
