@@ -103,8 +103,12 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Training seed."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig settings."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting: --set learning_rate=1e-4, --set params.kd_ratio=0.3."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Several training seeds, e.g. 1,2,3: one run each."),
+    sweep: List[str] = typer.Option([], "--sweep", help="Grid over a setting, e.g. --sweep params.kd_ratio=0.1,0.5 (repeatable)."),
 ):
-    """Train a student with one distillation method; writes a run directory with the model and its cost."""
+    """Train a student with one distillation method; writes a run directory with the model and its cost.
+
+    With --seeds and/or --sweep, trains one run per seed and grid point (names carry the values)."""
     from kdbench.config import build, load_yaml
     from kdbench.train import TrainConfig
     from kdbench.train import train as run_train
@@ -117,12 +121,25 @@ def train(
     from kdbench.config import apply_overrides
 
     values = apply_overrides(values, set_)
-    train_config = build(TrainConfig, values)
+    from kdbench.sweep import expand
+
+    seed_list = _int_list(seeds, "--seeds") if seeds else None
+    plan = expand(values, method=method, seeds=seed_list, sweeps=sweep,
+                  run_name=run_name) if (seed_list or sweep) else [(None, values)]
+    configs = [build(TrainConfig, settings) for _, settings in plan]  # validate every run before training any
     _quiet_libraries()
-    result = run_train(train_config, log=_say, command=sys.argv)
-    typer.echo(f"run: {result.run.path}")
-    typer.echo(f"model: {result.model_dir}")
-    typer.echo(f"final training loss: {result.final_train_loss}")
+    for train_config in configs:
+        result = run_train(train_config, log=_say, command=sys.argv)
+        typer.echo(f"run: {result.run.path}")
+        typer.echo(f"model: {result.model_dir}")
+        typer.echo(f"final training loss: {result.final_train_loss}")
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise KdbenchError(f"{flag} {text!r} must be comma-separated integers, e.g. 1,2,3.") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -161,10 +178,7 @@ def eval_(
     values: dict = {"suite": suite, "model": model, "data_path": data, "greedy": greedy, "limit": limit,
                     "buckets": buckets, "output_dir": output_dir, "run_name": run_name, "label": label}
     if seeds:
-        try:
-            values["seeds"] = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise KdbenchError(f"--seeds {seeds!r} must be comma-separated integers, e.g. 10,20,30.") from None
+        values["seeds"] = _int_list(seeds, "--seeds")
     if batch_size:
         values["decoding"] = {"batch_size": batch_size}
     values = apply_overrides({k: v for k, v in values.items() if v is not None}, set_)

@@ -156,3 +156,18 @@ def test_cache_commands(tmp_path, monkeypatch):
     assert "demo-corpus" in out
     result, out = _invoke("cache", "clear", "--yes")
     assert "removed 1 artifact" in out
+
+
+def test_seeds_and_sweep_expand_into_named_runs(tiny, tmp_path):
+    result, out = _invoke("train", "kd", "--student", str(tiny / "student"), "--teacher", str(tiny / "teacher"),
+                          "--data", str(tiny / "train.jsonl"), "--output-dir", str(tmp_path),
+                          "--set", "max_steps=2", "--set", "batch_size=4", "--set", "prompt_style=compact",
+                          "--seeds", "1,2", "--sweep", "params.kd_ratio=0.2,0.8")
+    assert result.exit_code == 0, out
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["kd-kd_ratio0.2-seed1", "kd-kd_ratio0.2-seed2", "kd-kd_ratio0.8-seed1", "kd-kd_ratio0.8-seed2"]
+    assert "kd_ratio: 0.8" in (tmp_path / "kd-kd_ratio0.8-seed2" / "config.yaml").read_text()
+    assert "seed: 2" in (tmp_path / "kd-kd_ratio0.8-seed2" / "config.yaml").read_text()
+    result, out = _invoke("train", "kd", "--student", str(tiny / "student"), "--data", str(tiny / "train.jsonl"),
+                          "--teacher", str(tiny / "teacher"), "--sweep", "params.kd_ratio=0.2,7")
+    assert result.exit_code == 2 and "kd_ratio" in out
