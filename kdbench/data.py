@@ -78,8 +78,15 @@ def read_rows(path: str | Path) -> list[dict]:
         if not isinstance(data, list):
             raise DataError(f"{path} must hold a JSON list of objects.")
         return data
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    return [row for _, row in iter_jsonl_records(path, text.splitlines())]
+
+
+def iter_jsonl_records(path: Path, lines=None):
+    """(line number, record) for each non-blank line of a JSONL file; a line that is not a JSON
+    object is a :class:`DataError` naming the file and line."""
+    if lines is None:
+        lines = path.open(encoding="utf-8")
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -88,8 +95,7 @@ def read_rows(path: str | Path) -> list[dict]:
             raise DataError(f"{path}, line {number} is not valid JSON ({err.msg}); fix or remove that line.") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}, line {number} is not a JSON object; each line must be one record.")
-        rows.append(row)
-    return rows
+        yield number, row
 
 
 def load_examples(path: str | Path, *, require_output: bool = True) -> list[Example]:

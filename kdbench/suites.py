@@ -21,7 +21,6 @@ Files are MiniLLM's JSONL (one object per line: ``instruction``, ``input`` (may 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -177,18 +176,12 @@ def load_examples_file(
         raise DataError(f"Data file {path} does not exist; check the path or set {DATA_ENV_VAR}.")
     prefix = id_prefix or path.stem
     examples: list[Example] = []
+    from kdbench.data import iter_jsonl_records
+
     with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+        for line_number, row in iter_jsonl_records(path, handle):
             if limit is not None and len(examples) >= limit:
                 break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {line_number}: not valid JSON ({err.msg}); fix or remove that line.") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}.")
             if "instances" in row and "output" not in row:
                 examples.extend(_self_instruct_raw_examples(row, path, line_number))
                 continue

@@ -173,13 +173,13 @@ def test_hub_download_uses_pinned_revision(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "bad_row, message",
     [
-        ("{not json", "line 2: not valid JSON"),
+        ("{not json", "line 2 is not valid JSON"),
         ({"input": "x", "output": "o"}, "line 2: the row has no 'instruction'"),
         ({"instruction": "i", "input": "x"}, "line 2: the row has no 'output'"),
         ({"instruction": "i", "output": 3}, "line 2: 'output' must be"),
         ({"instruction": "i", "output": []}, "line 2: 'output' must be"),
         ({"instruction": ["i"], "output": "o"}, "line 2: 'instruction' must be a string"),
-        ([1, 2], "line 2: expected a JSON object"),
+        ([1, 2], "line 2 is not a JSON object"),
     ],
 )
 def test_malformed_rows_raise_data_error_naming_file_and_line(tmp_path, bad_row, message):
