@@ -427,7 +427,8 @@ class RunDir:
         info = {
             "run_id": name,
             "kind": kind,
-            "status": "running",
+            # a finished run stays finished when reopened (callers check ``complete`` to skip work)
+            "status": "complete" if previous.get("status") == "complete" else "running",
             "started": previous.get("started", _now()),
             "resumed": bool(previous),
             "command": command if command is not None else previous.get("command"),

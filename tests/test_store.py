@@ -140,3 +140,11 @@ def test_run_dir_is_self_describing_and_keeps_secrets_out(tmp_path, monkeypatch)
     assert [r.path for r in find_run_dirs([tmp_path])] == [run.path]
     with pytest.raises(DataError):
         find_run_dirs([tmp_path / "missing"])
+
+
+def test_reopening_a_finished_run_keeps_it_finished(tmp_path):
+    run = RunDir.create(tmp_path, "r", kind="train", config={})
+    assert not run.complete
+    run.finish("complete")
+    again = RunDir.create(tmp_path, "r", kind="train", config={})
+    assert again.complete and again.info()["resumed"]
