@@ -59,18 +59,29 @@ def _looks_like_hub_id(name: str) -> bool:
 
 
 def resolve_model_path(name: str | os.PathLike) -> str:
-    """A local model directory, or a Hugging Face hub id; anything else is a clear error."""
+    """A local model directory, or a Hugging Face hub id; anything else is a clear error.
+
+    GGUF names — an alias such as ``smollm2-135m-instruct``, ``path/to/file.gguf`` or
+    ``DIR::FILE.gguf`` (see :mod:`kdbench.gguf`) — resolve to their converted checkpoint directory in
+    the artifact cache, converting the file the first time.
+    """
+    from kdbench.gguf import GGUF_ALIASES, convert_gguf, parse_gguf_name
+
     text = str(name)
+    gguf_source = parse_gguf_name(text)
+    if gguf_source is not None:
+        return str(convert_gguf(gguf_source))
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; pass a directory written by save_pretrained() or a hub id.")
         return str(path)
     if path.exists():
-        raise ModelError(f"Model path {path} is a file; pass the model's directory instead.")
+        raise ModelError(f"Model path {path} is a file; pass the model's directory instead (or a .gguf file).")
     if _looks_like_hub_id(text):
         return text
-    raise ModelError(f"Model path {text} does not exist; pass a local model directory or a Hugging Face model id.")
+    raise ModelError(f"Model path {text} does not exist; pass a local model directory, a Hugging Face model id, "
+                     f"a .gguf file or one of: {', '.join(GGUF_ALIASES)}.")
 
 
 def load_tokenizer(name: str | os.PathLike, *, revision: str | None = None):
