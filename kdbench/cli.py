@@ -27,6 +27,9 @@ cache_app = typer.Typer(help="The artifact cache: where it is, what it holds, cl
 data_app = typer.Typer(help="Data utilities (contamination check).", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 app.add_typer(data_app, name="data")
+student_app = typer.Typer(help="Derive a student from a teacher (layer-pruned, narrower, or from scratch).",
+                          no_args_is_help=True)
+app.add_typer(student_app, name="student")
 
 
 def _register_judge() -> None:
@@ -370,6 +373,31 @@ def data_overlap(
     if out:
         atomic_write_json(out, report_data)
         typer.echo(f"wrote {out}")
+
+
+@student_app.command("derive")
+@handles_errors
+def student_derive(
+    teacher: str = typer.Argument(..., help="Teacher: a model directory, a .gguf file or an alias (smollm2-135m-instruct)."),
+    out: Path = typer.Argument(..., help="Folder for the student checkpoint."),
+    layers: int = typer.Option(..., "--layers", help="Transformer blocks the student keeps."),
+    selection: str = typer.Option("even", "--selection", help="Which blocks: even (spread, first and last kept) or first."),
+    hidden_size: Optional[int] = typer.Option(None, "--hidden-size", help="Narrower residual width (leading dimensions kept)."),
+    intermediate_size: Optional[int] = typer.Option(None, "--intermediate-size", help="Fewer MLP neurons (leading ones kept)."),
+    from_scratch: bool = typer.Option(False, "--from-scratch", help="Same shape, random initialisation (no weights copied)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of a from-scratch initialisation."),
+):
+    """A smaller student from a teacher, as daDPO's pruned students: kept weights are copied."""
+    from kdbench.models import resolve_model_path
+    from kdbench.students import derive_student, read_student_record
+
+    _quiet_libraries()
+    path = derive_student(resolve_model_path(teacher), out, layers=layers, selection=selection,
+                          hidden_size=hidden_size, intermediate_size=intermediate_size, from_scratch=from_scratch,
+                          seed=seed)
+    record = read_student_record(path)
+    typer.echo(f"student: {path} (kept layers {record.get('kept_layers')}, "
+               f"{record['parameters']['student']:,} of the teacher's {record['parameters']['teacher']:,} parameters)")
 
 
 _register_judge()

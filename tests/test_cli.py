@@ -171,3 +171,11 @@ def test_seeds_and_sweep_expand_into_named_runs(tiny, tmp_path):
     result, out = _invoke("train", "kd", "--student", str(tiny / "student"), "--data", str(tiny / "train.jsonl"),
                           "--teacher", str(tiny / "teacher"), "--sweep", "params.kd_ratio=0.2,7")
     assert result.exit_code == 2 and "kd_ratio" in out
+
+
+def test_student_derive_command(tiny, tmp_path):
+    result, out = _invoke("student", "derive", str(tiny / "teacher"), str(tmp_path / "pruned"), "--layers", "1")
+    assert result.exit_code == 0, out
+    assert "kept layers [0]" in out and (tmp_path / "pruned" / "config.json").is_file()
+    result, out = _invoke("student", "derive", str(tmp_path / "nope"), str(tmp_path / "x"), "--layers", "1")
+    assert result.exit_code == 2 and "does not exist" in out
