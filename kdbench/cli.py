@@ -153,7 +153,7 @@ def _int_list(text: str, flag: str) -> list[int]:
 @app.command("eval")
 @handles_errors
 def eval_(
-    suite: str = typer.Option(..., "--suite", help="Suite name (see `kdbench list suites`)."),
+    suite: str = typer.Option(..., "--suite", help="Suite name, several comma-separated, or all (the five reference suites; see `kdbench list suites`)."),
     model: str = typer.Option(..., "--model", help="Model directory or Hugging Face id."),
     data: Optional[str] = typer.Option(None, "--data", help="Suite data: a file or folder (default: $KDBENCH_DATA, then the Hub)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Sampling seeds, comma-separated (default 10,20,30,40,50)."),
@@ -164,28 +164,36 @@ def eval_(
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Run directory name; rerunning it resumes."),
     label: Optional[str] = typer.Option(None, "--label", help="Name of this model in leaderboards."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generation batch (or harness batch size)."),
+    prompt_style: Optional[str] = typer.Option(None, "--prompt-style", help="Prompt template: alpaca, chat (the model's chat template) or compact (default: the suite's)."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting: --set decoding.no_repeat_ngram_size=6."),
 ):
     """Evaluate a model on a suite (reference-based: Rouge-L/EM; lm_eval: Open LLM Leaderboard tasks)."""
     from kdbench import registry
 
-    entry = registry.get("tasks", suite)
+    several = suite == "all" or "," in suite
     _quiet_libraries()
-    if entry.body.get("type") == "lm_eval":
-        _eval_harness(entry.name, model, limit, batch_size or 8, output_dir, run_name, label)
-        return
+    if not several:
+        entry = registry.get("tasks", suite)
+        if entry.body.get("type") == "lm_eval":
+            _eval_harness(entry.name, model, limit, batch_size or 8, output_dir, run_name, label)
+            return
     from kdbench.config import apply_overrides, build
-    from kdbench.evaluate import EvalConfig, evaluate
+    from kdbench.evaluate import EvalConfig, evaluate, evaluate_many
     from kdbench.report import leaderboard_markdown
 
     values: dict = {"suite": suite, "model": model, "data_path": data, "greedy": greedy, "limit": limit,
-                    "buckets": buckets, "output_dir": output_dir, "run_name": run_name, "label": label}
+                    "buckets": buckets, "output_dir": output_dir, "run_name": run_name, "label": label,
+                    "prompt_style": prompt_style}
     if seeds:
         values["seeds"] = _int_list(seeds, "--seeds")
     if batch_size:
         values["decoding"] = {"batch_size": batch_size}
     values = apply_overrides({k: v for k, v in values.items() if v is not None}, set_)
-    result = evaluate(build(EvalConfig, values), log=_say, command=sys.argv)
+    config = build(EvalConfig, values)
+    if several:
+        result = evaluate_many(suite, config, log=_say, command=sys.argv)
+    else:
+        result = evaluate(config, log=_say, command=sys.argv)
     typer.echo(leaderboard_markdown([result.run], title=f"kdbench eval --suite {suite}", baseline_label=None,
                                     reference_label=None))
     typer.echo(f"run: {result.run.path}")

@@ -1,4 +1,5 @@
-"""``evaluate()``: generate on a reference-based suite and score it into a run directory.
+"""``evaluate()``: generate on a reference-based suite and score it into a run directory;
+``evaluate_many()``: several suites (``"all"``: the five of PROTOCOLS.md §1) into one run directory.
 
 Per PROTOCOLS.md §1: the Alpaca prompt (or the suite's / model's template), sampling at
 temperature 1 with seeds 10..50 by default (or greedy), Rouge-L and exact match per example, then
@@ -7,7 +8,9 @@ bootstrap CI over examples (of the per-example mean over seeds).
 
 Generations are appended per seed (``generations/<suite>/seed<k>.jsonl``) batch by batch with fsync;
 a rerun skips every example already generated, and sampling is seeded per (seed, example), so a
-resumed evaluation equals an uninterrupted one.
+resumed evaluation equals an uninterrupted one. ``generations/<suite>/settings.json`` records what
+decided the generations (model, data sha256, prompt template, decoding); a rerun with other settings
+is refused rather than mixing two kinds of answers in one run. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -74,20 +77,98 @@ def _parse_buckets(text: str | None, default) -> tuple | str:
         raise ConfigError(f"Buckets {text!r} must be comma-separated numbers (e.g. 30,70) or 'auto'.") from None
 
 
+# The five reference suites of PROTOCOLS.md §1, in the order the papers' tables list them.
+ALL_SUITES = ("dolly", "selfinst", "vicuna", "sinst", "uinst")
+
+# Settings that change what is generated; a resumed run must use the same ones (batch_size does not).
+_GENERATION_KEYS = ("greedy", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_length",
+                    "no_repeat_ngram_size")
+
+
+@dataclass
+class MultiEvalResult:
+    """Several suites evaluated into one run directory."""
+
+    run: RunDir
+    results: dict[str, EvalResult]  # suite -> its records and per-example scores
+
+    @property
+    def records(self) -> list[dict]:
+        return [record for result in self.results.values() for record in result.records]
+
+    def value(self, suite: str, metric: str, subset: str = "all", seed: str = "mean") -> float:
+        return self.results[suite].value(metric, subset, seed)
+
+
+def resolve_suites(suites: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Suite names from ``"all"`` (the five reference suites), ``"dolly,vicuna"`` or a list; each must be a
+    registered reference-based suite (ConfigError naming the bad one otherwise)."""
+    from kdbench.suites import suite_spec
+
+    names = [suites] if isinstance(suites, str) else list(suites)
+    expanded: list[str] = []
+    for name in names:
+        for part in str(name).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            expanded.extend(ALL_SUITES if part == "all" else [part])
+    if not expanded:
+        raise ConfigError("Give at least one suite (e.g. --suite dolly, --suite dolly,vicuna or --suite all).")
+    resolved = []
+    for name in dict.fromkeys(expanded):
+        resolved.append(suite_spec(name).name)  # ConfigError for an unknown or non-reference suite
+    return list(dict.fromkeys(resolved))
+
+
+@dataclass
+class _SuitePlan:
+    """One suite's examples and prompts, prepared before anything is generated."""
+
+    name: str
+    spec: object
+    entry: object
+    examples: list
+    prompts: list[str]
+    style: str
+    decoding: DecodingConfig
+    data_file: str
+    data_sha256: str
+
+
 def evaluate(config: EvalConfig, *, model=None, tokenizer=None, log: Callable[[str], None] | None = None,
              command: list[str] | None = None, progress: bool = True) -> EvalResult:
     """Evaluate ``config.model`` (or an already-loaded ``model`` + ``tokenizer``) on ``config.suite``."""
+    many = evaluate_many([config.suite], config, model=model, tokenizer=tokenizer, log=log, command=command,
+                         progress=progress)
+    return next(iter(many.results.values()))
+
+
+def evaluate_many(suites: str | list[str], config: EvalConfig, *, model=None, tokenizer=None,
+                  log: Callable[[str], None] | None = None, command: list[str] | None = None,
+                  progress: bool = True) -> MultiEvalResult:
+    """Evaluate one model on several reference suites (``"all"``: the five of PROTOCOLS.md §1) into one
+    run directory (``eval-all-LABEL`` by default). ``config.suite`` is ignored; every other setting
+    applies to every suite. Every suite's data is loaded and checked, and every prompt built,
+    before the model is loaded or anything is generated, so a missing or malformed file fails in
+    seconds. Each suite's metrics are written as soon as that suite is scored; rerunning resumes."""
     from kdbench import registry
+    from kdbench.store import hash_file
+    from kdbench.suites import load_suite, resolve_data_file, suite_spec
 
     say = log or (lambda message: None)
-    entry = registry.get("tasks", config.suite)
-    kind = entry.body.get("type")
-    if kind != "reference":
-        raise ConfigError(f"Suite {config.suite} is of type {kind!r}; this evaluator runs reference-based suites.")
-    from kdbench.suites import load_suite, suite_spec
-
-    spec = suite_spec(config.suite)
-    examples = load_suite(config.suite, config.data_path, limit=config.limit)  # validates the data first
+    names = resolve_suites(suites)
+    several = len(names) > 1
+    if several and config.data_path is not None and Path(config.data_path).expanduser().is_file():
+        raise ConfigError(f"--data {config.data_path} is a file, but {len(names)} suites were asked for; give a "
+                          f"folder holding every suite's data (e.g. dolly/minillm_processed/valid.jsonl).")
+    loaded = []
+    for name in names:
+        entry = registry.get("tasks", name)
+        spec = suite_spec(name)
+        data_file = resolve_data_file(spec, config.data_path)
+        examples = load_suite(name, config.data_path, limit=config.limit)  # validates every row
+        loaded.append((name, entry, spec, examples, data_file))
     if model is None:
         if not config.model:
             raise ConfigError("Give the model to evaluate (--model DIR or a Hugging Face id).")
@@ -95,52 +176,182 @@ def evaluate(config: EvalConfig, *, model=None, tokenizer=None, log: Callable[[s
 
         tokenizer = load_tokenizer(config.model)
         model = load_model(config.model, trainable=False)
-    style = config.prompt_style or spec.prompt
-    decoding = _suite_decoding(config, entry.body)
+    from kdbench.data import format_prompt
+
+    plans: list[_SuitePlan] = []
+    for name, entry, spec, examples, data_file in loaded:
+        style = config.prompt_style or spec.prompt
+        prompts = [format_prompt(e.instruction, e.input, style=style, tokenizer=tokenizer) for e in examples]
+        plans.append(_SuitePlan(name, spec, entry, examples, prompts, style, _suite_decoding(config, entry.body),
+                                str(data_file), hash_file(data_file)))
+
     seeds: list[int | str] = ["greedy"] if config.greedy else list(config.seeds)
     label = config.label or Path(str(config.model or "model")).name
-    run_name = config.run_name or f"eval-{config.suite}-{label}"
-    run = RunDir.create(config.output_dir, run_name, kind="eval",
-                        config={**to_dict(config), "decoding": to_dict(decoding), "prompt_style": style,
-                                "label": label, "suite_file": entry.path.name,
-                                "decoding_summary": decoding.describe() + (" (greedy)" if config.greedy else
-                                                                           f", seeds {','.join(map(str, seeds))}")},
-                        command=command or sys.argv)
-    _warn_template(model, tokenizer, style, say)
+    suite_name = ("all" if tuple(names) == ALL_SUITES else "+".join(names)) if several else names[0]
+    run_name = config.run_name or f"eval-{suite_name}-{label}"
+    first = plans[0]
+    template = prompt_template_info(tokenizer, first.style)
+    trained_with = trained_prompt_style(model)
+    run_config = {**to_dict(config), "suite": suite_name, "decoding": to_dict(first.decoding),
+                  "prompt_style": first.style, "prompt_template": template, "trained_prompt_style": trained_with,
+                  "label": label, "suite_file": first.entry.path.name,
+                  "decoding_summary": first.decoding.describe() + (" (greedy)" if config.greedy else
+                                                                   f", seeds {','.join(map(str, seeds))}")}
+    if several:
+        run_config["suites"] = {plan.name: _suite_settings(plan, tokenizer) for plan in plans}
+    else:
+        run_config.update({"data_file": first.data_file, "data_sha256": first.data_sha256,
+                           "prompt_example": first.prompts[0]})
+    run = RunDir.create(config.output_dir, run_name, kind="eval", config=run_config, command=command or sys.argv)
+    for plan in plans:
+        _check_resumable(run, plan, config, tokenizer)
+    for style in dict.fromkeys(plan.style for plan in plans):
+        message = template_warning(trained_with, style)
+        if message:
+            say(message)
+            run.log(message)
 
-    from kdbench.data import format_prompt
     from kdbench.generate import HFBackend
 
-    prompts = [format_prompt(e.instruction, e.input, style=style, tokenizer=tokenizer) for e in examples]
-    ids = [e.id for e in examples]
     backend = HFBackend(model, tokenizer)
+    results: dict[str, EvalResult] = {}
+    for plan in plans:
+        outputs = _generate_suite(run, plan, seeds, backend, label, say, progress)
+        records, per_example = score(run, plan.name, plan.examples, outputs, plan.spec,
+                                     _parse_buckets(config.buckets, plan.spec.bucket_edges),
+                                     n_bootstrap=config.n_bootstrap)
+        run.write_metrics(records, replace_suite=plan.name)  # each suite's numbers land as soon as they exist
+        results[plan.name] = EvalResult(run, records, per_example)
+
+    def truncated(plan):
+        return sum(r.get("prompt_truncated", False) for r in read_jsonl(run.generations_path(plan.name, seeds[0])))
+
+    if several:
+        run.finish("complete", suite=suite_name, suites=names, label=label,
+                   n_examples={plan.name: len(plan.examples) for plan in plans},
+                   prompts_truncated={plan.name: truncated(plan) for plan in plans})
+    else:
+        run.finish("complete", suite=first.name, n_examples=len(first.examples), prompts_truncated=truncated(first),
+                   label=label)
+    return MultiEvalResult(run, results)
+
+
+def _generate_suite(run: RunDir, plan: _SuitePlan, seeds: list, backend, label: str, say, progress: bool):
+    """Generations (seed -> example id -> text) of one suite: those on disk are kept as they are, the
+    rest generated and appended batch by batch (fsync) to ``generations/<suite>/seed<k>.jsonl``."""
+    ids = [e.id for e in plan.examples]
     outputs: dict[str, dict[str, str]] = {}
     for seed in seeds:
-        path = run.generations_path(config.suite, seed)
+        path = run.generations_path(plan.name, seed)
+        _drop_torn_tail(path)
         done = {r["id"]: r for r in read_jsonl(path)}
         todo = [i for i, example_id in enumerate(ids) if example_id not in done]
         if done and todo:
-            say(f"seed {seed}: resuming, {len(done)} of {len(ids)} generations already on disk")
+            say(f"{plan.name} seed {seed}: resuming, {len(ids) - len(todo)} of {len(ids)} generations already on disk")
         if todo:
-            decoding_for_seed = decoding if seed != "greedy" else DecodingConfig(**{**to_dict(decoding), "greedy": True})
+            decoding = plan.decoding if seed != "greedy" else DecodingConfig(**{**to_dict(plan.decoding), "greedy": True})
 
             def write(batch, seed=seed, path=path):
                 append_jsonl(path, [{"id": g.id, "seed": seed, "output": g.text, "new_tokens": g.new_tokens,
                                      "prompt_tokens": g.prompt_tokens, "prompt_truncated": g.prompt_truncated,
                                      "finished": g.finished} for g in batch])
 
-            with _progress(progress, f"{label} {config.suite} seed {seed}", len(todo)) as advance:
-                backend.generate([prompts[i] for i in todo], [ids[i] for i in todo], decoding_for_seed,
+            with _progress(progress, f"{label} {plan.name} seed {seed}", len(todo)) as advance:
+                backend.generate([plan.prompts[i] for i in todo], [ids[i] for i in todo], decoding,
                                  seed=None if seed == "greedy" else int(seed), on_batch=write, progress=advance)
             done = {r["id"]: r for r in read_jsonl(path)}
         outputs[str(seed)] = {example_id: done[example_id]["output"] for example_id in ids}
+    return outputs
 
-    records, per_example = score(run, config.suite, examples, outputs, spec, _parse_buckets(config.buckets, spec.bucket_edges),
-                                 n_bootstrap=config.n_bootstrap)
-    run.write_metrics(records, replace_suite=config.suite)
-    truncated = sum(r.get("prompt_truncated", False) for r in read_jsonl(run.generations_path(config.suite, seeds[0])))
-    run.finish("complete", suite=config.suite, n_examples=len(examples), prompts_truncated=truncated, label=label)
-    return EvalResult(run, records, per_example)
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line without its newline (a write killed midway) so the next append starts on a
+    line of its own; otherwise the torn text would swallow the first appended record."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+            handle.flush()
+            import os
+
+            os.fsync(handle.fileno())
+
+
+def _generation_settings(plan: _SuitePlan, config: EvalConfig, tokenizer) -> dict:
+    """What decides a suite's generations (compared on resume): model, data, prompt, decoding."""
+    decoding = to_dict(plan.decoding)
+    return {"model": str(config.model), "data_sha256": plan.data_sha256,
+            "prompt_template": prompt_template_info(tokenizer, plan.style),
+            "decoding": {key: decoding[key] for key in _GENERATION_KEYS}}
+
+
+def _check_resumable(run: RunDir, plan: _SuitePlan, config: EvalConfig, tokenizer) -> None:
+    """Refuse to mix generations made with different settings in one run directory; record the
+    settings the first time (``generations/<suite>/settings.json``)."""
+    folder = run.path / "generations" / plan.name
+    settings_file = folder / "settings.json"
+    current = _generation_settings(plan, config, tokenizer)
+    has_generations = folder.is_dir() and any(p.stat().st_size > 0 for p in folder.glob("seed*.jsonl"))
+    if settings_file.is_file() and has_generations:
+        import json
+
+        try:
+            previous = json.loads(settings_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = None
+        if previous is not None and previous != current:
+            changed = _first_difference(previous, current)
+            raise ConfigError(f"{run.path} already holds {plan.name} generations made with different settings "
+                              f"({changed}); use another --run-name, or delete {folder} to regenerate.")
+    atomic_write_json(settings_file, current)
+
+
+def _first_difference(old: dict, new: dict, prefix: str = "") -> str:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if a != b:
+                return _first_difference(a, b, f"{prefix}{key}.")
+        elif a != b:
+            return f"{prefix}{key}: {a!r} before, {b!r} now"
+    return "settings differ"
+
+
+def _suite_settings(plan: _SuitePlan, tokenizer) -> dict:
+    return {"prompt_style": plan.style, "prompt_template": prompt_template_info(tokenizer, plan.style),
+            "decoding": to_dict(plan.decoding), "suite_file": plan.entry.path.name, "data_file": plan.data_file,
+            "data_sha256": plan.data_sha256, "n_examples": len(plan.examples), "prompt_example": plan.prompts[0]}
+
+
+def prompt_template_info(tokenizer, style: str) -> dict:
+    """Which template made the prompts: the style, and for ``chat`` the tokenizer it came from and
+    the sha256 of its chat template text (two models' "chat" templates are rarely the same)."""
+    info: dict = {"style": style}
+    if style == "chat":
+        import hashlib
+
+        template = getattr(tokenizer, "chat_template", None)
+        if isinstance(template, dict):  # several named templates: the default one is used
+            template = template.get("default")
+        info["tokenizer"] = str(getattr(tokenizer, "name_or_path", "") or "")
+        info["chat_template_sha256"] = hashlib.sha256(str(template or "").encode()).hexdigest()
+    return info
+
+
+def trained_prompt_style(model) -> str | None:
+    """The prompt style kdbench training recorded in the model's config (None for other models)."""
+    value = getattr(getattr(model, "config", None), "kdbench_prompt_style", None)
+    return str(value) if value else None
+
+
+def template_warning(trained_with: str | None, style: str) -> str | None:
+    """The warning for evaluating with another prompt template than the model was trained with."""
+    if trained_with and trained_with != style:
+        return (f"warning: the model was trained with the {trained_with!r} prompt template but is evaluated with "
+                f"{style!r}; scores will be lower than with the template it learned (set prompt_style={trained_with}).")
+    return None
 
 
 def score(run: RunDir, suite: str, examples, outputs: dict[str, dict[str, str]], spec, edges, *,
@@ -207,9 +418,9 @@ def _suite_decoding(config: EvalConfig, body: dict) -> DecodingConfig:
 
 def _warn_template(model, tokenizer, style: str, say) -> None:
     """Warn when the prompt template differs from the one the model was trained with (if recorded)."""
-    trained_with = getattr(getattr(model, "config", None), "kdbench_prompt_style", None)
-    if trained_with and trained_with != style:
-        say(f"warning: the model was trained with the {trained_with!r} prompt template but is evaluated with {style!r}")
+    message = template_warning(trained_prompt_style(model), style)
+    if message:
+        say(message)
 
 
 class _progress:

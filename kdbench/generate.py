@@ -5,12 +5,19 @@ cache, greedy or sampling (temperature, top-p, top-k, ``no_repeat_ngram_size``).
 example's tokens from its own ``torch.Generator`` seeded by (seed, example id), so an example's
 output does not depend on which batch it landed in, and a resumed run equals an uninterrupted one.
 
+Work that does not change any output is skipped: the prompt pass computes logits for the last
+position only (``logits_to_keep=1``: the full ``[batch, prompt, vocab]`` tensor would be 1.6 GB at
+32 × 256 × 50k), rows that have ended are dropped from the batch and its KV cache, and n-gram
+blocking keeps an incremental per-row table of the row's real tokens (padding never counts as
+text, which also keeps a row's bans independent of its batch).
+
 A vLLM backend fits the same :class:`Backend` interface; it is not shipped until it can be tested.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol
 
@@ -34,6 +41,8 @@ class DecodingConfig:
             raise ConfigError("Setting temperature must be greater than 0 (use greedy for deterministic decoding).")
         if not 0 < self.top_p <= 1:
             raise ConfigError("Setting top_p must be in (0, 1].")
+        if self.no_repeat_ngram_size < 0:
+            raise ConfigError("Setting no_repeat_ngram_size must be 0 (off) or a positive n-gram size.")
         if self.top_k < 0 or self.max_new_tokens < 1 or self.max_prompt_length < 1 or self.batch_size < 1:
             raise ConfigError("Settings top_k >= 0, max_new_tokens >= 1, max_prompt_length >= 1, batch_size >= 1 required.")
 
@@ -66,6 +75,35 @@ def example_seed(seed: int, example_id: str) -> int:
     return int(hashlib.sha256(f"{seed}\x00{example_id}".encode()).hexdigest()[:15], 16)
 
 
+class NGramBlocker:
+    """``no_repeat_ngram_size`` for one sequence, kept incrementally.
+
+    Bans exactly what Hugging Face's ``NoRepeatNGramLogitsProcessor`` bans on the unpadded sequence:
+    every token that followed the current last ``n - 1`` tokens earlier in the sequence (prompt
+    included). A dict from each (n-1)-gram to its followers makes one step O(n) instead of O(length).
+    """
+
+    def __init__(self, n: int, tokens: list[int]):
+        self.n = n
+        self.tokens: list[int] = []
+        self.followers: dict[tuple[int, ...], set[int]] = {}
+        for token in tokens:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        if len(self.tokens) >= self.n:
+            key = tuple(self.tokens[len(self.tokens) - self.n:-1])
+            self.followers.setdefault(key, set()).add(token)
+
+    def banned(self) -> list[int]:
+        """Tokens that would complete an n-gram already in the sequence."""
+        if len(self.tokens) + 1 < self.n:
+            return []
+        key = tuple(self.tokens[len(self.tokens) - (self.n - 1):])
+        return sorted(self.followers.get(key, ()))
+
+
 class HFBackend:
     """Generation with a Hugging Face causal LM (see module docstring)."""
 
@@ -81,16 +119,26 @@ class HFBackend:
             ids.update(extra)
         self.eos_ids = sorted(ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        try:
+            parameters = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+            parameters = {}
+        self._keep_last_logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
-    def _encode(self, prompts: list[str], max_prompt_length: int) -> list[tuple[list[int], bool]]:
+    def encode(self, prompts: list[str], max_prompt_length: int) -> list[tuple[list[int], bool]]:
+        """(prompt token ids, truncated?) per prompt: BOS prepended when the tokenizer adds one (unless
+        the text already starts with it, as chat templates' text does), then cut from the left to
+        ``max_prompt_length`` tokens so that the end of the prompt (the response cue) is always kept."""
         encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         add_bos = bos is not None and getattr(self.tokenizer, "add_bos_token", False)
         out = []
         for ids in encoded:
-            ids = ([bos] + ids) if add_bos else list(ids)
+            ids = ([bos] + list(ids)) if add_bos and (not ids or ids[0] != bos) else list(ids)
             out.append((ids[-max_prompt_length:], len(ids) > max_prompt_length))
         return out
+
+    _encode = encode  # old private name
 
     def generate(self, prompts: list[str], ids: list[str], decoding: DecodingConfig, seed: int | None = None,
                  on_batch: Callable[[list[Generation]], None] | None = None,
@@ -98,7 +146,7 @@ class HFBackend:
         """Generate for every prompt; ``on_batch`` receives each finished batch (for appending to disk)."""
         if len(prompts) != len(ids):
             raise ValueError("prompts and ids must have the same length")
-        encoded = self._encode(prompts, decoding.max_prompt_length)
+        encoded = self.encode(prompts, decoding.max_prompt_length)
         # longest first: similar lengths share a batch (less padding); outputs do not depend on batching
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i][0]))
         results: dict[int, Generation] = {}
@@ -126,86 +174,105 @@ class HFBackend:
             text = text.split(eos_text, 1)[0]
         return text.strip()
 
+    def _warpers(self, decoding: DecodingConfig):
+        """Temperature, top-k, top-p (Hugging Face's warpers, applied in generate()'s order)."""
+        from transformers import LogitsProcessorList
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        warpers = LogitsProcessorList()
+        if not decoding.greedy:
+            if decoding.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(decoding.temperature))
+            if decoding.top_k > 0:
+                warpers.append(TopKLogitsWarper(decoding.top_k))
+            if decoding.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(decoding.top_p))
+        return warpers
+
     def _generate_batch(self, prompt_ids: list[list[int]], ids: list[str], decoding: DecodingConfig,
                         seed: int | None) -> list[tuple[list[int], bool]]:
+        """New tokens (EOS excluded) and whether EOS ended them, per prompt.
+
+        ``prompt_ids``: B lists of token ids, left-padded here into ``[B, longest]``. Each step feeds
+        the active rows' last token ``[A, 1]`` with the KV cache; rows that ended are dropped from
+        the batch (and the cache) once a quarter of the active rows have ended.
+        """
         import torch
-        from transformers import LogitsProcessorList
-        from transformers.generation.logits_process import (NoRepeatNGramLogitsProcessor, TemperatureLogitsWarper,
-                                                            TopKLogitsWarper, TopPLogitsWarper)
 
         model = self.model
         device = next(model.parameters()).device
-        batch_size = len(prompt_ids)
+        n_rows = len(prompt_ids)
         longest = max(len(p) for p in prompt_ids)
-        input_ids = torch.full((batch_size, longest), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((batch_size, longest), dtype=torch.long)
-        for row, ids_ in enumerate(prompt_ids):
-            input_ids[row, longest - len(ids_):] = torch.tensor(ids_, dtype=torch.long)
-            attention[row, longest - len(ids_):] = 1
+        input_ids = torch.full((n_rows, longest), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((n_rows, longest), dtype=torch.long)
+        for row, row_ids in enumerate(prompt_ids):
+            input_ids[row, longest - len(row_ids):] = torch.tensor(row_ids, dtype=torch.long)
+            attention[row, longest - len(row_ids):] = 1
         input_ids, attention = input_ids.to(device), attention.to(device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
 
-        processors = LogitsProcessorList()
-        if decoding.no_repeat_ngram_size > 0:
-            processors.append(NoRepeatNGramLogitsProcessor(decoding.no_repeat_ngram_size))
+        warpers = self._warpers(decoding)
+        generators = None
         if not decoding.greedy:
-            if decoding.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(decoding.temperature))
-            if decoding.top_k > 0:
-                processors.append(TopKLogitsWarper(decoding.top_k))
-            if decoding.top_p < 1.0:
-                processors.append(TopPLogitsWarper(decoding.top_p))
             generators = [torch.Generator().manual_seed(example_seed(seed or 0, i)) for i in ids]
+        blockers = ([NGramBlocker(decoding.no_repeat_ngram_size, p) for p in prompt_ids]
+                    if decoding.no_repeat_ngram_size > 0 else None)
+        eos_set = set(self.eos_ids)
 
-        eos = torch.tensor(self.eos_ids, device=device) if self.eos_ids else None
-        sequences = input_ids
-        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        new_tokens: list[torch.Tensor] = []
+        new_tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        ended = [False] * n_rows
+        active = list(range(n_rows))  # batch row b holds prompt active[b]
         cache = None
         step_ids, step_positions = input_ids, positions
         was_training = model.training
         model.eval()
         try:
             with torch.inference_mode():
-                for _ in range(decoding.max_new_tokens):
+                for step in range(decoding.max_new_tokens):
                     out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_positions,
-                                past_key_values=cache, use_cache=True)
+                                past_key_values=cache, use_cache=True, **self._keep_last_logits)
                     cache = out.past_key_values
-                    logits = out.logits[:, -1, :].float()
-                    logits = processors(sequences, logits) if len(processors) else logits
+                    logits = out.logits[:, -1, :].float()  # [A, V]
+                    if blockers is not None:
+                        for b, row in enumerate(active):
+                            banned = blockers[row].banned()
+                            if banned:
+                                logits[b, banned] = float("-inf")
                     if decoding.greedy:
-                        next_tokens = logits.argmax(dim=-1)
+                        chosen = logits.argmax(dim=-1).tolist()
                     else:
+                        if len(warpers):
+                            logits = warpers(step_ids, logits)
                         probs = torch.softmax(logits, dim=-1).cpu()
-                        next_tokens = torch.stack([
-                            torch.multinomial(probs[row], 1, generator=generators[row])[0] for row in range(batch_size)
-                        ]).to(device)
-                    next_tokens = torch.where(finished, torch.full_like(next_tokens, self.pad_id), next_tokens)
-                    new_tokens.append(next_tokens)
-                    if eos is not None:
-                        finished |= torch.isin(next_tokens, eos)
-                    sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-                    if bool(finished.all()):
+                        # one draw per row from the row's own generator: independent of the batch
+                        chosen = [int(torch.multinomial(probs[b], 1, generator=generators[row])[0])
+                                  for b, row in enumerate(active)]
+                    for row, token in zip(active, chosen):
+                        if ended[row]:
+                            continue
+                        if token in eos_set:
+                            ended[row] = True
+                            continue
+                        new_tokens[row].append(token)
+                        if blockers is not None:
+                            blockers[row].append(token)
+                    n_ended = sum(ended[row] for row in active)
+                    if n_ended == len(active) or step == decoding.max_new_tokens - 1:
                         break
-                    attention = torch.cat([attention, torch.ones((batch_size, 1), dtype=attention.dtype,
-                                                                 device=device)], dim=-1)
-                    step_ids = next_tokens[:, None]
+                    feed = torch.tensor([self.pad_id if ended[row] else token for row, token in zip(active, chosen)],
+                                        dtype=torch.long, device=device)
+                    if n_ended and n_ended >= max(1, len(active) // 4):
+                        keep = [b for b, row in enumerate(active) if not ended[row]]
+                        index = torch.tensor(keep, dtype=torch.long, device=device)
+                        cache.batch_select_indices(index)
+                        attention, feed, step_positions = attention[index], feed[index], step_positions[index]
+                        active = [active[b] for b in keep]
+                    attention = torch.cat([attention, attention.new_ones((len(active), 1))], dim=-1)
+                    step_ids = feed[:, None]
                     step_positions = step_positions[:, -1:] + 1
         finally:
             model.train(was_training)
-        generated = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in range(batch_size)]
-        results = []
-        eos_set = set(self.eos_ids)
-        for row in range(batch_size):
-            tokens = []
-            ended = False
-            for token in generated[row]:
-                if token in eos_set:
-                    ended = True
-                    break
-                tokens.append(token)
-            results.append((tokens, ended))
-        return results
+        return [(new_tokens[row], ended[row]) for row in range(n_rows)]
 
 
 def iter_chunks(items: list, size: int) -> Iterable[list]:

@@ -104,10 +104,37 @@ def append_jsonl(path: str | os.PathLike, records: dict | Iterable[dict]) -> Non
     payload = "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in records)
     if not payload:
         return
+    _drop_torn_tail(path)
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut an unterminated last line (an append killed midway) so the next record starts on its own line."""
+    try:
+        with open(path, "rb+") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            handle.seek(size - 1)
+            if handle.read(1) == b"\n":
+                return
+            block = 1 << 16
+            position = size
+            while position > 0:  # find the last newline, reading backwards
+                start = max(0, position - block)
+                handle.seek(start)
+                chunk = handle.read(position - start)
+                newline = chunk.rfind(b"\n")
+                if newline >= 0:
+                    handle.truncate(start + newline + 1)
+                    return
+                position = start
+            handle.truncate(0)
+    except FileNotFoundError:
+        return
 
 
 def read_jsonl(path: str | os.PathLike, *, strict: bool = False) -> list[dict]:

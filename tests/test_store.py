@@ -148,3 +148,12 @@ def test_reopening_a_finished_run_keeps_it_finished(tmp_path):
     run.finish("complete")
     again = RunDir.create(tmp_path, "r", kind="train", config={})
     assert again.complete and again.info()["resumed"]
+
+
+def test_append_after_a_torn_tail_starts_a_clean_line(tmp_path):
+    path = tmp_path / "gen.jsonl"
+    append_jsonl(path, {"id": 1})
+    with open(path, "a") as handle:
+        handle.write('{"id": 2, "partial')
+    append_jsonl(path, {"id": 3})
+    assert [r["id"] for r in read_jsonl(path, strict=True)] == [1, 3]
