@@ -1,11 +1,28 @@
-"""``train()``: one method recipe, end to end, into a run directory."""
+"""``train()``: one method recipe, end to end, into a run directory.
+
+A run goes through stages, each recorded in ``stages.json`` of the run directory when it finishes,
+so a rerun of the same command resumes at the first unfinished stage:
+
+1. ``generate`` (SeqKD): the teacher's responses to the training prompts, in the artifact store;
+   batches are appended to a partial file in the run directory, so a killed generation resumes
+   where it stopped.
+2. ``teacher_cache`` (``teacher_signal: topk``): the teacher's top-k signal on the training (and
+   validation) set, in the artifact store (:mod:`kdbench.teacher_cache`); its build time is
+   reported apart from training.
+3. ``train``: :class:`~kdbench.train.engine.DistillTrainer`, resumed from the last *complete*
+   checkpoint (a checkpoint killed mid-write is deleted and never resumed from).
+
+The finished run holds ``model/`` (a Hugging Face checkpoint with a model card), ``cost.json``
+(wall time, tokens processed, teacher forward tokens, generated tokens, peak memory, cache build
+time) and ``train_log.jsonl`` (per-step loss components and diagnostics).
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -14,22 +31,30 @@ from kdbench.config import option, to_dict
 from kdbench.errors import ConfigError
 from kdbench.store import RunDir, atomic_write_json, atomic_write_text
 
+RESPONSE_SOURCES = ("gold", "teacher", "on_policy")
+SELECT_METRICS = {"loss": False, "ce": False, "token_accuracy": True}  # name -> greater is better
+
 
 @dataclass
 class TrainConfig:
     method: str = option("sft", "Method recipe name (kdbench list methods).")
     student: str = option("", "Student model: a local directory or a Hugging Face id (the model that is trained).")
-    teacher: str | None = option(None, "Teacher model directory or id (token-level KD methods need one).")
-    data: str = option("", "Training data: JSONL/JSON/Parquet with instruction, input, output.")
-    valid_data: str | None = option(None, "Validation data (same format); default: hold out valid_fraction of data.")
+    teacher: str | None = option(None, "Teacher model directory or id (KD methods need one).")
+    data: str = option("", "Training data: JSONL/JSON/Parquet with instruction, input, output; or "
+                           "hf://OWNER/NAME@REVISION[:SPLIT] (a hub dataset at a pinned revision).")
+    valid_data: str | None = option(None, "Validation data (same forms); default: hold out valid_fraction of data.")
     valid_fraction: float = option(0.05, "Fraction of data held out for validation when valid_data is not given.")
+    lm_data: str | None = option(None, "Plain-text corpus (.txt, blank-line separated, or .jsonl with text) for an LM-loss term.")
+    lm_weight: float = option(0.5, "Weight of the LM loss on lm_data (token mean over the step's LM tokens).")
     output_dir: str = option("runs", "Folder in which the run directory is created.")
     run_name: str | None = option(None, "Run directory name (default: METHOD-seedS). Rerunning it resumes.")
-    seed: int = option(1, "Training seed (initial data order, dropout).")
-    learning_rate: float = option(5e-4, "Peak learning rate (AdamW).")
+    seed: int = option(1, "Training seed (initial data order, dropout, on-policy sampling).")
+    learning_rate: float = option(5e-4, "Peak learning rate.")
+    optim: str = option("adamw_torch", "Optimizer (a transformers optimizer name: adamw_torch, sgd, ...).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
     warmup_ratio: float = option(0.05, "Fraction of steps with linear warmup.")
     lr_scheduler: str = option("cosine", "Learning-rate schedule (a transformers scheduler name).")
+    max_grad_norm: float = option(1.0, "Gradient clipping norm (0 = off).")
     num_epochs: float = option(3.0, "Training epochs (ignored when max_steps > 0).")
     max_steps: int = option(-1, "Optimizer steps; -1 means use num_epochs.")
     batch_size: int = option(16, "Micro-batch size per process.")
@@ -37,12 +62,20 @@ class TrainConfig:
     max_prompt_length: int = option(256, "Prompt tokens kept (cut from the left).")
     max_length: int = option(512, "Prompt + response tokens kept (the response is cut at the end).")
     prompt_style: str = option("alpaca", "Prompt template: alpaca, compact (embedded benchmark) or chat.")
-    select: str = option("last", "Model kept at the end: 'last' or 'best' (lowest validation loss).")
-    eval_steps: int = option(0, "Validate every N steps (0: once per epoch when select=best, else never).")
+    select: str = option("last", "Model kept at the end: 'last' or 'best' (on the validation select_metric).")
+    select_metric: str = option("loss", "Validation metric for select=best: loss (the recipe's), ce or token_accuracy.")
+    eval_steps: int = option(0, "Validate every N steps (0: every save_steps when select=best, else never).")
     save_steps: int = option(200, "Checkpoint every N optimizer steps (resume point).")
+    save_total_limit: int = option(3, "Complete checkpoints kept while training.")
     logging_steps: int = option(10, "Log loss components every N steps.")
     group_by_length: bool = option(False, "Batch examples of similar length together (less padding, faster).")
-    bf16: bool = option(False, "Mixed precision in bfloat16.")
+    bf16: bool = option(False, "Mixed precision in bfloat16 (student).")
+    teacher_dtype: str = option("float32", "Teacher weights dtype for the online forward: float32 or bfloat16.")
+    teacher_signal: str = option("online", "Teacher signal: online (forward in the same step) or topk (offline cache).")
+    teacher_topk: int = option(64, "k of the offline top-k teacher cache.")
+    teacher_cache_dtype: str = option("float32", "Log-prob dtype of the top-k cache: float32 or float16.")
+    generation_batch_size: int = option(32, "Prompts per batch when the teacher or student generates.")
+    cache_dir: str | None = option(None, "Artifact store for teacher caches and generations (default: the kdbench cache).")
     report_to: str = option("none", "Logging integrations for transformers (none, tensorboard, wandb, ...).")
     params: dict = option(factory=dict, help="Method parameters overriding the recipe's (see the recipe file).")
 
@@ -54,10 +87,22 @@ class TrainConfig:
             (self.max_steps > 0 or self.num_epochs > 0, "Set max_steps > 0 or num_epochs > 0."),
             (0 < self.valid_fraction < 1, "valid_fraction must be between 0 and 1."),
             (self.select in ("last", "best"), "select must be 'last' or 'best'."),
+            (self.select_metric in SELECT_METRICS, f"select_metric must be one of {', '.join(SELECT_METRICS)}."),
             (self.prompt_style in ("alpaca", "compact", "chat"), "prompt_style must be alpaca, compact or chat."),
             (self.max_prompt_length >= 1 and self.max_length > self.max_prompt_length,
              "max_length must be larger than max_prompt_length."),
             (0 <= self.warmup_ratio < 1, "warmup_ratio must be in [0, 1)."),
+            (self.weight_decay >= 0, "weight_decay must not be negative."),
+            (self.max_grad_norm >= 0, "max_grad_norm must not be negative (0 turns clipping off)."),
+            (self.save_steps >= 1 and self.logging_steps >= 1, "save_steps and logging_steps must be at least 1."),
+            (self.eval_steps >= 0, "eval_steps must be 0 or more."),
+            (self.save_total_limit >= 1, "save_total_limit must be at least 1."),
+            (self.teacher_signal in ("online", "topk"), "teacher_signal must be 'online' or 'topk'."),
+            (self.teacher_topk >= 1, "teacher_topk must be at least 1."),
+            (self.teacher_dtype in ("float32", "bfloat16"), "teacher_dtype must be float32 or bfloat16."),
+            (self.teacher_cache_dtype in ("float32", "float16"), "teacher_cache_dtype must be float32 or float16."),
+            (self.generation_batch_size >= 1, "generation_batch_size must be at least 1."),
+            (self.lm_weight >= 0, "lm_weight must not be negative."),
         ]
         for ok, message in checks:
             if not ok:
@@ -70,6 +115,9 @@ class TrainResult:
     model_dir: Path
     cost: dict
     final_train_loss: float | None
+    validation: dict | None = None
+    trainer: object = field(default=None, repr=False)  # the DistillTrainer (None for a run found complete)
+    teacher: object = field(default=None, repr=False)  # the teacher model object the run used, if any
 
 
 def resolve_recipe(method: str, overrides: dict) -> tuple[registry.Entry, dict]:
@@ -78,12 +126,19 @@ def resolve_recipe(method: str, overrides: dict) -> tuple[registry.Entry, dict]:
 
     entry = registry.get("trainers", method)
     objective = get_objective(entry.body.get("objective", ""))
+    if entry.body.get("responses", "gold") not in RESPONSE_SOURCES:
+        raise ConfigError(f"Recipe {entry.path.name} has responses {entry.body.get('responses')!r}; use one of "
+                          f"{', '.join(RESPONSE_SOURCES)}.")
     params = dict(entry.body.get("params") or {})
     unknown = sorted(set(overrides) - set(params))
     if unknown:
         raise ConfigError(f"Method {method} has no parameter {unknown[0]!r}; its parameters are: "
                           f"{', '.join(sorted(params)) or '(none)'}.")
-    params.update(overrides)
+    for key, value in overrides.items():
+        if isinstance(params.get(key), dict) and isinstance(value, dict):
+            params[key] = {**params[key], **value}
+        else:
+            params[key] = value
     if objective.validate:
         objective.validate(params)
     return entry, params
@@ -99,58 +154,111 @@ def _split_validation(examples, fraction: float, seed: int):
     return [e for i, e in enumerate(examples) if i not in valid_idx], [e for i, e in enumerate(examples) if i in valid_idx]
 
 
+class Stages:
+    """``stages.json`` of a run: which stages finished, with their facts (a rerun skips them)."""
+
+    def __init__(self, run: RunDir):
+        self.path = run.path / "stages.json"
+
+    def read(self) -> dict:
+        import json
+
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def done(self, name: str) -> dict | None:
+        return self.read().get(name)
+
+    def mark(self, name: str, facts: dict) -> None:
+        data = self.read()
+        data[name] = facts
+        atomic_write_json(self.path, data)
+
+
 def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, command: list[str] | None = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True, callbacks: list | None = None) -> TrainResult:
     """Train ``config.student`` with ``config.method``; returns the run and the saved model directory.
 
-    Rerunning with the same ``output_dir``/``run_name`` resumes from the last complete checkpoint;
-    a run that already finished is returned as is.
+    Rerunning with the same ``output_dir``/``run_name`` resumes (see the module docstring); a run
+    that already finished is returned as is. ``callbacks``: extra ``TrainerCallback`` objects.
     """
     import torch
     from transformers import TrainingArguments
 
-    from kdbench.data import PadCollator, build_dataset, load_examples
+    from kdbench.data import build_dataset, load_examples
     from kdbench.models import check_same_vocabulary, count_parameters, load_model, load_tokenizer
-    from kdbench.train.engine import (CompleteCheckpointCallback, DistillTrainer, RichProgressCallback,
-                                      RunLogCallback, Stopwatch, complete_checkpoints, peak_rss_mb)
+    from kdbench.store import ArtifactStore
+    from kdbench.train.data_sources import IndexedDataset, TrainCollator, load_text_corpus, resolve_data_path
+    from kdbench.train.engine import (DistillTrainer, LMSource, OnPolicyConfig, RichProgressCallback, RunLogCallback,
+                                      Stopwatch, complete_checkpoints, peak_memory_mb, remove_incomplete_checkpoints,
+                                      trim_run_log)
     from kdbench.train.objectives import get_objective
 
     say = log or (lambda message: None)
+    clock = Stopwatch()
     entry, params = resolve_recipe(config.method, config.params)
     objective = get_objective(entry.body["objective"])
+    responses = entry.body.get("responses", "gold")
+    needs_teacher = objective.needs_teacher or responses == "teacher"
     if not config.student:
         raise ConfigError("Give the student model (--student DIR or a Hugging Face id).")
     if not config.data:
         raise ConfigError("Give the training data (--data FILE.jsonl).")
-    if objective.needs_teacher and not config.teacher:
+    if needs_teacher and not config.teacher:
         raise ConfigError(f"Method {config.method} needs a teacher; pass --teacher DIR or a Hugging Face id.")
+    loaded_teacher = None
+    use_cache = objective.needs_teacher and config.teacher_signal == "topk"
+    if use_cache and responses == "on_policy":
+        raise ConfigError(f"Method {config.method} trains on fresh student samples, which no offline cache can cover; "
+                          "use --set teacher_signal=online.")
+    store = ArtifactStore(config.cache_dir)
 
     # Validate everything the user gave before any heavy work or any file is written.
-    examples = load_examples(config.data)
+    data_path = resolve_data_path(config.data, store=store, log=say)
+    examples = load_examples(data_path, require_output=responses != "teacher")
     if config.valid_data:
-        train_examples, valid_examples = examples, load_examples(config.valid_data)
+        train_examples = examples
+        valid_examples = load_examples(resolve_data_path(config.valid_data, default_split="validation", store=store,
+                                                         log=say))
     else:
         train_examples, valid_examples = _split_validation(examples, config.valid_fraction, config.seed)
+    valid_examples = [e for e in valid_examples if e.output.strip()]  # prompts without gold cannot be scored
     tokenizer = load_tokenizer(config.student)
     student = load_model(config.student)
-    teacher = None
-    if objective.needs_teacher:
+    teacher = teacher_tokenizer = None
+    if needs_teacher:
         teacher_tokenizer = load_tokenizer(config.teacher)
-        teacher = load_model(config.teacher, trainable=False)
+        teacher = loaded_teacher = load_model(config.teacher, trainable=False, dtype=config.teacher_dtype)
         params["vocab_size"] = check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer)
+    lm_blocks = load_text_corpus(config.lm_data, tokenizer, config.max_length) if config.lm_data else None
+    if use_cache and config.teacher_topk > params["vocab_size"]:
+        raise ConfigError(f"Setting teacher_topk ({config.teacher_topk}) exceeds the vocabulary size {params['vocab_size']}.")
+    decoding = _decoding(config, params, responses)
 
     run_name = config.run_name or f"{config.method}-seed{config.seed}"
     run = RunDir.create(config.output_dir, run_name, kind="train",
                         config={**to_dict(config), "params": params, "recipe": entry.name,
-                                "recipe_file": entry.path.name, "objective": entry.body["objective"]},
+                                "recipe_file": entry.path.name, "objective": entry.body["objective"],
+                                "responses": responses},
                         command=command or sys.argv)
     model_dir = run.path / "model"
     if run.complete and (model_dir / "config.json").exists():
         say(f"run {run.path} is already complete; nothing to do")
         cost = _read_json(run.path / "cost.json")
-        return TrainResult(run, model_dir, cost, cost.get("final_train_loss"))
+        return TrainResult(run, model_dir, cost, cost.get("final_train_loss"), cost.get("validation"))
+    stages = Stages(run)
+    extra_cost: dict = {}
 
-    clock = Stopwatch()
+    # Stage 1: teacher generations (SeqKD)
+    if responses == "teacher":
+        train_examples, facts = _teacher_generations(config, params, decoding, teacher, teacher_tokenizer,
+                                                     train_examples, run, store, say)
+        stages.mark("generate", facts)
+        extra_cost.update(generated_tokens=facts["generated_tokens"], generation_reused=facts["reused"],
+                          generation_seconds=facts["build_seconds"])
+
     train_set = build_dataset(train_examples, tokenizer, style=config.prompt_style,
                               max_prompt_length=config.max_prompt_length, max_length=config.max_length)
     valid_set = build_dataset(valid_examples, tokenizer, style=config.prompt_style,
@@ -159,87 +267,216 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
         say(f"warning: {train_set.n_truncated} of {len(train_set)} training examples were truncated "
             f"(max_prompt_length={config.max_prompt_length}, max_length={config.max_length})")
     run.log(f"method={config.method} train={len(train_set)} valid={len(valid_set) if valid_set else 0} "
-            f"truncated={train_set.n_truncated}")
+            f"truncated={train_set.n_truncated} teacher_signal={config.teacher_signal if objective.needs_teacher else '-'}")
 
+    # Stage 2: the offline top-k teacher cache
+    train_cache = valid_cache = None
+    if use_cache:
+        from kdbench.teacher_cache import build_topk_cache
+
+        common = dict(teacher_name=config.teacher, k=config.teacher_topk, temperature=float(params["temperature"]),
+                      vocab_size=params["vocab_size"], store=store, batch_size=config.generation_batch_size,
+                      logprobs_dtype=config.teacher_cache_dtype, pad_token_id=tokenizer.pad_token_id,
+                      teacher_dtype=config.teacher_dtype, log=say)
+        train_cache, info = build_topk_cache(teacher, train_set, **common)
+        build_seconds, cache_tokens = info["build_seconds"], info["teacher_forward_tokens"]
+        if valid_set is not None:
+            valid_cache, vinfo = build_topk_cache(teacher, valid_set, **common)
+            build_seconds += vinfo["build_seconds"]
+            cache_tokens += vinfo["teacher_forward_tokens"]
+        stages.mark("teacher_cache", {"train": info, "k": config.teacher_topk})
+        extra_cost.update(teacher_cache_build_seconds=round(build_seconds, 3), teacher_cache_reused=info["reused"],
+                          teacher_cache_forward_tokens=cache_tokens, teacher_cache_bytes=info["cache_bytes"],
+                          teacher_cache_path=info["path"])
+        teacher = None  # training reads the cache only
+
+    # Stage 3: training
     checkpoints_dir = run.path / "checkpoints"
-    evaluate = config.select == "best" or config.eval_steps > 0
-    eval_strategy = ("steps" if config.eval_steps > 0 else "epoch") if evaluate and valid_set else "no"
-    save_strategy = "steps" if eval_strategy != "epoch" else "epoch"
+    evaluate = valid_set is not None and (config.select == "best" or config.eval_steps > 0)
+    eval_steps = config.eval_steps or config.save_steps
+    if config.select == "best" and evaluate and config.save_steps % eval_steps:
+        raise ConfigError(f"With select=best, save_steps ({config.save_steps}) must be a multiple of eval_steps ({eval_steps}).")
     args = TrainingArguments(
         output_dir=str(checkpoints_dir),
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size,
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
+        optim=config.optim,
         weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
         **_version_kwargs(config),
         lr_scheduler_type=config.lr_scheduler,
         num_train_epochs=config.num_epochs,
         max_steps=config.max_steps,
         logging_steps=config.logging_steps,
-        save_strategy=save_strategy,
+        save_strategy="steps",
         save_steps=config.save_steps,
-        save_total_limit=3,
-        eval_strategy=eval_strategy,
-        eval_steps=config.eval_steps or None,
-        load_best_model_at_end=config.select == "best" and eval_strategy != "no",
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=eval_steps if evaluate else None,
+        load_best_model_at_end=config.select == "best" and evaluate,
+        metric_for_best_model=f"eval_{config.select_metric}",
+        greater_is_better=SELECT_METRICS[config.select_metric],
         seed=config.seed,
         data_seed=config.seed,
         bf16=config.bf16,
         report_to=[] if config.report_to == "none" else [config.report_to],
-        remove_unused_columns=False,
+        remove_unused_columns=False,  # example_index / prompt_length reach compute_loss
+        average_tokens_across_devices=True,
         disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         save_only_model=False,
     )
-    callbacks = [CompleteCheckpointCallback(), RunLogCallback(run.path / "train_log.jsonl")]
+    train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
     if progress:
-        callbacks.append(RichProgressCallback(f"train {config.method}"))
-    trainer = DistillTrainer(model=student, args=args, train_dataset=train_set, eval_dataset=valid_set,
-                             data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks,
-                             objective=objective, params=params, teacher=teacher)
+        train_callbacks.append(RichProgressCallback(f"train {config.method}"))
+    on_policy = None
+    if responses == "on_policy":
+        on_policy = OnPolicyConfig(fraction=float(params["on_policy_fraction"]), decoding=decoding, seed=config.seed,
+                                   pad_token_id=tokenizer.pad_token_id)
+    lm_source = LMSource(lm_blocks, config.batch_size, config.seed, tokenizer.pad_token_id) if lm_blocks else None
+    trainer = DistillTrainer(model=student, args=args, train_dataset=IndexedDataset(train_set),
+                             eval_dataset=IndexedDataset(valid_set) if valid_set is not None else None,
+                             data_collator=TrainCollator(tokenizer.pad_token_id), callbacks=train_callbacks,
+                             objective=objective, params=params, teacher=teacher if objective.needs_teacher else None,
+                             teacher_cache=train_cache,
+                             eval_teacher_cache=valid_cache, on_policy=on_policy, lm_source=lm_source,
+                             lm_weight=config.lm_weight, tokenizer=tokenizer)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)  # the run log and the progress bar replace its prints
+    if trainer.is_world_process_zero():
+        for removed in remove_incomplete_checkpoints(checkpoints_dir):
+            run.log(f"removed incomplete checkpoint {removed} (a save was interrupted)")
+    trainer.accelerator.wait_for_everyone()
     resume = complete_checkpoints(checkpoints_dir)
     if resume:
         say(f"resuming from {resume[-1]}")
         run.log(f"resuming from {resume[-1]}")
+        trainer.restore_counters(resume[-1])
+        if trainer.is_world_process_zero():
+            from kdbench.train.engine import checkpoint_step
+
+            trim_run_log(run.path / "train_log.jsonl", checkpoint_step(resume[-1]))
     try:
         output = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
     except BaseException:
-        run.finish("failed")
+        if trainer.is_world_process_zero():
+            run.finish("failed")
         raise
 
     final_loss = output.training_loss if output is not None else None
     best = getattr(trainer.state, "best_model_checkpoint", None)
+    validation = None
+    if valid_set is not None:
+        validation = {k[len("eval_"):]: v for k, v in trainer.evaluate().items() if k.startswith("eval_")}
     trainer.model.config.kdbench_prompt_style = config.prompt_style  # evaluation warns on a mismatch
-    _save_model_atomically(trainer.model, tokenizer, model_dir)
+    counters = trainer.cost_counters()
     cost = {
         "wall_seconds": clock.seconds,
+        "train_seconds": counters["train_seconds"],
         "optimizer_steps": trainer.state.global_step,
-        "tokens_processed": trainer.tokens_processed,
-        "teacher_forward_tokens": trainer.teacher_tokens,
-        "generated_tokens": 0,
+        "tokens_processed": counters["tokens_processed"],
+        "response_tokens_trained": counters["response_tokens"],
+        "teacher_forward_tokens": counters["teacher_forward_tokens"],
+        "generated_tokens": extra_cost.pop("generated_tokens", 0) + counters["generated_tokens"],
+        "on_policy_batches": counters["on_policy_batches"],
+        "lm_tokens": counters["lm_tokens"],
         "train_examples": len(train_set),
         "response_tokens_per_epoch": train_set.n_response_tokens,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
+        **peak_memory_mb(),
         "student_parameters": count_parameters(trainer.model),
+        "processes": trainer.accelerator.num_processes,
+        "teacher_signal": (config.teacher_signal if objective.needs_teacher else None),
         "final_train_loss": final_loss,
         "selected": config.select,
+        "select_metric": config.select_metric if config.select == "best" else None,
         "selected_checkpoint": best,
+        "best_metric": getattr(trainer.state, "best_metric", None),
+        "validation": validation,
         "resumed": bool(resume),
+        **extra_cost,
     }
-    atomic_write_json(run.path / "cost.json", cost)
-    atomic_write_text(model_dir / "README.md", _model_card(config, entry, params, cost))
-    # checkpoints exist for resuming; a finished run keeps only the final model
-    shutil.rmtree(checkpoints_dir, ignore_errors=True)
-    run.finish("complete", model_dir=str(model_dir))
+    if trainer.is_world_process_zero():
+        _save_model_atomically(trainer.model, tokenizer, model_dir)
+        atomic_write_json(run.path / "cost.json", cost)
+        atomic_write_text(model_dir / "README.md", _model_card(config, entry, params, cost))
+        stages.mark("train", {"optimizer_steps": trainer.state.global_step, "selected_checkpoint": best})
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        # checkpoints exist for resuming; a finished run keeps only the final model
+        shutil.rmtree(checkpoints_dir, ignore_errors=True)
+        run.finish("complete", model_dir=str(model_dir))
     say(f"trained {config.method} in {cost['wall_seconds']:.1f}s ({cost['optimizer_steps']} steps); model at {model_dir}")
-    return TrainResult(run, model_dir, cost, final_loss)
+    return TrainResult(run, model_dir, cost, final_loss, validation, trainer=trainer, teacher=loaded_teacher)
+
+
+def _decoding(config: TrainConfig, params: dict, responses: str):
+    """The decoding settings of a generating recipe (None for gold responses)."""
+    from kdbench.generate import DecodingConfig
+
+    if responses == "gold":
+        return None
+    return DecodingConfig(greedy=bool(params.get("greedy", False)),
+                          temperature=float(params.get("generation_temperature", 1.0)),
+                          top_p=float(params.get("top_p", 1.0)), top_k=int(params.get("top_k", 0)),
+                          max_new_tokens=int(params.get("max_new_tokens", 256)),
+                          max_prompt_length=config.max_prompt_length, batch_size=config.generation_batch_size)
+
+
+def _teacher_generations(config: TrainConfig, params: dict, decoding, teacher, teacher_tokenizer, examples,
+                         run: RunDir, store, say):
+    """SeqKD's data: the teacher's response to every training prompt (artifact store; a killed
+    generation resumes from the partial file in the run directory). Returns (examples, facts)."""
+    import dataclasses
+    import json
+
+    from kdbench.data import Example, format_prompt
+    from kdbench.generate import HFBackend
+    from kdbench.store import append_jsonl, hash_obj, read_jsonl
+    from kdbench.teacher_cache import model_fingerprint
+
+    prompts = [format_prompt(e.instruction, e.input, style=config.prompt_style, tokenizer=teacher_tokenizer)
+               for e in examples]
+    ids = [f"{i}" for i in range(len(examples))]
+    seed = int(params.get("generation_seed", 0))
+    inputs = {"teacher": model_fingerprint(config.teacher), "prompts": hash_obj(prompts),
+              "decoding": dataclasses.asdict(decoding), "seed": seed}
+    kind = "teacher-generations"
+    partial = run.path / "stages" / f"generate-{store.key(kind, inputs)}.partial.jsonl"
+
+    def build(tmp: Path) -> dict:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        done = {r["id"]: r for r in read_jsonl(partial)}
+        todo = [i for i in range(len(examples)) if ids[i] not in done]
+        if done:
+            say(f"resuming teacher generation: {len(done)} of {len(examples)} done")
+        backend = HFBackend(teacher, teacher_tokenizer)
+
+        def keep(batch):
+            append_jsonl(partial, [{"id": g.id, "text": g.text, "new_tokens": g.new_tokens, "finished": g.finished}
+                                   for g in batch])
+            done.update({g.id: {"id": g.id, "text": g.text, "new_tokens": g.new_tokens} for g in batch})
+
+        if todo:
+            backend.generate([prompts[i] for i in todo], [ids[i] for i in todo], decoding, seed, on_batch=keep)
+        with open(tmp / "generations.jsonl", "w", encoding="utf-8") as handle:
+            for i in ids:
+                handle.write(json.dumps({"id": i, "text": done[i]["text"], "new_tokens": done[i]["new_tokens"]}) + "\n")
+        return {"n": len(ids), "generated_tokens": sum(int(done[i]["new_tokens"]) for i in ids)}
+
+    say(f"teacher generations ({decoding.describe()}) for {len(examples)} prompts")
+    artifact = store.get_or_build(kind, inputs, build, log=say)
+    partial.unlink(missing_ok=True)
+    rows = {r["id"]: r for r in read_jsonl(artifact.path / "generations.jsonl")}
+    generated = [Example(instruction=e.instruction, input=e.input, output=rows[ids[i]]["text"], id=e.id, extra=e.extra)
+                 for i, e in enumerate(examples)]
+    facts = {"reused": artifact.reused, "path": str(artifact.path), "build_seconds": artifact.meta.get("build_seconds", 0.0),
+             "generated_tokens": int(artifact.meta.get("generated_tokens", 0)),  # the method's cost, even if reused
+             "decoding": decoding.describe()}
+    return generated, facts
 
 
 def _version_kwargs(config: TrainConfig) -> dict:
@@ -280,14 +517,26 @@ def _read_json(path: Path) -> dict:
 
 def _model_card(config: TrainConfig, entry, params: dict, cost: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(params.items()))
+    settings = ("learning_rate", "lr_scheduler", "warmup_ratio", "weight_decay", "batch_size", "grad_accum",
+                "max_length", "max_prompt_length", "prompt_style", "seed", "select", "teacher_signal", "teacher_topk")
+    setting_rows = "\n".join(f"| {k} | {getattr(config, k)} |" for k in settings)
+    validation = cost.get("validation") or {}
+    metric_rows = "\n".join(f"| validation {k} | {v:.6g} |" for k, v in validation.items()
+                            if isinstance(v, float)) or "| (no validation set) | |"
     return (
         f"---\nlibrary_name: transformers\ntags: [kdbench, distillation, {config.method}]\n---\n\n"
         f"# {config.method} student (kdbench)\n\n"
         f"Trained with kdbench recipe `{entry.name}` ({entry.description}).\n\n"
-        f"- Teacher: `{config.teacher}`\n- Initial student: `{config.student}`\n- Data: `{config.data}`\n"
-        f"- Seed: {config.seed}; learning rate {config.learning_rate}; batch {config.batch_size} x {config.grad_accum}; "
-        f"steps {cost['optimizer_steps']}\n- Final training loss: {cost['final_train_loss']}\n"
-        f"- Wall time: {cost['wall_seconds']} s; tokens processed: {cost['tokens_processed']}\n\n"
-        f"| parameter | value |\n|---|---|\n{rows}\n\nCitation: {entry.body.get('citation', '')}\n"
+        f"- Method: `{config.method}` (recipe file `{entry.path.name}`)\n"
+        f"- Teacher: `{config.teacher}`\n- Initial student: `{config.student}`\n- Data: `{config.data}`"
+        f" (validation: `{config.valid_data or f'{config.valid_fraction:g} held out'}`)\n"
+        f"- Steps: {cost['optimizer_steps']}; final training loss: {cost['final_train_loss']}\n"
+        f"- Model kept: {cost['selected']}"
+        f"{' (' + str(cost['select_metric']) + ', ' + str(cost['selected_checkpoint']) + ')' if cost['selected'] == 'best' else ''}\n"
+        f"- Cost: {cost['wall_seconds']} s wall; {cost['tokens_processed']} tokens processed; "
+        f"{cost['teacher_forward_tokens']} teacher forward tokens; {cost['generated_tokens']} generated tokens; "
+        f"peak RSS {cost['peak_rss_mb']} MiB\n\n"
+        f"## Metrics\n\n| metric | value |\n|---|---|\n{metric_rows}\n\n"
+        f"## Hyperparameters\n\n| setting | value |\n|---|---|\n{setting_rows}\n\n"
+        f"| method parameter | value |\n|---|---|\n{rows}\n\nCitation: {entry.body.get('citation', '')}\n"
     )
-

@@ -21,8 +21,9 @@ from kdbench.errors import ConfigError
 class Batch:
     """Aligned tensors of one micro-batch: position t predicts ``targets[:, t]``.
 
-    ``student_logits`` / ``teacher_logits``: [B, T, V]; ``targets``: [B, T] (−100 = not counted);
-    ``mask``: [B, T] float (1 = counted response position).
+    ``student_logits``: [B, T, V]; ``teacher_logits``: [B, T, V] dense logits, a top-k
+    :class:`~kdbench.losses.SparseTeacher` (offline cache) or ``None`` (no teacher); ``targets``:
+    [B, T] (−100 = not counted); ``mask``: [B, T] float (1 = counted response position).
     """
 
     student_logits: Any
@@ -61,18 +62,48 @@ def _token_kd(batch: Batch, params: dict) -> dict:
 
 
 def _validate_token_kd(params: dict) -> None:
-    from kdbench.losses import DIVERGENCES
+    from kdbench.losses.token import divergence_rows
 
-    if params.get("divergence") not in DIVERGENCES:
-        raise ConfigError(f"Unknown divergence {params.get('divergence')!r}; choose one of: {', '.join(DIVERGENCES)}.")
-    if not 0.0 <= float(params.get("kd_ratio", -1)) <= 1.0 and params.get("kd_weighting") == "mix":
-        raise ConfigError("Parameter kd_ratio must be between 0 and 1 with kd_weighting: mix.")
-    if float(params.get("kd_ratio", 0)) < 0:
-        raise ConfigError("Parameter kd_ratio must not be negative.")
-    if not float(params.get("temperature", 0)) > 0:
-        raise ConfigError("Parameter temperature must be greater than 0.")
+    divergence = params.get("divergence")
+    extra = params.get("divergence_params") or {}
+    if not isinstance(extra, dict):
+        raise ConfigError("Parameter divergence_params must be a mapping, e.g. {beta: 0.5}.")
+    divergence_rows(str(divergence), **extra)  # unknown divergence, unknown or out-of-range parameter
     if params.get("kd_weighting") not in ("mix", "additive"):
         raise ConfigError("Parameter kd_weighting must be 'mix' ((1-r)·CE + r·KD) or 'additive' (CE + r·KD).")
+    ratio = _number(params, "kd_ratio")
+    if params["kd_weighting"] == "mix" and not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"Parameter kd_ratio must be between 0 and 1 with kd_weighting: mix (got {ratio}).")
+    if ratio < 0:
+        raise ConfigError(f"Parameter kd_ratio must not be negative (got {ratio}).")
+    if not _number(params, "temperature") > 0:
+        raise ConfigError(f"Parameter temperature must be greater than 0 (got {params['temperature']}).")
+    _validate_generation(params)
+
+
+def _validate_generation(params: dict) -> None:
+    """Parameters of recipes that generate responses (seqkd: the teacher; gkd: the student)."""
+    if "on_policy_fraction" in params and not 0.0 <= _number(params, "on_policy_fraction") <= 1.0:
+        raise ConfigError(f"Parameter on_policy_fraction must be between 0 and 1 (got {params['on_policy_fraction']}).")
+    if "generation_temperature" in params and not _number(params, "generation_temperature") > 0:
+        raise ConfigError("Parameter generation_temperature must be greater than 0 (use greedy: true instead of 0).")
+    if "max_new_tokens" in params and not (isinstance(params["max_new_tokens"], int) and params["max_new_tokens"] >= 1):
+        raise ConfigError(f"Parameter max_new_tokens must be a whole number of at least 1 (got {params['max_new_tokens']}).")
+    if "top_p" in params and not 0 < _number(params, "top_p") <= 1:
+        raise ConfigError(f"Parameter top_p must be in (0, 1] (got {params['top_p']}).")
+    if "top_k" in params and not (isinstance(params["top_k"], int) and params["top_k"] >= 0):
+        raise ConfigError(f"Parameter top_k must be a whole number >= 0 (got {params['top_k']}).")
+
+
+def _validate_sft(params: dict) -> None:
+    _validate_generation(params)
+
+
+def _number(params: dict, name: str) -> float:
+    value = params.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"Parameter {name} must be a number (got {value!r}).")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -84,7 +115,7 @@ class Objective:
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "sft": Objective("sft", _sft, needs_teacher=False),
+    "sft": Objective("sft", _sft, needs_teacher=False, validate=_validate_sft),
     "token_kd": Objective("token_kd", _token_kd, needs_teacher=True, validate=_validate_token_kd),
 }
 
