@@ -184,8 +184,6 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     Rerunning with the same ``output_dir``/``run_name`` resumes (see the module docstring); a run
     that already finished is returned as is. ``callbacks``: extra ``TrainerCallback`` objects.
     """
-    import torch
-    from transformers import TrainingArguments
 
     from kdbench.data import build_dataset, load_examples
     from kdbench.models import check_same_vocabulary, count_parameters, load_model, load_tokenizer
@@ -199,6 +197,11 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     say = log or (lambda message: None)
     clock = Stopwatch()
     entry, params = resolve_recipe(config.method, config.params)
+    if entry.body.get("objective") == "preference":  # sequence-level pipelines (dDPO, rDPO, daDPO, DPO, SimPO)
+        from kdbench.train.pipeline import train_preference
+
+        return train_preference(config, entry, params, log=say, command=command, progress=progress,
+                                callbacks=callbacks)
     objective = get_objective(entry.body["objective"])
     responses = entry.body.get("responses", "gold")
     needs_teacher = objective.needs_teacher or responses == "teacher"
@@ -231,7 +234,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     if needs_teacher:
         teacher_tokenizer = load_tokenizer(config.teacher)
         teacher = loaded_teacher = load_model(config.teacher, trainable=False, dtype=config.teacher_dtype)
-        params["vocab_size"] = check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer)
+        if objective.needs_teacher:  # token-level signal; a generating-only teacher (seqkd, dsft) may differ
+            params["vocab_size"] = check_same_vocabulary(teacher, teacher_tokenizer, student, tokenizer)
     lm_blocks = load_text_corpus(config.lm_data, tokenizer, config.max_length) if config.lm_data else None
     if use_cache and config.teacher_topk > params["vocab_size"]:
         raise ConfigError(f"Setting teacher_topk ({config.teacher_topk}) exceeds the vocabulary size {params['vocab_size']}.")
@@ -296,39 +300,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     eval_steps = config.eval_steps or config.save_steps
     if config.select == "best" and evaluate and config.save_steps % eval_steps:
         raise ConfigError(f"With select=best, save_steps ({config.save_steps}) must be a multiple of eval_steps ({eval_steps}).")
-    args = TrainingArguments(
-        output_dir=str(checkpoints_dir),
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.learning_rate,
-        optim=config.optim,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-        **_version_kwargs(config),
-        lr_scheduler_type=config.lr_scheduler,
-        num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps,
-        logging_steps=config.logging_steps,
-        save_strategy="steps",
-        save_steps=config.save_steps,
-        save_total_limit=config.save_total_limit,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=eval_steps if evaluate else None,
-        load_best_model_at_end=config.select == "best" and evaluate,
-        metric_for_best_model=f"eval_{config.select_metric}",
-        greater_is_better=SELECT_METRICS[config.select_metric],
-        seed=config.seed,
-        data_seed=config.seed,
-        bf16=config.bf16,
-        report_to=[] if config.report_to == "none" else [config.report_to],
-        remove_unused_columns=False,  # example_index / prompt_length reach compute_loss
-        average_tokens_across_devices=True,
-        disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        save_only_model=False,
-    )
+    args = training_arguments(config, checkpoints_dir, evaluate=evaluate, eval_steps=eval_steps)
     train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
     if progress:
         train_callbacks.append(RichProgressCallback(f"train {config.method}"))
@@ -413,6 +385,46 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     return TrainResult(run, model_dir, cost, final_loss, validation, trainer=trainer, teacher=loaded_teacher)
 
 
+def training_arguments(config: TrainConfig, checkpoints_dir: Path, *, evaluate: bool, eval_steps: int):
+    """The ``TrainingArguments`` of a run (shared by :func:`train` and :mod:`kdbench.train.pipeline`)."""
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(checkpoints_dir),
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        optim=config.optim,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        **_version_kwargs(config),
+        lr_scheduler_type=config.lr_scheduler,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=eval_steps if evaluate else None,
+        load_best_model_at_end=config.select == "best" and evaluate,
+        metric_for_best_model=f"eval_{config.select_metric}",
+        greater_is_better=SELECT_METRICS[config.select_metric],
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=config.bf16,
+        report_to=[] if config.report_to == "none" else [config.report_to],
+        remove_unused_columns=False,  # example_index / prompt_length reach compute_loss
+        average_tokens_across_devices=True,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+
+
 def _decoding(config: TrainConfig, params: dict, responses: str):
     """The decoding settings of a generating recipe (None for gold responses)."""
     from kdbench.generate import DecodingConfig
@@ -427,9 +439,12 @@ def _decoding(config: TrainConfig, params: dict, responses: str):
 
 
 def _teacher_generations(config: TrainConfig, params: dict, decoding, teacher, teacher_tokenizer, examples,
-                         run: RunDir, store, say):
+                         run: RunDir, store, say, *, model_name: str | None = None, kind: str = "teacher-generations"):
     """SeqKD's data: the teacher's response to every training prompt (artifact store; a killed
-    generation resumes from the partial file in the run directory). Returns (examples, facts)."""
+    generation resumes from the partial file in the run directory). Returns (examples, facts).
+
+    ``model_name`` / ``kind`` let the preference pipelines generate with another model (the original
+    student: ``kind="student-generations"``) through the same cached, resumable stage."""
     import dataclasses
     import json
 
@@ -442,9 +457,8 @@ def _teacher_generations(config: TrainConfig, params: dict, decoding, teacher, t
                for e in examples]
     ids = [f"{i}" for i in range(len(examples))]
     seed = int(params.get("generation_seed", 0))
-    inputs = {"teacher": model_fingerprint(config.teacher), "prompts": hash_obj(prompts),
+    inputs = {"teacher": model_fingerprint(model_name or config.teacher), "prompts": hash_obj(prompts),
               "decoding": dataclasses.asdict(decoding), "seed": seed}
-    kind = "teacher-generations"
     partial = run.path / "stages" / f"generate-{store.key(kind, inputs)}.partial.jsonl"
 
     def build(tmp: Path) -> dict:
@@ -452,7 +466,7 @@ def _teacher_generations(config: TrainConfig, params: dict, decoding, teacher, t
         done = {r["id"]: r for r in read_jsonl(partial)}
         todo = [i for i in range(len(examples)) if ids[i] not in done]
         if done:
-            say(f"resuming teacher generation: {len(done)} of {len(examples)} done")
+            say(f"resuming {kind}: {len(done)} of {len(examples)} done")
         backend = HFBackend(teacher, teacher_tokenizer)
 
         def keep(batch):
@@ -467,7 +481,7 @@ def _teacher_generations(config: TrainConfig, params: dict, decoding, teacher, t
                 handle.write(json.dumps({"id": i, "text": done[i]["text"], "new_tokens": done[i]["new_tokens"]}) + "\n")
         return {"n": len(ids), "generated_tokens": sum(int(done[i]["new_tokens"]) for i in ids)}
 
-    say(f"teacher generations ({decoding.describe()}) for {len(examples)} prompts")
+    say(f"{kind.replace('-', ' ')} ({decoding.describe()}) for {len(examples)} prompts")
     artifact = store.get_or_build(kind, inputs, build, log=say)
     partial.unlink(missing_ok=True)
     rows = {r["id"]: r for r in read_jsonl(artifact.path / "generations.jsonl")}

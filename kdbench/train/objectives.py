@@ -124,3 +124,100 @@ def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise ConfigError(f"Recipe names unknown objective {name!r}; known: {', '.join(OBJECTIVES)}.")
     return OBJECTIVES[name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sequence-level preference objectives (METHODS.md, "Sequence-level preference losses"), used by
+# :mod:`kdbench.train.pipeline`. Unlike the token objectives above they take a :class:`PairBatch` and
+# return the loss *summed over pairs*; the pipeline's trainer divides by the number of pairs of the
+# whole optimizer step.
+
+PREFERENCE_FORMS = ("dpo", "dadpo", "simpo")
+PREFERENCE_REFERENCES = ("dsft", "teacher", "student")
+
+
+@dataclass
+class PairBatch:
+    """Summed sequence log-probs of P preference pairs, all [P].
+
+    ``policy_*``: the trained model, with gradient; ``*_lengths``: response tokens (EOS included);
+    ``ref_*`` / ``teacher_*``: frozen log-probs computed once before training (``None`` when the
+    recipe does not use them). Each model scored the response text with its own tokenizer.
+    """
+
+    policy_chosen: Any
+    policy_rejected: Any
+    chosen_lengths: Any
+    rejected_lengths: Any
+    ref_chosen: Any | None = None
+    ref_rejected: Any | None = None
+    teacher_chosen: Any | None = None
+    teacher_rejected: Any | None = None
+
+
+def preference_reference(params: dict) -> str | None:
+    """Which frozen model DPO's reference is (None for SimPO, which has none; daDPO uses dsft + teacher)."""
+    form = params["loss"]
+    if form == "simpo":
+        return None
+    if form == "dadpo":
+        return "dsft"
+    return params["reference"]
+
+
+def _preference(pairs: PairBatch, params: dict) -> dict:
+    """Σ over pairs of the recipe's preference loss, plus diagnostics summed over pairs:
+    ``reward_accuracy`` (implicit reward margin > 0) and ``reward_margin``."""
+    import torch
+
+    from kdbench.losses.sequence import dadpo, dpo, simpo
+
+    form = params["loss"]
+    if form == "dpo":
+        if params["reference"] == "teacher":  # rDPO: the teacher is the reference
+            ref_c, ref_r = pairs.teacher_chosen, pairs.teacher_rejected
+        else:
+            ref_c, ref_r = pairs.ref_chosen, pairs.ref_rejected
+        per_pair = dpo(pairs.policy_chosen, pairs.policy_rejected, ref_c, ref_r, beta=float(params["beta"]),
+                       reduction="none")
+        margin = float(params["beta"]) * ((pairs.policy_chosen - ref_c) - (pairs.policy_rejected - ref_r))
+    elif form == "dadpo":
+        beta1, beta2 = float(params["beta1"]), float(params["beta2"])
+        per_pair = dadpo(pairs.policy_chosen, pairs.policy_rejected, pairs.ref_chosen, pairs.ref_rejected,
+                         pairs.teacher_chosen, pairs.teacher_rejected, beta1=beta1, beta2=beta2, reduction="none")
+        margin = (beta1 * ((pairs.policy_chosen - pairs.ref_chosen) - (pairs.policy_rejected - pairs.ref_rejected))
+                  + beta2 * ((pairs.policy_chosen - pairs.teacher_chosen)
+                             - (pairs.policy_rejected - pairs.teacher_rejected)))
+    elif form == "simpo":
+        beta, gamma = float(params["beta"]), float(params["gamma"])
+        per_pair = simpo(pairs.policy_chosen, pairs.policy_rejected, pairs.chosen_lengths, pairs.rejected_lengths,
+                         beta=beta, gamma=gamma, reduction="none")
+        margin = (beta * pairs.policy_chosen / pairs.chosen_lengths.to(pairs.policy_chosen)
+                  - beta * pairs.policy_rejected / pairs.rejected_lengths.to(pairs.policy_rejected))
+    else:  # pragma: no cover - validated before training
+        raise ConfigError(f"Unknown preference loss {form!r}; use one of {', '.join(PREFERENCE_FORMS)}.")
+    margin = margin.detach()
+    return {"loss": per_pair.sum(), "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).to(torch.float32).sum()}
+
+
+def _validate_preference(params: dict) -> None:
+    form = params.get("loss")
+    if form not in PREFERENCE_FORMS:
+        raise ConfigError(f"Parameter loss must be one of {', '.join(PREFERENCE_FORMS)} (got {form!r}).")
+    if form == "dpo" and params.get("reference") not in PREFERENCE_REFERENCES:
+        raise ConfigError(f"Parameter reference must be one of {', '.join(PREFERENCE_REFERENCES)} "
+                          f"(got {params.get('reference')!r}).")
+    names = {"dpo": ("beta",), "dadpo": ("beta1", "beta2"), "simpo": ("beta", "gamma")}[form]
+    for name in names:
+        value = _number(params, name)
+        if value < 0 or (name == "beta" and value == 0):
+            raise ConfigError(f"Parameter {name} must be {'greater than 0' if name == 'beta' else 'at least 0'} "
+                              f"(got {value}).")
+    if form == "dadpo" and float(params["beta1"]) == 0 and float(params["beta2"]) == 0:
+        raise ConfigError("Parameters beta1 and beta2 cannot both be 0 (the loss would be constant).")
+    if "dsft_settings" in params and not isinstance(params["dsft_settings"], dict):
+        raise ConfigError("Parameter dsft_settings must be a mapping of training settings, e.g. {learning_rate: 1e-4}.")
+    _validate_generation(params)
+
+
+OBJECTIVES["preference"] = Objective("preference", _preference, needs_teacher=False, validate=_validate_preference)
