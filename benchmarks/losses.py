@@ -10,13 +10,21 @@ Forward + backward of forward KL at B=4, T=512 in bf16 (as real training feeds i
   models' logits and runs the naive loss; ``fused`` is ``kdbench.losses.fused_token_loss``.
   Reported: whole-step peak = peak − (RSS before any input was allocated).
 
+Timing: every worker runs with one intra-op thread (``OMP_NUM_THREADS=1`` and
+``torch.set_num_threads(1)``): on a shared 2-core machine two threads make every operation wait for
+the busier core. Each worker does ``--passes`` forward+backward passes, the first a warm-up (not
+timed); the variants run interleaved (naive, chunked, naive_step, fused, naive, ...) for ``--repeats``
+rounds so that load drifts hit all alike; reported: medians over rounds, and the median and range of
+the per-round time ratios.
+
 Targets (relative to naive in the same run): chunked extra ≤ 0.25×, fused whole-step peak ≤ 0.25×,
-time ≤ 1.1×. Usage: ``python benchmarks/losses.py [--quick] [--repeats N]``.
+time ≤ 1.1×. Usage: ``python benchmarks/losses.py [--quick] [--repeats N] [--passes N]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import subprocess
@@ -63,10 +71,11 @@ def _naive_fkl(student_logits, teacher_logits, mask):
     return (per_position * mask).sum() / mask.sum()
 
 
-def worker(variant: str, batch: int, seq_len: int, vocab: int, hidden: int, repeats: int) -> dict:
-    """Run one variant (in this fresh process) and return its figures."""
+def worker(variant: str, batch: int, seq_len: int, vocab: int, hidden: int, passes: int) -> dict:
+    """Run one variant (in this fresh process) and return its figures; pass 1 is an untimed warm-up."""
     import torch
 
+    torch.set_num_threads(1)
     from kdbench.losses import fkl, fused_token_loss
 
     torch.manual_seed(0)
@@ -79,7 +88,7 @@ def worker(variant: str, batch: int, seq_len: int, vocab: int, hidden: int, repe
         teacher = _random_bf16((batch, seq_len, vocab), 2, 3.0)
         with_inputs = _rss_mib()
         loss_fn = _naive_fkl if variant == "naive" else fkl
-        for _ in range(repeats):
+        for _ in range(passes):
             start = time.perf_counter()
             loss = loss_fn(student, teacher, mask)
             loss.backward()
@@ -89,14 +98,15 @@ def worker(variant: str, batch: int, seq_len: int, vocab: int, hidden: int, repe
             del loss
         grad_mib = student.numel() * 2 / 2**20
         peak = _peak_mib()
-        return {"variant": variant, "vocab": vocab, "loss": value, "time_s": statistics.median(times),
+        return {"variant": variant, "vocab": vocab, "loss": value, "times_s": times,
+                "threads": torch.get_num_threads(),
                 "peak_mib": peak, "extra_mib": peak - with_inputs - grad_mib, "step_mib": peak - base}
     student_hidden = _random_bf16((batch, seq_len, hidden), 3).requires_grad_()
     teacher_hidden = _random_bf16((batch, seq_len, hidden), 4)
     student_weight = _random_bf16((vocab, hidden), 5, 0.05).requires_grad_()
     teacher_weight = _random_bf16((vocab, hidden), 6, 0.05)
     with_inputs = _rss_mib()
-    for _ in range(repeats):
+    for _ in range(passes):
         start = time.perf_counter()
         if variant == "naive_step":
             student_logits = student_hidden @ student_weight.t()
@@ -113,23 +123,34 @@ def worker(variant: str, batch: int, seq_len: int, vocab: int, hidden: int, repe
         student_weight.grad = None
         del loss
     peak = _peak_mib()
-    return {"variant": variant, "vocab": vocab, "loss": value, "time_s": statistics.median(times),
+    return {"variant": variant, "vocab": vocab, "loss": value, "times_s": times, "threads": torch.get_num_threads(),
             "peak_mib": peak, "extra_mib": peak - with_inputs, "step_mib": peak - base}
 
 
-def run_variant(variant: str, batch: int, seq_len: int, vocab: int, hidden: int, repeats: int) -> dict:
+def run_variant(variant: str, batch: int, seq_len: int, vocab: int, hidden: int, passes: int) -> dict:
+    """One fresh single-threaded worker process; its figures, with the timed passes' median as ``time_s``."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--batch", str(batch),
-               "--seq-len", str(seq_len), "--vocab", str(vocab), "--hidden", str(hidden), "--repeats", str(repeats)]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False)
+               "--seq-len", str(seq_len), "--vocab", str(vocab), "--hidden", str(hidden), "--passes", str(passes)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, check=False, env=env)
     if result.returncode != 0:
         raise SystemExit(f"benchmark worker {variant} V={vocab} failed:\n{result.stderr}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    timed = figures["times_s"][1:] or figures["times_s"]
+    figures["time_s"] = statistics.median(timed)
+    return figures
+
+
+VARIANTS = ("naive", "chunked", "naive_step", "fused")
+PAIRS = (("chunked", "naive", "extra_mib"), ("fused", "naive_step", "step_mib"))
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small V and T: a smoke run of a few seconds")
-    parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward passes per variant")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds (one process per variant each)")
+    parser.add_argument("--passes", type=int, default=2, help="forward+backward passes per process (first untimed)")
+    parser.add_argument("--vocab-sizes", default="50257,151936", help="comma-separated subset of 50257,151936")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -138,26 +159,44 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         sys.path.insert(0, str(REPO))
-        print(json.dumps(worker(args.worker, args.batch, args.seq_len, args.vocab, args.hidden, args.repeats)))
+        print(json.dumps(worker(args.worker, args.batch, args.seq_len, args.vocab, args.hidden, args.passes)))
         return
     if args.quick:
         settings = [(2, 64, 8000, 128)]
     else:  # GPT-2 (hidden 768) and Qwen2.5-0.5B (hidden 896) vocabularies
-        settings = [(args.batch, args.seq_len, 50257, 768), (args.batch, args.seq_len, 151936, 896)]
-    print(f"{'V':>7} {'variant':>10} {'time s':>8} {'extra MiB':>10} {'step MiB':>9} {'ratio':>22}")
+        hidden_of = {50257: 768, 151936: 896}
+        settings = [(args.batch, args.seq_len, int(v), hidden_of[int(v)]) for v in args.vocab_sizes.split(",")]
+    print(f"threads: 1 per worker (OMP_NUM_THREADS=1, torch.set_num_threads(1)); {args.repeats} interleaved "
+          f"rounds x {args.passes} passes (first untimed); load average {os.getloadavg()[0]:.1f}", flush=True)
     for batch, seq_len, vocab, hidden in settings:
-        figures = {v: run_variant(v, batch, seq_len, vocab, hidden, args.repeats)
-                   for v in ("naive", "chunked", "naive_step", "fused")}
-        for name, baseline, key in (("naive", None, None), ("chunked", "naive", "extra_mib"),
-                                    ("naive_step", None, None), ("fused", "naive_step", "step_mib")):
-            row = figures[name]
+        rounds = []
+        for round_index in range(args.repeats):
+            figures = {}
+            for variant in VARIANTS:
+                figures[variant] = run_variant(variant, batch, seq_len, vocab, hidden, args.passes)
+                assert figures[variant]["threads"] == 1
+            print(f"  V={vocab} round {round_index + 1}: "
+                  + ", ".join(f"{v} {figures[v]['time_s']:.2f}s/{figures[v]['step_mib']:.0f}MiB" for v in VARIANTS)
+                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
+            rel = abs(figures["naive"]["loss"] - figures["chunked"]["loss"])
+            assert rel < 1e-3 * max(1, abs(figures["naive"]["loss"])), "chunked loss differs from naive"
+            rel = abs(figures["naive_step"]["loss"] - figures["fused"]["loss"])
+            assert rel < 1e-3 * max(1, abs(figures["naive_step"]["loss"])), "fused loss differs from naive_step"
+            rounds.append(figures)
+        med = {v: {key: statistics.median(r[v][key] for r in rounds) for key in ("time_s", "extra_mib", "step_mib")}
+               for v in VARIANTS}
+        print(f"{'V':>7} {'variant':>10} {'time s':>14} {'extra MiB':>10} {'step MiB':>9}  vs baseline")
+        for name in VARIANTS:
+            times = [r[name]["time_s"] for r in rounds]
             ratio = ""
-            if baseline:
-                ref = figures[baseline]
-                ratio = (f"mem {row[key] / ref[key]:.2f}x time {row['time_s'] / ref['time_s']:.2f}x")
-            print(f"{vocab:>7} {name:>10} {row['time_s']:>8.2f} {row['extra_mib']:>10.0f} {row['step_mib']:>9.0f} "
-                  f"{ratio:>22}")
-        assert abs(figures["naive"]["loss"] - figures["chunked"]["loss"]) < 1e-3 * max(1, abs(figures["naive"]["loss"]))
+            for variant, baseline, key in PAIRS:
+                if variant == name:
+                    ratios = [r[name]["time_s"] / r[baseline]["time_s"] for r in rounds]
+                    ratio = (f"mem {med[name][key] / med[baseline][key]:.2f}x, time {statistics.median(ratios):.2f}x "
+                             f"({min(ratios):.2f}-{max(ratios):.2f})")
+            spread = f"{med[name]['time_s']:.2f} ({min(times):.1f}-{max(times):.1f})"
+            print(f"{vocab:>7} {name:>10} {spread:>14} {med[name]['extra_mib']:>10.0f} {med[name]['step_mib']:>9.0f}  "
+                  f"{ratio}", flush=True)
 
 
 if __name__ == "__main__":

@@ -273,3 +273,40 @@ def test_fused_errors():
         fused_token_loss(hs, ws, ht, wt, mask, divergence="fkl", beta=0.5)
     with pytest.raises(ConfigError):
         fused_token_loss(hs, ws, ht, wt, mask, reduction="none")
+
+
+@pytest.mark.parametrize("name", ["fkl", "tvd"])  # closed-form gradient, and autograd per sub-chunk
+def test_fused_tiling_does_not_change_the_result(name, monkeypatch):
+    """Row blocks, loss-math sub-chunks and weight-gradient vocabulary blocks all smaller than the
+    input (each several pieces, uneven): same loss and gradients as the logits path, float64 and bf16."""
+    import kdbench.losses.fused as fused_module
+
+    monkeypatch.setattr(fused_module, "MATH_ELEMENTS", 2 * 13)  # 2 rows per sub-chunk at V=13
+    monkeypatch.setattr(fused_module, "ACCUMULATOR_BLOCK_BYTES", 4 * 7 * 8)  # 4 vocabulary rows per block
+    assert len(fused_module._vocab_blocks(13, 7, 8)) == 4
+    hs, ws, bs, ht, wt, mask, labels = fused_inputs(B=3, T=6)
+    leaves1 = [x.clone().requires_grad_() for x in (hs, ws, bs)]
+    got = fused_token_loss(leaves1[0], leaves1[1], ht, wt, mask, student_bias=leaves1[2], divergence=name,
+                           temperature=1.3, labels=labels, ce_weight=0.5, chunk_rows=5)
+    got.backward()
+    leaves2 = [x.clone().requires_grad_() for x in (hs, ws, bs)]
+    student_logits = leaves2[0] @ leaves2[1].T + leaves2[2]
+    want = DIVERGENCES[name](student_logits, ht @ wt.T, mask, temperature=1.3) \
+        + 0.5 * cross_entropy(student_logits, labels, mask)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(leaves1, leaves2):
+        torch.testing.assert_close(a.grad, b.grad)
+    # bf16 weights: the weight gradient is accumulated over 3 row blocks in float32 and rounded once
+    monkeypatch.setattr(fused_module, "ACCUMULATOR_BLOCK_BYTES", 4 * 16 * 4)
+    hs, ws, _, ht, wt, mask, _ = fused_inputs(B=3, T=6, H=16, Ht=16, V=40, dtype=torch.bfloat16)
+    h1, w1 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    got = fused_token_loss(h1, w1, ht, wt, mask, divergence=name, chunk_rows=4)
+    got.backward()
+    h2, w2 = hs.clone().requires_grad_(), ws.clone().requires_grad_()
+    want = DIVERGENCES[name](h2 @ w2.T, ht @ wt.T, mask)
+    want.backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert w1.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h1.grad.float(), h2.grad.float(), atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(w1.grad.float(), w2.grad.float(), atol=2e-3, rtol=2e-2)

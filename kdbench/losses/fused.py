@@ -1,65 +1,136 @@
 """Fused linear + distillation loss: logits are formed chunk by chunk and never materialized.
 
 From the student's and teacher's final hidden states and output-layer (``lm_head``) weights, each
-chunk of positions computes its logits, the loss and the gradients with respect to the student's
-hidden states, weight and bias; only ``chunk_rows × V`` logits exist at a time (the approach of
+block of positions computes its logits, the loss and the gradients with respect to the student's
+hidden states, weight and bias; only ``block_rows × V`` logits exist at a time (the approach of
 Liger-Kernel's ``LigerFusedLinearDistillationBase`` and TRL's ``_chunked_divergence_loss``).
 The teacher is a constant (no gradient flows to it).
+
+Memory and time, per block (:func:`_evaluate_blocked`): the logits come from one matmul per model
+in the weights' dtype; the loss math runs on cache-sized float32 sub-chunks; the logits gradient G
+overwrites the student logits in the weights' dtype (what the logits path's autograd stores too),
+so each block needs two logits buffers; ∂L/∂h = G W and ∂L/∂W += Gᵀ h are one matmul each. The
+weight gradient is summed over blocks in float32 (float64 for float64 weights) — rounding a bf16
+running sum at every block would lose precision — held as a list of ≤ 64 MiB vocabulary slices,
+and cast to the weights' dtype slice by slice in backward, each float32 slice freed as soon as it is
+cast: the peak holds the float32 sum plus one slice, never the float32 sum and the whole cast copy.
 """
 
 from __future__ import annotations
 
 from kdbench.errors import ConfigError, DataError
-from kdbench.losses._chunked import default_chunk_rows
 from kdbench.losses._reduce import check_reduction, compute_dtype, counted_mask, counted_rows
-from kdbench.losses.token import ANALYTIC_GRADIENTS, divergence_rows
+from kdbench.losses.token import ANALYTIC_GRADIENTS, divergence_rows, scale_logits
 
 
-def _evaluate_fused(chunk_loss, rows, chunk_rows, dtype, student_hidden, student_weight, student_bias,
-                    teacher_hidden, teacher_weight, teacher_bias, labels, *, needs):
-    """Σ of per-row losses over counted rows, and the unscaled gradients (hidden, weight, bias)."""
+#: Elements of one block of logits (rows × vocabulary) formed by one matmul: 2**23 = 16 MiB in bf16.
+BLOCK_ELEMENTS = 2**23
+#: Rows per block at least this many, so the [V, H] weight-gradient accumulator is swept rarely.
+MIN_BLOCK_ROWS = 128
+#: Elements of one float32 temporary of the loss math: 2**19 = 2 MiB, about the size of a core's L2.
+MATH_ELEMENTS = 2**19
+#: Bytes of one block of the float32 weight-gradient accumulator, at most (blocks are equal): 64 MiB.
+#: Blocks above glibc's largest dynamic mmap threshold (32 MiB) are each their own mapping, so freeing
+#: one returns its memory at once and does not raise the threshold (which would move later
+#: chunk-sized temporaries onto the fragmenting heap).
+ACCUMULATOR_BLOCK_BYTES = 2**26
+
+
+def default_block_rows(vocab_size: int) -> int:
+    """Rows of logits formed per matmul: about :data:`BLOCK_ELEMENTS` elements, at least 128 rows."""
+    return max(MIN_BLOCK_ROWS, BLOCK_ELEMENTS // max(int(vocab_size), 1))
+
+
+def _vocab_blocks(vocab_size: int, width: int, element_size: int):
+    """[(start, stop)] equal slices of the vocabulary, each an accumulator block of ≤ 64 MiB."""
+    n_blocks = max(1, -(-vocab_size * width * element_size // ACCUMULATOR_BLOCK_BYTES))
+    rows = -(-vocab_size // n_blocks)
+    return [(start, min(start + rows, vocab_size)) for start in range(0, vocab_size, rows)]
+
+
+def _evaluate_blocked(chunk_loss, rows, block_rows, dtype, student_hidden, student_weight, student_bias,
+                      teacher_hidden, teacher_weight, teacher_bias, labels, *, needs):
+    """Σ of per-row losses over counted rows, and the unscaled gradients (hidden, weight blocks, bias).
+
+    Per block of ``block_rows`` counted rows: both models' logits z [n, V] by one matmul each, in
+    the weights' dtype (as the model's ``lm_head`` computes them); the loss math over sub-chunks of
+    ``MATH_ELEMENTS`` elements upcast to ``dtype``; each sub-chunk's gradient ∂L/∂z_s overwrites its
+    student logits, rounded to the weights' dtype as the logits path's gradient is. Then
+    ∂L/∂h = G W (one matmul) and ∂L/∂W += Gᵀ h in float32 (float64 for float64): the weight gradient
+    is a list of float32 vocabulary blocks, cast and freed one by one in backward.
+    """
     import torch
 
     need_h, need_w, need_b = needs
     any_grad = need_h or need_w or need_b
-    grad_hidden = torch.zeros_like(student_hidden) if need_h else None
-    # The weight gradient sums over every chunk: accumulate in float32 (a bf16 running sum would round
-    # at each of the many additions), cast once in backward.
+    vocab_size, width = student_weight.shape
     acc_dtype = torch.float64 if student_weight.dtype == torch.float64 else torch.float32
-    grad_weight = torch.zeros(student_weight.shape, dtype=acc_dtype, device=student_weight.device) if need_w else None
+    grad_hidden = torch.zeros_like(student_hidden) if need_h else None
+    blocks = _vocab_blocks(vocab_size, width, torch.empty((), dtype=acc_dtype).element_size())
+    grad_weight = ([torch.zeros((stop - start, width), dtype=acc_dtype, device=student_weight.device)
+                    for start, stop in blocks] if need_w else None)
     grad_bias = torch.zeros(student_bias.shape, dtype=acc_dtype, device=student_bias.device) if need_b else None
     total = torch.zeros((), dtype=dtype, device=student_hidden.device)
-    for start in range(0, rows.numel(), chunk_rows):
-        idx = rows[start:start + chunk_rows]
+    math_rows = max(1, MATH_ELEMENTS // max(vocab_size, 1))
+    value_and_grad = getattr(chunk_loss, "value_and_grad", None) if any_grad else None
+    for start in range(0, rows.numel(), block_rows):
+        idx = rows[start:start + block_rows]
         h_s = student_hidden[idx]
         with torch.no_grad():
             z_t = teacher_hidden[idx] @ teacher_weight.t()
             if teacher_bias is not None:
                 z_t = z_t + teacher_bias
-            z_s = h_s @ student_weight.t()  # in the weight's dtype, as the model's lm_head computes it
+            z_s = h_s.detach() @ student_weight.t()
             if student_bias is not None:
                 z_s = z_s + student_bias
-        label_chunk = labels[idx] if labels is not None else None
-        if any_grad and getattr(chunk_loss, "value_and_grad", None) is not None:
-            with torch.no_grad():  # closed-form gradient: no autograd graph over the chunk
-                values, g = chunk_loss.value_and_grad(z_s.to(dtype), z_t.to(dtype), label_chunk)
-                chunk_sum = values.sum()
-        else:
-            with torch.enable_grad():
-                logits = z_s.detach().to(dtype).requires_grad_(any_grad)
-                chunk_sum = chunk_loss(logits, z_t.to(dtype), label_chunk).sum()
-                g = torch.autograd.grad(chunk_sum, [logits])[0] if any_grad else None
-            del logits
-        total += chunk_sum.detach()
-        del z_s, z_t
-        if g is not None:
-            if need_h:
-                grad_hidden[idx] = (g.to(student_weight.dtype) @ student_weight).to(grad_hidden.dtype)
-            if need_w:
-                grad_weight.addmm_(g.t().to(acc_dtype), h_s.to(acc_dtype))
-            if need_b:
-                grad_bias.add_(g.sum(0).to(acc_dtype))
+        label_block = labels[idx] if labels is not None else None
+        for sub in range(0, idx.numel(), math_rows):
+            part = slice(sub, sub + math_rows)
+            label_chunk = label_block[part] if label_block is not None else None
+            if value_and_grad is not None:
+                with torch.no_grad():  # closed-form gradient: no autograd graph over the chunk
+                    values, g = value_and_grad(z_s[part], z_t[part], label_chunk)
+            else:
+                with torch.enable_grad():
+                    logits = z_s[part].detach().to(dtype).requires_grad_(any_grad)
+                    values = chunk_loss(logits, z_t[part].to(dtype), label_chunk)
+                    g = torch.autograd.grad(values.sum(), [logits])[0] if any_grad else None
+                del logits
+            total += values.detach().sum()
+            if g is not None:
+                z_s[part] = g  # the logits are no longer needed: G takes their place
+            del values, g
+        del z_t
+        if not any_grad:
+            continue
+        grad_logits = z_s.to(student_weight.dtype)
+        del z_s
+        if need_h:
+            grad_hidden[idx] = (grad_logits @ student_weight).to(grad_hidden.dtype)
+        if need_w:
+            h_acc = h_s.detach().to(acc_dtype)
+            for (lo, hi), accumulator in zip(blocks, grad_weight):
+                accumulator.addmm_(grad_logits[:, lo:hi].t().to(acc_dtype), h_acc)
+        if need_b:
+            grad_bias.add_(grad_logits.sum(0, dtype=acc_dtype))
+        del grad_logits
     return total, (grad_hidden, grad_weight, grad_bias)
+
+
+def _weight_gradient(blocks, scale, weight):
+    """The [V, H] weight gradient in the weight's dtype from the float32 blocks, freeing each as it goes."""
+    import torch
+
+    if len(blocks) == 1 and blocks[0].dtype == weight.dtype:
+        return blocks.pop().mul_(scale)
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    start = 0
+    while blocks:
+        block = blocks.pop(0).mul_(scale)
+        out[start:start + block.shape[0]] = block
+        start += block.shape[0]
+        del block
+    return out
 
 
 def _make_function():
@@ -75,7 +146,7 @@ def _make_function():
                      ctx.needs_input_grad[6] and student_bias is not None)
             args = (chunk_loss, rows, chunk_rows, dtype, student_hidden, student_weight, student_bias,
                     teacher_hidden, teacher_weight, teacher_bias, labels)
-            total, grads = _evaluate_fused(*args, needs=needs)
+            total, grads = _evaluate_blocked(*args, needs=needs)
             ctx.grads = grads
             ctx.args = args  # inputs are kept alive by the graph anyway; needed only for a repeated backward
             ctx.needs = needs
@@ -86,7 +157,7 @@ def _make_function():
             grads = ctx.grads
             ctx.grads = None
             if grads is None:  # a repeated backward through a retained graph: recompute
-                _, grads = _evaluate_fused(*ctx.args, needs=ctx.needs)
+                _, grads = _evaluate_blocked(*ctx.args, needs=ctx.needs)
             grad_hidden, grad_weight, grad_bias = grads
             student_weight, student_bias = ctx.args[5], ctx.args[6]
             scale = grad_out.to(torch.float64 if grad_out.dtype == torch.float64 else torch.float32)
@@ -94,7 +165,7 @@ def _make_function():
                 grad_hidden = (grad_hidden.mul_(scale) if grad_hidden.dtype == scale.dtype
                                else (grad_hidden.to(scale.dtype) * scale).to(grad_hidden.dtype))
             if grad_weight is not None:
-                grad_weight = grad_weight.mul_(scale).to(student_weight.dtype)
+                grad_weight = _weight_gradient(grad_weight, scale, student_weight)
             if grad_bias is not None:
                 grad_bias = grad_bias.mul_(scale).to(student_bias.dtype)
             return (None, None, None, None, grad_hidden, grad_weight, grad_bias, None, None, None, None)
@@ -117,7 +188,9 @@ def fused_token_loss(student_hidden, student_weight, teacher_hidden, teacher_wei
     ``divergence``: a name of :data:`kdbench.losses.DIVERGENCES` with its ``**params``.
     ``reduction``: "mean" over counted positions or "sum" (→ scalar; per-position values would need
     the full-vocabulary gradient, so "none" is not offered). Gradients reach the student's hidden
-    states, weight and bias; the weight gradient is accumulated in float32 ([V, H_s] float32).
+    states, weight and bias; the weight gradient is accumulated in float32 over blocks ([V, H_s]
+    float32 in ≤ 64 MiB slices) and rounded once to the weight's dtype. ``chunk_rows``: positions per
+    block (default :func:`default_block_rows`: ~2**23 logits, at least 128 rows).
     Equals the logits path on ``hidden @ weight.T + bias`` computed in the weight's dtype.
     """
     import torch
@@ -152,24 +225,26 @@ def fused_token_loss(student_hidden, student_weight, teacher_hidden, teacher_wei
     scale = tau * tau if scale_by_temperature_squared else 1.0
 
     def chunk_loss(student_logits, teacher_logits, label_chunk):
-        log_q = torch.log_softmax(student_logits / tau, dim=-1)
-        log_p = torch.log_softmax(teacher_logits / tau, dim=-1)
+        log_q = torch.log_softmax(scale_logits(student_logits, dtype, tau), dim=-1)
+        log_p = torch.log_softmax(scale_logits(teacher_logits, dtype, tau), dim=-1)
         values = (divergence_weight * scale) * rows_impl(log_p, log_q, row_params, False)
         if ce_weight:
-            log_q1 = log_q if tau == 1.0 else torch.log_softmax(student_logits, dim=-1)
+            log_q1 = log_q if tau == 1.0 else torch.log_softmax(student_logits.to(dtype), dim=-1)
             values = values - ce_weight * log_q1.gather(-1, label_chunk.unsqueeze(-1)).squeeze(-1)
         return values
 
     closed_form = ANALYTIC_GRADIENTS.get(rows_impl)
     if closed_form is not None:
         def value_and_grad(student_logits, teacher_logits, label_chunk):
-            log_q = torch.log_softmax(student_logits / tau, dim=-1)
-            log_p = torch.log_softmax(teacher_logits / tau, dim=-1)
+            log_q = torch.log_softmax(scale_logits(student_logits, dtype, tau), dim=-1)
+            log_p = torch.log_softmax(scale_logits(teacher_logits, dtype, tau), dim=-1)
             values, grad = closed_form(log_p, log_q, row_params)
+            del log_p
             weight = divergence_weight * scale
-            values, grad = weight * values, grad.mul_(weight / tau)
+            values = values if weight == 1.0 else weight * values
+            grad = grad if weight / tau == 1.0 else grad.mul_(weight / tau)
             if ce_weight:  # ∂(−log softmax(z)[y])/∂z = softmax(z) − onehot(y)
-                log_q1 = log_q if tau == 1.0 else torch.log_softmax(student_logits, dim=-1)
+                log_q1 = log_q if tau == 1.0 else torch.log_softmax(student_logits.to(dtype), dim=-1)
                 target = label_chunk.unsqueeze(-1)
                 values = values - ce_weight * log_q1.gather(-1, target).squeeze(-1)
                 grad.add_(log_q1.exp(), alpha=ce_weight)
@@ -181,7 +256,7 @@ def fused_token_loss(student_hidden, student_weight, teacher_hidden, teacher_wei
 
     if _FUNCTION is None:
         _FUNCTION = _make_function()
-    chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(vocab_size)
+    chunk = chunk_rows if chunk_rows is not None else default_block_rows(vocab_size)
     total = _FUNCTION.apply(chunk_loss, rows, max(int(chunk), 1), dtype,
                             student_hidden.reshape(n_rows, -1), student_weight, student_bias,
                             teacher_hidden.reshape(n_rows, -1).detach(), teacher_weight.detach(),

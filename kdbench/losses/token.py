@@ -13,7 +13,7 @@ Every function has one signature::
 * ``temperature``: τ divides both logits (teacher and student) before the softmax.
 * ``scale_by_temperature_squared``: multiply the divergence by τ² (Hinton et al.), default off.
 * ``reduction``: "mean" over counted positions, "sum" over them, or "none" → [B, T].
-* ``chunk_rows``: positions per chunk (default: about 16 MiB of float32 per temporary).
+* ``chunk_rows``: positions per chunk (default: about 4 MiB of float32 per temporary).
 
 Memory: the loss is evaluated over chunks of positions and its gradient is formed per chunk
 (:mod:`kdbench.losses._chunked`), so beyond the inputs and their gradient only chunk-sized float32
@@ -181,7 +181,16 @@ def _rkl_like_grad(log_q, log_r, kl_value):
 
 
 def _analytic_fkl(log_p, log_q, params):
-    return kl_rows(log_p, log_q), log_q.exp() - log_p.exp()
+    """FKL per row and q − p, with p = exp(log_p) formed once (the values are those of :func:`kl_rows`)."""
+    import torch
+
+    p = log_p.exp()
+    # Where p = 0 the term is 0 (also when log q = −inf: −inf − (−inf) would be NaN); elsewhere
+    # log p − log q exactly as kl_rows forms it.
+    diff = torch.where(p > 0, log_p - log_q, 0.0)
+    value = diff.mul_(p).sum(-1)
+    del diff
+    return value, log_q.exp().sub_(p)
 
 
 def _analytic_rkl(log_p, log_q, params):
@@ -227,6 +236,12 @@ ANALYTIC_GRADIENTS = {_rows_fkl: _analytic_fkl, _rows_rkl: _analytic_rkl, _rows_
 # ---------------------------------------------------------------------------------------------
 # Driver: alignment checks, dense / sparse teacher, chunking, reduction
 # ---------------------------------------------------------------------------------------------
+
+
+def scale_logits(logits, dtype, tau: float):
+    """``logits`` in ``dtype`` divided by τ, without a division (and its copy) when τ = 1."""
+    logits = logits.to(dtype)
+    return logits if tau == 1.0 else logits / tau
 
 
 def _check_student(student_logits):
@@ -297,10 +312,10 @@ def token_divergence(rows_impl, student_logits, teacher_logits, mask, *, tempera
         closed_form = ANALYTIC_GRADIENTS.get(rows_impl)
         if closed_form is not None:
             def analytic(student_chunk, teacher_chunk):
-                log_q = torch.log_softmax(student_chunk.to(dtype) / tau, dim=-1)
-                log_p = torch.log_softmax(teacher_chunk.to(dtype) / tau, dim=-1)
+                log_q = torch.log_softmax(scale_logits(student_chunk, dtype, tau), dim=-1)
+                log_p = torch.log_softmax(scale_logits(teacher_chunk, dtype, tau), dim=-1)
                 values, grad_z = closed_form(log_p, log_q, params)
-                return values, grad_z.div_(tau)
+                return values, grad_z if tau == 1.0 else grad_z.div_(tau)
 
     chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(vocab_size)
     per_row = rowwise_loss(rows_fn, inputs, rows, chunk, dtype, analytic)
