@@ -41,6 +41,7 @@ class Preset:
     max_new_tokens: int = option(128, "Generation limit.")
     eval_limit: int | None = option(None, "Evaluate only the first N test examples.")
     multiple_choice: bool = option(False, "Also score the four-option questions on held-out facts (lm-eval).")
+    full_report: bool = option(False, "End with the full report (Markdown, HTML with plots, CSV) in the output folder.")
 
 
 PRESETS: dict[str, Preset] = {
@@ -53,6 +54,8 @@ PRESETS: dict[str, Preset] = {
         methods=["sft", "kd", "rkl", "akl"], train_seeds=[1, 2, 3],
         eval_seeds=[], multiple_choice=True,
     ),
+    # every recipe registered in trainers/ (resolved at run time), the offline suites, the full report
+    "full": Preset(name="full", methods=["*"], multiple_choice=True, full_report=True),
 }
 
 
@@ -141,16 +144,17 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
     say(f"teacher: {'reused from cache' if reused else 'trained'} in {seconds:.1f}s ({teacher_dir})")
 
     trained: list[tuple[str, int, Path]] = []
-    for method in preset.methods:
+    for method in _methods(preset):
         for seed in preset.train_seeds:
             t0 = time.time()
             result = train(TrainConfig(
                 method=method, student=str(build_student_init(preset, corpus_dir, store, seed)),
-                teacher=str(teacher_dir), data=str(corpus_dir / FILES["student_train"]),
+                teacher=str(teacher_dir), data=str(corpus_dir / FILES[training_file(method)]),
                 valid_data=str(corpus_dir / FILES["validation"]), output_dir=str(out / "train"),
                 run_name=f"{method}-seed{seed}", seed=seed, learning_rate=preset.student_lr,
                 max_steps=preset.student_steps, batch_size=preset.batch_size, max_length=256, max_prompt_length=128,
-                prompt_style="compact", logging_steps=25, group_by_length=True, save_steps=max(50, preset.student_steps // 3)),
+                prompt_style="compact", logging_steps=25, group_by_length=True, cache_dir=str(store.root),
+                save_steps=max(50, preset.student_steps // 3)),
                 log=say, command=["kdbench", "demo", preset.name], progress=progress)
             timings[f"train_{method}_seed{seed}_seconds"] = round(time.time() - t0, 1)
             trained.append((method, seed, result.model_dir))
@@ -173,6 +177,13 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
         timings["multiple_choice_seconds"] = round(time.time() - t0, 1)
     timings["total_seconds"] = round(time.time() - started, 1)
 
+    if preset.full_report:
+        from kdbench.report import build_report
+
+        t0 = time.time()
+        build_report([out / "eval", out / "train"], out=out / "report", title=f"kdbench demo --preset {preset.name}")
+        timings["report_seconds"] = round(time.time() - t0, 1)
+        say(f"report: {out / 'report'}")
     runs = find_run_dirs([out / "eval"])
     markdown = leaderboard_markdown(runs, title=f"kdbench demo --preset {preset.name}", baseline_label="sft",
                                     reference_label="teacher",
@@ -182,6 +193,30 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
     atomic_write_json(out / "demo.json", {"preset": to_dict(preset), "timings": timings, "teacher_reused": reused,
                                           "corpus_dir": str(corpus_dir), "teacher_dir": str(teacher_dir)})
     return DemoResult(out, markdown, timings, reused)
+
+
+def _methods(preset: Preset) -> list[str]:
+    """The preset's methods; ``*`` means every registered recipe (aliases included)."""
+    from kdbench import registry
+
+    if preset.methods == ["*"]:
+        names = registry.names("trainers")
+        return ["sft"] + [n for n in names if n != "sft"]
+    return list(preset.methods)
+
+
+def training_file(method: str) -> str:
+    """Which corpus file a recipe trains on: preference pairs for ``pairs: file`` recipes; the student's
+    unlabelled prompts for recipes whose responses come from the teacher (SeqKD, dSFT, the daDPO
+    family); the student's labelled subset otherwise."""
+    from kdbench import registry
+
+    body = registry.get("trainers", method).body
+    if body.get("pairs") == "file":
+        return "preferences"
+    if body.get("responses") == "teacher" or body.get("pairs") == "distill":
+        return "student_unlabelled"
+    return "student_train"
 
 
 MC_SUITE = {"name": "synthetic-mc", "type": "lm_eval", "protocol": "kdbench synthetic multiple choice",

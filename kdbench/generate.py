@@ -219,6 +219,11 @@ class HFBackend:
                     if decoding.no_repeat_ngram_size > 0 else None)
         eos_set = set(self.eos_ids)
 
+        # a model with learned absolute positions (GPT-2) cannot go past its last position: stop there
+        # (the answer then counts as unfinished, like one cut by max_new_tokens)
+        max_positions = _max_positions(model)
+        max_steps = decoding.max_new_tokens if max_positions is None else max(
+            1, min(decoding.max_new_tokens, max_positions - longest))
         new_tokens: list[list[int]] = [[] for _ in range(n_rows)]
         ended = [False] * n_rows
         active = list(range(n_rows))  # batch row b holds prompt active[b]
@@ -228,7 +233,7 @@ class HFBackend:
         model.eval()
         try:
             with torch.inference_mode():
-                for step in range(decoding.max_new_tokens):
+                for step in range(max_steps):
                     out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_positions,
                                 past_key_values=cache, use_cache=True, **self._keep_last_logits)
                     cache = out.past_key_values
@@ -257,7 +262,7 @@ class HFBackend:
                         if blockers is not None:
                             blockers[row].append(token)
                     n_ended = sum(ended[row] for row in active)
-                    if n_ended == len(active) or step == decoding.max_new_tokens - 1:
+                    if n_ended == len(active) or step == max_steps - 1:
                         break
                     feed = torch.tensor([self.pad_id if ended[row] else token for row, token in zip(active, chosen)],
                                         dtype=torch.long, device=device)
@@ -278,3 +283,11 @@ class HFBackend:
 def iter_chunks(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
+
+
+def _max_positions(model) -> int | None:
+    """The number of positions a model with learned position embeddings supports (None: no hard limit)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in ("gpt2", "gpt_neo", "gptj", "opt", "bloom"):
+        return getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return None

@@ -65,3 +65,17 @@ def test_smoke_preset_teacher_beats_sft_and_passes_the_gate(tmp_path):
     passed, comparisons = check(REPO / "results" / "baseline", [tmp_path / "smoke" / "eval"])
     assert passed, [f"{c.name}: {c.baseline} -> {c.current}" for c in comparisons if c.status != "ok"]
     assert set(PRESETS) >= {"smoke", "standard"}
+
+
+@pytest.mark.slow
+def test_full_preset_trains_every_recipe_and_ends_with_the_report(tmp_path):
+    from kdbench import registry
+
+    preset = preset_with("full", {"corpus": {"n_people": 16, "n_cities": 4}, "teacher_steps": 40, "student_steps": 8,
+                                  "batch_size": 16, "max_new_tokens": 24, "eval_limit": 30})
+    run_demo(preset, out_dir=tmp_path / "full", cache_dir=tmp_path / "cache", progress=False)
+    evaluated = {p.name for p in (tmp_path / "full" / "eval").iterdir()}
+    assert evaluated == {"teacher"} | {f"{name}-seed1" for name in registry.names("trainers")}
+    html = (tmp_path / "full" / "report" / "report.html").read_text()
+    assert "synthetic-mc" in html and "http://" not in html and "https://" not in html
+    assert (tmp_path / "full" / "report" / "metrics.csv").is_file()

@@ -265,3 +265,25 @@ def test_decoding_config_rejects_bad_settings():
         with pytest.raises(ConfigError):
             DecodingConfig(**bad)
     assert "no_repeat_ngram=6" in DecodingConfig(no_repeat_ngram_size=6).describe()
+
+
+def test_generation_stops_at_the_models_last_position():
+    """A GPT-2 model cannot embed positions past n_positions: generation stops there instead of crashing."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kdbench.generate import DecodingConfig, HFBackend
+
+    tokenizer = _gpt2_tokenizer() if "_gpt2_tokenizer" in globals() else None
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained("/work/shared/models/gpt2-tokenizer")
+        tokenizer.pad_token = tokenizer.eos_token
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=24, vocab_size=len(tokenizer)))
+    model.config.eos_token_id = None
+    backend = HFBackend(model, tokenizer)
+    backend.eos_ids = []  # never stop early
+    out = backend.generate(["one two three four five six"], ["a"], DecodingConfig(greedy=True, max_new_tokens=100))
+    assert out[0].prompt_tokens + out[0].new_tokens <= 24 and not out[0].finished

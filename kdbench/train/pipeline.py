@@ -25,6 +25,7 @@ reference is the frozen initial student.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -407,7 +408,9 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
                                max_length=config.max_length)
     run.log(f"method={config.method} pairs={len(pairs)} source={source} reference={reference}")
     checkpoints_dir = run.path / "checkpoints"
-    args = training_arguments(config, checkpoints_dir, evaluate=False, eval_steps=config.save_steps)
+    # pairs have no single ``input_ids`` length to group by: the length-grouped sampler does not apply
+    pair_config = dataclasses.replace(config, group_by_length=False) if config.group_by_length else config
+    args = training_arguments(pair_config, checkpoints_dir, evaluate=False, eval_steps=config.save_steps)
     train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
     if progress:
         train_callbacks.append(RichProgressCallback(f"train {config.method}"))
