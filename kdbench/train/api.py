@@ -190,8 +190,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     from kdbench.store import ArtifactStore
     from kdbench.train.data_sources import IndexedDataset, TrainCollator, load_text_corpus, resolve_data_path
     from kdbench.train.engine import (DistillTrainer, LMSource, OnPolicyConfig, RichProgressCallback, RunLogCallback,
-                                      Stopwatch, complete_checkpoints, peak_memory_mb, remove_incomplete_checkpoints,
-                                      trim_run_log)
+                                      Stopwatch, peak_memory_mb, train_resuming)
     from kdbench.train.objectives import get_objective
 
     say = log or (lambda message: None)
@@ -316,28 +315,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
                              teacher_cache=train_cache,
                              eval_teacher_cache=valid_cache, on_policy=on_policy, lm_source=lm_source,
                              lm_weight=config.lm_weight, tokenizer=tokenizer)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)  # the run log and the progress bar replace its prints
-    if trainer.is_world_process_zero():
-        for removed in remove_incomplete_checkpoints(checkpoints_dir):
-            run.log(f"removed incomplete checkpoint {removed} (a save was interrupted)")
-    trainer.accelerator.wait_for_everyone()
-    resume = complete_checkpoints(checkpoints_dir)
-    if resume:
-        say(f"resuming from {resume[-1]}")
-        run.log(f"resuming from {resume[-1]}")
-        trainer.restore_counters(resume[-1])
-        if trainer.is_world_process_zero():
-            from kdbench.train.engine import checkpoint_step
-
-            trim_run_log(run.path / "train_log.jsonl", checkpoint_step(resume[-1]))
-    try:
-        output = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
-    except BaseException:
-        if trainer.is_world_process_zero():
-            run.finish("failed")
-        raise
+    output, resumed = train_resuming(trainer, run, checkpoints_dir, say)
 
     final_loss = output.training_loss if output is not None else None
     best = getattr(trainer.state, "best_model_checkpoint", None)
@@ -368,7 +346,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
         "selected_checkpoint": best,
         "best_metric": getattr(trainer.state, "best_metric", None),
         "validation": validation,
-        "resumed": bool(resume),
+        "resumed": resumed,
         **extra_cost,
     }
     if trainer.is_world_process_zero():

@@ -289,13 +289,17 @@ class DistillTrainer(Trainer):
         self.counters["tokens_processed"] += _n_tokens(inputs)
         self.counters["response_tokens"] += counted
 
+    def _reduced_window(self) -> dict:
+        """The loss components summed since the last log, over every process."""
+        names = sorted(self._window)
+        values = torch.tensor([self._window[n] for n in names], dtype=torch.float64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        return dict(zip(names, values.tolist()))
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._window:
-            names = sorted(self._window)
-            values = torch.tensor([self._window[n] for n in names], dtype=torch.float64, device=self.args.device)
-            if self.accelerator.num_processes > 1:
-                values = self.accelerator.reduce(values, reduction="sum")
-            window = dict(zip(names, values.tolist()))
+            window = self._reduced_window()
             tokens = max(window.pop("_tokens", 0.0), 1.0)
             lm_tokens = max(window.pop("_lm_tokens", 0.0), 1.0)
             akl_tokens = max(window.pop("_akl_tokens", 0.0), 1.0)
@@ -465,3 +469,31 @@ class Stopwatch:
 
 def finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def train_resuming(trainer: "DistillTrainer", run, checkpoints_dir: Path, say) -> object:
+    """Run ``trainer.train()`` from the last complete checkpoint of ``checkpoints_dir`` (if any).
+
+    Incomplete checkpoints (a save killed midway) are deleted first; the engine's counters and the
+    run's ``train_log.jsonl`` are rewound to the resumed step; a failure marks the run failed.
+    """
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the run log and the progress bar replace its prints
+    if trainer.is_world_process_zero():
+        for removed in remove_incomplete_checkpoints(checkpoints_dir):
+            run.log(f"removed incomplete checkpoint {removed} (a save was interrupted)")
+    trainer.accelerator.wait_for_everyone()
+    resume = complete_checkpoints(checkpoints_dir)
+    if resume:
+        say(f"resuming from {resume[-1]}")
+        run.log(f"resuming from {resume[-1]}")
+        trainer.restore_counters(resume[-1])
+        if trainer.is_world_process_zero():
+            trim_run_log(run.path / "train_log.jsonl", checkpoint_step(resume[-1]))
+    try:
+        return trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None), bool(resume)
+    except BaseException:
+        if trainer.is_world_process_zero():
+            run.finish("failed")
+        raise

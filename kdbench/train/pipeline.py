@@ -238,11 +238,7 @@ class PreferenceTrainer(DistillTrainer):
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._window:
-            names = sorted(self._window)
-            values = torch.tensor([self._window[n] for n in names], dtype=torch.float64, device=self.args.device)
-            if self.accelerator.num_processes > 1:
-                values = self.accelerator.reduce(values, reduction="sum")
-            window = dict(zip(names, values.tolist()))
+            window = self._reduced_window()
             n_pairs = max(window.pop("_pairs", 0.0), 1.0)
             for name, total in window.items():
                 logs[f"{name}_per_pair"] = total / n_pairs
@@ -309,8 +305,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     from kdbench.train.api import (Stages, TrainResult, _decoding, _model_card, _read_json, _save_model_atomically,
                                    _split_validation, _teacher_generations, training_arguments)
     from kdbench.train.data_sources import resolve_data_path
-    from kdbench.train.engine import (RichProgressCallback, RunLogCallback, Stopwatch, complete_checkpoints,
-                                      peak_memory_mb, remove_incomplete_checkpoints)
+    from kdbench.train.engine import RichProgressCallback, RunLogCallback, Stopwatch, peak_memory_mb, train_resuming
     from kdbench.train.objectives import get_objective
 
     say = log or (lambda message: None)
@@ -417,27 +412,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     trainer = PreferenceTrainer(model=load_model(policy_source), args=args,
                                 train_dataset=PairDataset(tokenized, frozen), data_collator=PairCollator(tokenizer.pad_token_id),
                                 callbacks=train_callbacks, objective=objective, params=params, tokenizer=tokenizer)
-    from transformers.trainer_callback import PrinterCallback
-
-    trainer.remove_callback(PrinterCallback)
-    if trainer.is_world_process_zero():
-        for removed in remove_incomplete_checkpoints(checkpoints_dir):
-            run.log(f"removed incomplete checkpoint {removed} (a save was interrupted)")
-    trainer.accelerator.wait_for_everyone()
-    resume = complete_checkpoints(checkpoints_dir)
-    if resume:
-        from kdbench.train.engine import checkpoint_step, trim_run_log
-
-        say(f"resuming from {resume[-1]}")
-        trainer.restore_counters(resume[-1])
-        if trainer.is_world_process_zero():
-            trim_run_log(run.path / "train_log.jsonl", checkpoint_step(resume[-1]))
-    try:
-        output = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
-    except BaseException:
-        if trainer.is_world_process_zero():
-            run.finish("failed")
-        raise
+    output, resumed = train_resuming(trainer, run, checkpoints_dir, say)
     final_loss = output.training_loss if output is not None else None
     trainer.model.config.kdbench_prompt_style = config.prompt_style
     counters = trainer.cost_counters()
@@ -447,7 +422,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         "response_tokens_trained": counters["response_tokens"], "teacher_forward_tokens": 0,
         "train_pairs": len(pairs), **peak_memory_mb(), "student_parameters": count_parameters(trainer.model),
         "processes": trainer.accelerator.num_processes, "final_train_loss": final_loss, "selected": "last",
-        "select_metric": None, "selected_checkpoint": None, "validation": None, "resumed": bool(resume),
+        "select_metric": None, "selected_checkpoint": None, "validation": None, "resumed": resumed,
         **extra_cost,
     }
     if trainer.is_world_process_zero():
