@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from kdbench.cli import app
-from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
+from kdbench.synthetic.corpus import FILES
+from tiny_models import build_tiny
 
 runner = CliRunner()
 
@@ -20,19 +21,8 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A small corpus, a teacher and a student directory sharing its tokenizer."""
-    from transformers import AutoTokenizer
-
-    from kdbench.models import make_model
-
     root = tmp_path_factory.mktemp("tiny")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    build_corpus(CorpusConfig(n_people=16, n_cities=4), corpus)
-    tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"))
-    for name, size in (("teacher", "gpt2-micro"), ("student", "gpt2-nano")):
-        model = make_model(size, tokenizer, seed=0, max_positions=256)
-        model.save_pretrained(str(root / name))
-        tokenizer.save_pretrained(str(root / name))
+    corpus, tokenizer = build_tiny(root)
     data = root / "train.jsonl"
     rows = [json.loads(line) for line in open(corpus / FILES["student_train"])][:24]
     data.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n" for r in rows))

@@ -12,35 +12,17 @@ import torch
 from typer.testing import CliRunner
 
 from kdbench.cli import app
-from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
+from kdbench.synthetic.corpus import FILES
+from tiny_models import build_tiny
 
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread):
+def tiny(tmp_path_factory):
     """A small corpus, a teacher and a student sharing its tokenizer, and data files of different lengths."""
-    from transformers import AutoTokenizer
-
-    from kdbench.models import make_model
-
     root = tmp_path_factory.mktemp("engine")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    build_corpus(CorpusConfig(n_people=16, n_cities=4), corpus)
-    tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"))
-    for name, size in (("teacher", "gpt2-micro"), ("student", "gpt2-nano")):
-        make_model(size, tokenizer, seed=0, max_positions=256).save_pretrained(str(root / name))
-        tokenizer.save_pretrained(str(root / name))
+    corpus, tokenizer = build_tiny(root)
     rows = [json.loads(line) for line in open(corpus / FILES["student_train"])]
     rows.sort(key=lambda r: len(r["output"]))
     # responses of clearly different lengths: per-micro-batch averaging would weight them differently

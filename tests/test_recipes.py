@@ -10,37 +10,20 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
+from kdbench.synthetic.corpus import FILES
+from tiny_models import build_tiny
 
 RECIPES = ["sft", "kd", "rkl", "fkl_rkl", "jsd", "tvd", "skl", "srkl", "akl", "akl_r", "seqkd", "gkd"]
 FACTOR = 0.5  # the mean loss of the last 3 steps must be below FACTOR × that of the first 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU: one thread avoids oversubscription (5x faster here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread):
+def tiny(tmp_path_factory):
     """A student, and a teacher fine-tuned on the batch (so that every divergence has something to match)."""
-    from transformers import AutoTokenizer
-
-    from kdbench.models import make_model
     from kdbench.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("recipes")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    build_corpus(CorpusConfig(n_people=16, n_cities=4), corpus)
-    tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"))
-    for name, size in (("teacher-init", "gpt2-micro"), ("student", "gpt2-nano")):
-        make_model(size, tokenizer, seed=0, max_positions=256).save_pretrained(str(root / name))
-        tokenizer.save_pretrained(str(root / name))
+    corpus, tokenizer = build_tiny(root, teacher_name="teacher-init")
     rows = [json.loads(line) for line in open(corpus / FILES["student_train"])][:4]
     (root / "batch.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
                                               for r in rows))

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from kdbench.cli import app
-from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
+from kdbench.synthetic.corpus import FILES
+from tiny_models import build_tiny
 
 RECIPES = ["sft", "kd", "rkl", "fkl_rkl", "jsd", "tvd", "skl", "srkl", "akl", "akl_r", "seqkd", "gkd"]
 runner = CliRunner()
@@ -18,22 +18,9 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from kdbench.models import make_model
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU
     root = tmp_path_factory.mktemp("recipes_cli")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    build_corpus(CorpusConfig(n_people=16, n_cities=4), corpus)
-    tokenizer = AutoTokenizer.from_pretrained(str(corpus / "tokenizer"))
-    for name, size in (("teacher", "gpt2-micro"), ("student", "gpt2-nano")):
-        make_model(size, tokenizer, seed=0, max_positions=256).save_pretrained(str(root / name))
-        tokenizer.save_pretrained(str(root / name))
-    yield root, corpus
-    torch.set_num_threads(threads)
+    corpus, tokenizer = build_tiny(root)
+    return root, corpus
 
 
 def test_every_recipe_trains_from_the_cli(tiny, tmp_path):
