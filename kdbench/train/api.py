@@ -247,10 +247,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
                                 "responses": responses},
                         command=command or sys.argv)
     model_dir = run.path / "model"
-    if run.complete and (model_dir / "config.json").exists():
-        say(f"run {run.path} is already complete; nothing to do")
-        cost = _read_json(run.path / "cost.json")
-        return TrainResult(run, model_dir, cost, cost.get("final_train_loss"), cost.get("validation"))
+    if (finished := finished_result(run, say)) is not None:
+        return finished
     stages = Stages(run)
     extra_cost: dict = {}
 
@@ -496,6 +494,16 @@ def _save_model_atomically(model, tokenizer, model_dir: Path) -> None:
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.replace(tmp, model_dir)
+
+
+def finished_result(run: RunDir, say: Callable[[str], None]) -> "TrainResult | None":
+    """The result of a run that already finished (rerunning its command does nothing), else None."""
+    model_dir = run.path / "model"
+    if not (run.complete and (model_dir / "config.json").exists()):
+        return None
+    say(f"run {run.path} is already complete; nothing to do")
+    cost = _read_json(run.path / "cost.json")
+    return TrainResult(run, model_dir, cost, cost.get("final_train_loss"), cost.get("validation"))
 
 
 def _read_json(path: Path) -> dict:

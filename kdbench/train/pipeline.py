@@ -302,7 +302,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     from kdbench.data import load_examples
     from kdbench.models import count_parameters, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
-    from kdbench.train.api import (Stages, TrainResult, _decoding, _model_card, _read_json, _save_model_atomically,
+    from kdbench.train.api import (Stages, TrainResult, _decoding, _model_card, finished_result, _save_model_atomically,
                                    _split_validation, _teacher_generations, training_arguments)
     from kdbench.train.data_sources import resolve_data_path
     from kdbench.train.engine import RichProgressCallback, RunLogCallback, Stopwatch, peak_memory_mb, train_resuming
@@ -349,10 +349,8 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
                                 "recipe_file": entry.path.name, "objective": "preference", "pairs": source},
                         command=command or sys.argv)
     model_dir = run.path / "model"
-    if run.complete and (model_dir / "config.json").exists():
-        say(f"run {run.path} is already complete; nothing to do")
-        cost = _read_json(run.path / "cost.json")
-        return TrainResult(run, model_dir, cost, cost.get("final_train_loss"), cost.get("validation"))
+    if (finished := finished_result(run, say)) is not None:
+        return finished
     stages = Stages(run)
     extra_cost: dict = {"generated_tokens": 0, "frozen_forward_tokens": 0}
     teacher_holder: dict = {}
