@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -123,10 +124,10 @@ def test_vocabulary_mismatch_is_caught_up_front(tiny, tmp_path):
 
     from kdbench.models import make_model
 
-    tokenizer = AutoTokenizer.from_pretrained("/work/shared/models/gpt2-tokenizer") if \
-        __import__("pathlib").Path("/work/shared/models/gpt2-tokenizer").is_dir() else None
-    if tokenizer is None:
-        pytest.skip("shared GPT-2 tokenizer not available")
+    gpt2 = Path(__file__).resolve().parents[2] / "shared" / "models" / "gpt2-tokenizer"
+    if not gpt2.is_dir():
+        pytest.skip(f"the shared GPT-2 tokenizer is not at {gpt2}")
+    tokenizer = AutoTokenizer.from_pretrained(str(gpt2))
     other = tmp_path / "gpt2-teacher"
     make_model("gpt2-nano", tokenizer, max_positions=64).save_pretrained(str(other))
     tokenizer.save_pretrained(str(other))

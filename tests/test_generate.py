@@ -274,12 +274,10 @@ def test_generation_stops_at_the_models_last_position():
 
     from kdbench.generate import DecodingConfig, HFBackend
 
-    tokenizer = _gpt2_tokenizer() if "_gpt2_tokenizer" in globals() else None
-    if tokenizer is None:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained("/work/shared/models/gpt2-tokenizer")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER))
+    tokenizer.pad_token = tokenizer.eos_token
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=24, vocab_size=len(tokenizer)))
     model.config.eos_token_id = None
