@@ -204,12 +204,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     objective = get_objective(entry.body["objective"])
     responses = entry.body.get("responses", "gold")
     needs_teacher = objective.needs_teacher or responses == "teacher"
-    if not config.student:
-        raise ConfigError("Give the student model (--student DIR or a Hugging Face id).")
-    if not config.data:
-        raise ConfigError("Give the training data (--data FILE.jsonl).")
-    if needs_teacher and not config.teacher:
-        raise ConfigError(f"Method {config.method} needs a teacher; pass --teacher DIR or a Hugging Face id.")
+    require_inputs(config, needs_teacher)
     loaded_teacher = None
     use_cache = objective.needs_teacher and config.teacher_signal == "topk"
     if use_cache and responses == "on_policy":
@@ -494,6 +489,16 @@ def _save_model_atomically(model, tokenizer, model_dir: Path) -> None:
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.replace(tmp, model_dir)
+
+
+def require_inputs(config: TrainConfig, needs_teacher: bool) -> None:
+    """The student, the data and (where the method needs one) the teacher must be given."""
+    if not config.student:
+        raise ConfigError("Give the student model (--student DIR or a Hugging Face id).")
+    if not config.data:
+        raise ConfigError("Give the training data (--data FILE.jsonl).")
+    if needs_teacher and not config.teacher:
+        raise ConfigError(f"Method {config.method} needs a teacher; pass --teacher DIR or a Hugging Face id.")
 
 
 def finished_result(run: RunDir, say: Callable[[str], None]) -> "TrainResult | None":

@@ -151,12 +151,7 @@ class DistillTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The step's micro-batches and the number of counted response tokens over all of them and all
         processes (after on-policy generation replaced responses)."""
-        batch_samples = []
-        for _ in range(num_batches):
-            try:
-                batch_samples.append(next(epoch_iterator))
-            except StopIteration:
-                break
+        batch_samples = take_batches(epoch_iterator, num_batches)
         world = self.accelerator.num_processes
         rank = self.accelerator.process_index
         for i, batch in enumerate(batch_samples):
@@ -497,3 +492,10 @@ def train_resuming(trainer: "DistillTrainer", run, checkpoints_dir: Path, say) -
         if trainer.is_world_process_zero():
             run.finish("failed")
         raise
+
+
+def take_batches(epoch_iterator, num_batches: int) -> list:
+    """Up to ``num_batches`` micro-batches of one optimizer step (fewer at the end of an epoch)."""
+    import itertools
+
+    return list(itertools.islice(epoch_iterator, num_batches))

@@ -38,7 +38,7 @@ import torch
 from kdbench.config import to_dict
 from kdbench.errors import ConfigError, DataError
 from kdbench.store import RunDir, atomic_write_json, atomic_write_text, hash_obj
-from kdbench.train.engine import DistillTrainer
+from kdbench.train.engine import DistillTrainer, take_batches
 from kdbench.train.objectives import PairBatch, preference_reference
 
 #: TrainConfig fields that do not change what a dSFT stage produces (left out of its artifact key).
@@ -187,12 +187,7 @@ class PreferenceTrainer(DistillTrainer):
     optimizer step (all micro-batches and processes), like the token count of the token objectives."""
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
-        batch_samples = []
-        for _ in range(num_batches):
-            try:
-                batch_samples.append(next(epoch_iterator))
-            except StopIteration:
-                break
+        batch_samples = take_batches(epoch_iterator, num_batches)
         if not batch_samples:
             return batch_samples, None
         total = torch.tensor([float(sum(b["example_index"].numel() for b in batch_samples))], dtype=torch.float64,
@@ -302,7 +297,8 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     from kdbench.data import load_examples
     from kdbench.models import count_parameters, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
-    from kdbench.train.api import (Stages, TrainResult, _decoding, _model_card, finished_result, _save_model_atomically,
+    from kdbench.train.api import (Stages, TrainResult, _decoding, _model_card, finished_result, require_inputs,
+                                   _save_model_atomically,
                                    _split_validation, _teacher_generations, training_arguments)
     from kdbench.train.data_sources import resolve_data_path
     from kdbench.train.engine import RichProgressCallback, RunLogCallback, Stopwatch, peak_memory_mb, train_resuming
@@ -318,12 +314,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         raise ConfigError(f"Method {config.method} reads pairs from a file, so its reference cannot be the dSFT model; "
                           "use params.reference=student or teacher.")
     needs_teacher = source == "distill" or reference == "teacher"
-    if not config.student:
-        raise ConfigError("Give the student model (--student DIR or a Hugging Face id).")
-    if not config.data:
-        raise ConfigError("Give the training data (--data FILE.jsonl).")
-    if needs_teacher and not config.teacher:
-        raise ConfigError(f"Method {config.method} needs a teacher; pass --teacher DIR or a Hugging Face id.")
+    require_inputs(config, needs_teacher)
     if config.select != "last":
         raise ConfigError(f"Method {config.method} has no validation metric yet; use select=last.")
     objective = get_objective("preference")
