@@ -9,12 +9,12 @@ Definitions and decisions: ``docs/methods.md`` (and ``METHODS.md`` of the spec).
 * Sequence log-probs: :func:`token_logps`, :func:`sequence_logps`, :func:`cross_entropy`.
 * Preference losses on sequence log-probs: :func:`dpo`, :func:`ipo`, :func:`simpo`, :func:`cpo`,
   :func:`dpkd`, :func:`dadpo` (by name: :data:`PREFERENCE_LOSSES`).
-* Teacher-guided: :func:`adpa`, :func:`dckd`.
+* Teacher-guided: :func:`adpa`, :func:`dckd`, :func:`dpkd_token`.
 * Fused (logits never materialized): :func:`fused_token_loss`.
 """
 
 from kdbench.losses.fused import fused_token_loss
-from kdbench.losses.guided import adpa, dckd
+from kdbench.losses.guided import adpa, dckd, dpkd_token
 from kdbench.losses.sequence import (
     PREFERENCE_LOSSES,
     cpo,
@@ -47,5 +47,5 @@ __all__ = [
     "fkl", "rkl", "fkl_rkl", "jsd", "tvd", "skl", "srkl", "akl", "akl_r", "akl_weights",
     "token_logps", "sequence_logps", "cross_entropy",
     "dpo", "ipo", "simpo", "cpo", "dpkd", "dadpo",
-    "adpa", "dckd", "fused_token_loss",
+    "adpa", "dckd", "dpkd_token", "fused_token_loss",
 ]

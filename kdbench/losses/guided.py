@@ -1,4 +1,5 @@
-"""Teacher-guided token losses of the DCKD/ADPA paper (adpa_dckd.md §3.2–3.3, METHODS.md)."""
+"""Teacher-guided token losses: DCKD and ADPA (adpa_dckd.md §3.2–3.3) and DPKD's token-level form as the
+DPKD authors' code computes it (METHODS.md, second tier)."""
 
 from __future__ import annotations
 
@@ -141,3 +142,49 @@ def dckd(student_chosen_logits, teacher_chosen_logits, chosen_labels, chosen_mas
     kl_rejected = fkl(student_rejected_logits, teacher_rejected_logits, rejected_mask, temperature=temperature,
                       reduction="sum", chunk_rows=chunk_rows) / denominator(rejected_mask, rejected_token_count)
     return ce + alpha * (kl_chosen + kl_rejected)
+
+
+def _dpkd_token_rows(student_chunk, teacher_chunk, beta, dtype):
+    import torch
+    import torch.nn.functional as F
+
+    log_q = torch.log_softmax(student_chunk.to(dtype), dim=-1)
+    log_p = torch.log_softmax(teacher_chunk.to(dtype), dim=-1)
+    chosen = log_p.argmax(-1, keepdim=True)  # the teacher's argmax token a_t
+    rejected = log_q.detach().argmax(-1, keepdim=True)  # the student's argmax token a_s (no gradient through argmax)
+    ratio_chosen = (log_q.gather(-1, chosen) - log_p.gather(-1, chosen)).squeeze(-1)
+    ratio_rejected = (log_q.gather(-1, rejected) - log_p.gather(-1, rejected)).squeeze(-1)
+    return -F.logsigmoid(beta * (ratio_chosen - ratio_rejected))
+
+
+def dpkd_token(student_logits, teacher_logits, mask=None, *, beta=0.1, reduction="mean", chunk_rows=None):
+    """DPKD's token-level variant (the authors' released code; METHODS.md second tier).
+
+    At each counted position: chosen = the teacher's argmax token a_t, rejected = the student's argmax
+    token a_s; −log σ(β[(log q(a_t) − log p(a_t)) − (log q(a_s) − log p(a_s))]). Where both argmaxes
+    agree the margin is 0 and the position contributes log 2 with no gradient. Reduced by the token mean
+    (default), "sum" or "none". Shapes: logits [B, T, V] (a shared vocabulary), mask [B, T].
+    """
+    check_reduction(reduction)
+    if beta <= 0:
+        raise ConfigError(f"dpkd_token's beta must be > 0 (got {beta}).")
+    if isinstance(teacher_logits, SparseTeacher):
+        raise ConfigError("dpkd_token needs the dense teacher (the student's argmax token may lie outside the top-k "
+                          "cache); use --set teacher_signal=online.")
+    if teacher_logits.shape != student_logits.shape:
+        raise DataError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                        f"{tuple(student_logits.shape)} differ; dpkd_token needs a shared vocabulary.")
+    batch_shape = tuple(student_logits.shape[:2])
+    vocab_size = student_logits.shape[-1]
+    n_rows = batch_shape[0] * batch_shape[1]
+    mask_bool = counted_mask(mask, batch_shape)
+    rows = counted_rows(mask_bool, n_rows, student_logits.device)
+    dtype = compute_dtype(student_logits, teacher_logits)
+    chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(vocab_size)
+
+    def rows_fn(s, t):
+        return _dpkd_token_rows(s, t, float(beta), dtype)
+
+    per_row = rowwise_loss(rows_fn, [student_logits.reshape(n_rows, vocab_size),
+                                     teacher_logits.reshape(n_rows, vocab_size)], rows, chunk, dtype)
+    return reduce_positions(per_row.reshape(batch_shape), mask_bool, reduction)

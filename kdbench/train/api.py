@@ -201,6 +201,10 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
 
         return train_preference(config, entry, params, log=say, command=command, progress=progress,
                                 callbacks=callbacks)
+    if entry.body.get("objective") == "guided":  # DCKD, ADPA, ADPA+ on preference data
+        from kdbench.train.guided import train_guided
+
+        return train_guided(config, entry, params, log=say, command=command, progress=progress, callbacks=callbacks)
     objective = get_objective(entry.body["objective"])
     responses = entry.body.get("responses", "gold")
     needs_teacher = objective.needs_teacher or responses == "teacher"

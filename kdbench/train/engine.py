@@ -175,30 +175,24 @@ class DistillTrainer(Trainer):
     def _maybe_on_policy(self, batch: dict, micro: int) -> dict:
         """Replace the batch's responses by the student's samples with probability λ (GKD; TRL decides per
         micro-batch). Keeps the prompt tokens; labels cover the sampled tokens and the EOS if sampled."""
-        from kdbench.generate import HFBackend, example_seed
+        from kdbench.generate import example_seed
 
         config = self.on_policy
         key = f"{config.seed}/{self.state.global_step}/{micro}/{self.accelerator.process_index}"
         coin = random.Random(example_seed(config.seed, key)).random()
         if coin >= config.fraction:
             return batch
-        model = self.accelerator.unwrap_model(self.model)
-        backend = HFBackend(model, self.gen_tokenizer)
         prompts = []
         for row in range(batch["input_ids"].shape[0]):
             length = int(batch["prompt_length"][row])
             prompts.append(batch["input_ids"][row, :length].tolist())
         ids = [f"{int(e)}@{self.state.global_step}" for e in batch["example_index"]]
-        generated = backend._generate_batch(prompts, ids, config.decoding, seed=example_seed(config.seed, key) % (2**31))
-        eos = backend.eos_ids[0] if backend.eos_ids else None
-        rows, labels = [], []
-        for prompt, (tokens, finished) in zip(prompts, generated):
-            response = list(tokens) + ([eos] if finished and eos is not None else [])
-            if not response:  # nothing sampled: the row contributes no tokens
-                response = []
-            rows.append(prompt + response)
-            labels.append([-100] * len(prompt) + response)
-            self.counters["generated_tokens"] += len(tokens)
+        responses, generated_tokens = sample_responses(self.accelerator.unwrap_model(self.model), self.gen_tokenizer,
+                                                       prompts, ids, config.decoding,
+                                                       example_seed(config.seed, key) % (2**31))
+        rows = [prompt + response for prompt, response in zip(prompts, responses)]
+        labels = [[-100] * len(prompt) + response for prompt, response in zip(prompts, responses)]
+        self.counters["generated_tokens"] += generated_tokens
         self.counters["on_policy_batches"] += 1
         longest = max(len(r) for r in rows)
         device = batch["input_ids"].device
@@ -371,6 +365,19 @@ class DistillTrainer(Trainer):
 
     def cost_counters(self) -> dict:
         return dict(self.counters, train_seconds=round(self.counters["train_seconds"] + time.time() - self._clock, 3))
+
+
+def sample_responses(model, tokenizer, prompts: list[list[int]], ids: list[str], decoding, seed: int):
+    """Responses of ``model`` (the *unwrapped* model: generation never goes through DDP) to token-id
+    prompts: per prompt the new tokens plus EOS when the model ended, and the number of tokens generated.
+    Each row's sampling seed derives from ``seed`` and its id (:mod:`kdbench.generate`)."""
+    from kdbench.generate import HFBackend
+
+    backend = HFBackend(model, tokenizer)
+    generated = backend._generate_batch(prompts, ids, decoding, seed=seed)
+    eos = backend.eos_ids[0] if backend.eos_ids else None
+    responses = [list(tokens) + ([eos] if finished and eos is not None else []) for tokens, finished in generated]
+    return responses, sum(len(tokens) for tokens, _ in generated)
 
 
 def _n_tokens(inputs) -> int:

@@ -49,7 +49,8 @@ def _token_kd(batch: Batch, params: dict) -> dict:
     """(1−r)·CE(gold) + r·D(p‖q) (MiniLLM convention) or CE + r·D (ADPA Eq. 1, ``kd_weighting: additive``)."""
     from kdbench.losses import DIVERGENCES
 
-    divergence = DIVERGENCES[params["divergence"]]
+    name = divergence_name(params)
+    divergence = DIVERGENCES[name]
     extra = params.get("divergence_params") or {}
     div = divergence(batch.student_logits, batch.teacher_logits, batch.mask, temperature=params["temperature"],
                      reduction="sum", **extra)
@@ -58,13 +59,40 @@ def _token_kd(batch: Batch, params: dict) -> dict:
     ce = cross_entropy_sum(batch.student_logits, batch.targets)
     ratio = params["kd_ratio"]
     loss = (1 - ratio) * ce + ratio * div if params["kd_weighting"] == "mix" else ce + ratio * div
-    return {"loss": loss, "ce": ce, params["divergence"]: div}
+    return {"loss": loss, "ce": ce, name: div}
+
+
+def divergence_name(params: dict) -> str:
+    """The token divergence of a recipe: ``kl_direction`` (reverse → rkl, forward → fkl; dsft_kl) when the
+    recipe has it, else ``divergence``."""
+    if params.get("kl_direction"):
+        return KL_DIRECTIONS[params["kl_direction"]]
+    return str(params.get("divergence"))
+
+
+def _dpkd_token(batch: Batch, params: dict) -> dict:
+    """DPKD's token-level form (the authors' code) + λ·CE on the same (gold) responses."""
+    from kdbench.losses.guided import dpkd_token
+
+    preference = dpkd_token(batch.student_logits, batch.teacher_logits, batch.mask, beta=float(params["beta"]),
+                            reduction="sum")
+    ce = cross_entropy_sum(batch.student_logits, batch.targets)
+    return {"loss": preference + float(params["lm_weight"]) * ce, "ce": ce, "dpkd_token": preference}
+
+
+def _validate_dpkd_token(params: dict) -> None:
+    if not _number(params, "beta") > 0:
+        raise ConfigError(f"Parameter beta must be greater than 0 (got {params['beta']}).")
+    if _number(params, "lm_weight") < 0:
+        raise ConfigError(f"Parameter lm_weight must not be negative (got {params['lm_weight']}).")
 
 
 def _validate_token_kd(params: dict) -> None:
     from kdbench.losses.token import divergence_rows
 
-    divergence = params.get("divergence")
+    if params.get("kl_direction") and params["kl_direction"] not in KL_DIRECTIONS:
+        raise ConfigError(f"Parameter kl_direction must be one of {', '.join(KL_DIRECTIONS)} (got {params['kl_direction']!r}).")
+    divergence = divergence_name(params)
     extra = params.get("divergence_params") or {}
     if not isinstance(extra, dict):
         raise ConfigError("Parameter divergence_params must be a mapping, e.g. {beta: 0.5}.")
@@ -117,6 +145,7 @@ class Objective:
 OBJECTIVES: dict[str, Objective] = {
     "sft": Objective("sft", _sft, needs_teacher=False, validate=_validate_sft),
     "token_kd": Objective("token_kd", _token_kd, needs_teacher=True, validate=_validate_token_kd),
+    "dpkd_token": Objective("dpkd_token", _dpkd_token, needs_teacher=True, validate=_validate_dpkd_token),
 }
 
 
@@ -132,8 +161,9 @@ def get_objective(name: str) -> Objective:
 # return the loss *summed over pairs*; the pipeline's trainer divides by the number of pairs of the
 # whole optimizer step.
 
-PREFERENCE_FORMS = ("dpo", "dadpo", "simpo")
+PREFERENCE_FORMS = ("dpo", "dadpo", "simpo", "dpkd", "ipo", "cpo")
 PREFERENCE_REFERENCES = ("dsft", "teacher", "student")
+KL_DIRECTIONS = {"reverse": "rkl", "forward": "fkl"}
 
 
 @dataclass
@@ -141,8 +171,9 @@ class PairBatch:
     """Summed sequence log-probs of P preference pairs, all [P].
 
     ``policy_*``: the trained model, with gradient; ``*_lengths``: response tokens (EOS included);
-    ``ref_*`` / ``teacher_*``: frozen log-probs computed once before training (``None`` when the
-    recipe does not use them). Each model scored the response text with its own tokenizer.
+    ``ref_*`` / ``teacher_*``: frozen log-probs computed once before training, or by the teacher in the
+    step for DPKD's online pairs (``None`` when the recipe does not use them). Each model scored the
+    response text with its own tokenizer.
     """
 
     policy_chosen: Any
@@ -155,69 +186,210 @@ class PairBatch:
     teacher_rejected: Any | None = None
 
 
+def preference_form(params: dict) -> str:
+    """The sequence-level loss of a recipe: ``preference_form`` (DPKD's Table 2 switch) or ``loss``."""
+    return str(params.get("preference_form") or params.get("loss"))
+
+
 def preference_reference(params: dict) -> str | None:
-    """Which frozen model DPO's reference is (None for SimPO, which has none; daDPO uses dsft + teacher)."""
-    form = params["loss"]
-    if form == "simpo":
+    """Which frozen model the loss's reference is: None for SimPO and CPO (reference-free), "dsft" for
+    daDPO (which also uses the teacher), the teacher for DPKD, else ``params.reference``."""
+    form = preference_form(params)
+    if form in ("simpo", "cpo"):
         return None
     if form == "dadpo":
         return "dsft"
-    return params["reference"]
+    if form == "dpkd":
+        return "teacher"
+    return params.get("reference", "teacher")
+
+
+def _reference_logps(pairs: PairBatch, params: dict):
+    if preference_reference(params) == "teacher":
+        return pairs.teacher_chosen, pairs.teacher_rejected
+    return pairs.ref_chosen, pairs.ref_rejected
 
 
 def _preference(pairs: PairBatch, params: dict) -> dict:
-    """Σ over pairs of the recipe's preference loss, plus diagnostics summed over pairs:
-    ``reward_accuracy`` (implicit reward margin > 0) and ``reward_margin``."""
+    """Σ over pairs of the recipe's preference loss, plus diagnostics summed over pairs: the implicit
+    rewards of chosen and rejected (``reward_chosen`` / ``reward_rejected``; for DPKD β/|y|·log(q/p)),
+    ``reward_margin`` and ``reward_accuracy`` (margin > 0)."""
     import torch
 
-    from kdbench.losses.sequence import dadpo, dpo, simpo
+    from kdbench.losses.sequence import cpo, dadpo, dpkd, dpo, ipo, simpo
 
-    form = params["loss"]
+    form = preference_form(params)
+    c_len = pairs.chosen_lengths.to(pairs.policy_chosen)
+    r_len = pairs.rejected_lengths.to(pairs.policy_rejected)
+    pc, pr = pairs.policy_chosen, pairs.policy_rejected
     if form == "dpo":
-        if params["reference"] == "teacher":  # rDPO: the teacher is the reference
-            ref_c, ref_r = pairs.teacher_chosen, pairs.teacher_rejected
-        else:
-            ref_c, ref_r = pairs.ref_chosen, pairs.ref_rejected
-        per_pair = dpo(pairs.policy_chosen, pairs.policy_rejected, ref_c, ref_r, beta=float(params["beta"]),
-                       reduction="none")
-        margin = float(params["beta"]) * ((pairs.policy_chosen - ref_c) - (pairs.policy_rejected - ref_r))
+        ref_c, ref_r = _reference_logps(pairs, params)
+        beta = float(params["beta"])
+        per_pair = dpo(pc, pr, ref_c, ref_r, beta=beta, reduction="none")
+        reward_c, reward_r = beta * (pc - ref_c), beta * (pr - ref_r)
     elif form == "dadpo":
         beta1, beta2 = float(params["beta1"]), float(params["beta2"])
-        per_pair = dadpo(pairs.policy_chosen, pairs.policy_rejected, pairs.ref_chosen, pairs.ref_rejected,
-                         pairs.teacher_chosen, pairs.teacher_rejected, beta1=beta1, beta2=beta2, reduction="none")
-        margin = (beta1 * ((pairs.policy_chosen - pairs.ref_chosen) - (pairs.policy_rejected - pairs.ref_rejected))
-                  + beta2 * ((pairs.policy_chosen - pairs.teacher_chosen)
-                             - (pairs.policy_rejected - pairs.teacher_rejected)))
+        per_pair = dadpo(pc, pr, pairs.ref_chosen, pairs.ref_rejected, pairs.teacher_chosen, pairs.teacher_rejected,
+                         beta1=beta1, beta2=beta2, reduction="none")
+        reward_c = beta1 * (pc - pairs.ref_chosen) + beta2 * (pc - pairs.teacher_chosen)
+        reward_r = beta1 * (pr - pairs.ref_rejected) + beta2 * (pr - pairs.teacher_rejected)
     elif form == "simpo":
         beta, gamma = float(params["beta"]), float(params["gamma"])
-        per_pair = simpo(pairs.policy_chosen, pairs.policy_rejected, pairs.chosen_lengths, pairs.rejected_lengths,
-                         beta=beta, gamma=gamma, reduction="none")
-        margin = (beta * pairs.policy_chosen / pairs.chosen_lengths.to(pairs.policy_chosen)
-                  - beta * pairs.policy_rejected / pairs.rejected_lengths.to(pairs.policy_rejected))
+        per_pair = simpo(pc, pr, pairs.chosen_lengths, pairs.rejected_lengths, beta=beta, gamma=gamma,
+                         reduction="none")
+        reward_c, reward_r = beta * pc / c_len, beta * pr / r_len
+    elif form == "dpkd":
+        beta = float(params["beta"])
+        normalize = bool(params.get("length_normalize", True))
+        per_pair = dpkd(pc, pr, pairs.teacher_chosen, pairs.teacher_rejected, pairs.chosen_lengths,
+                        pairs.rejected_lengths, beta=beta, length_normalize=normalize, reduction="none")
+        reward_c = beta * (pc - pairs.teacher_chosen) / (c_len if normalize else 1.0)
+        reward_r = beta * (pr - pairs.teacher_rejected) / (r_len if normalize else 1.0)
+    elif form == "ipo":
+        ref_c, ref_r = _reference_logps(pairs, params)
+        per_pair = ipo(pc, pr, ref_c, ref_r, tau=float(params["tau"]), chosen_lengths=pairs.chosen_lengths,
+                       rejected_lengths=pairs.rejected_lengths, reduction="none")
+        reward_c, reward_r = (pc - ref_c) / c_len, (pr - ref_r) / r_len
+    elif form == "cpo":
+        beta = float(params["beta"])
+        per_pair = cpo(pc, pr, pairs.chosen_lengths, beta=beta, nll=params.get("cpo_nll", "token_mean"),
+                       reduction="none")
+        reward_c, reward_r = beta * pc, beta * pr
     else:  # pragma: no cover - validated before training
         raise ConfigError(f"Unknown preference loss {form!r}; use one of {', '.join(PREFERENCE_FORMS)}.")
-    margin = margin.detach()
-    return {"loss": per_pair.sum(), "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).to(torch.float32).sum()}
+    reward_c, reward_r = reward_c.detach(), reward_r.detach()
+    margin = reward_c - reward_r
+    return {"loss": per_pair.sum(), "reward_chosen": reward_c.sum(), "reward_rejected": reward_r.sum(),
+            "reward_margin": margin.sum(), "reward_accuracy": (margin > 0).to(torch.float32).sum()}
 
 
 def _validate_preference(params: dict) -> None:
-    form = params.get("loss")
+    form = preference_form(params)
     if form not in PREFERENCE_FORMS:
-        raise ConfigError(f"Parameter loss must be one of {', '.join(PREFERENCE_FORMS)} (got {form!r}).")
-    if form == "dpo" and params.get("reference") not in PREFERENCE_REFERENCES:
+        name = "preference_form" if "preference_form" in params else "loss"
+        raise ConfigError(f"Parameter {name} must be one of {', '.join(PREFERENCE_FORMS)} (got {form!r}).")
+    if form in ("dpo", "ipo") and "reference" in params and params.get("reference") not in PREFERENCE_REFERENCES:
         raise ConfigError(f"Parameter reference must be one of {', '.join(PREFERENCE_REFERENCES)} "
                           f"(got {params.get('reference')!r}).")
-    names = {"dpo": ("beta",), "dadpo": ("beta1", "beta2"), "simpo": ("beta", "gamma")}[form]
+    names = {"dpo": ("beta",), "dadpo": ("beta1", "beta2"), "simpo": ("beta", "gamma"), "dpkd": ("beta",),
+             "ipo": ("tau",), "cpo": ("beta",)}[form]
     for name in names:
         value = _number(params, name)
-        if value < 0 or (name == "beta" and value == 0):
-            raise ConfigError(f"Parameter {name} must be {'greater than 0' if name == 'beta' else 'at least 0'} "
+        if value < 0 or (name in ("beta", "tau") and value == 0):
+            raise ConfigError(f"Parameter {name} must be {'greater than 0' if name in ('beta', 'tau') else 'at least 0'} "
                               f"(got {value}).")
     if form == "dadpo" and float(params["beta1"]) == 0 and float(params["beta2"]) == 0:
         raise ConfigError("Parameters beta1 and beta2 cannot both be 0 (the loss would be constant).")
-    if "dsft_settings" in params and not isinstance(params["dsft_settings"], dict):
-        raise ConfigError("Parameter dsft_settings must be a mapping of training settings, e.g. {learning_rate: 1e-4}.")
+    if form == "cpo" and params.get("cpo_nll", "token_mean") not in ("token_mean", "sequence_sum"):
+        raise ConfigError("Parameter cpo_nll must be token_mean or sequence_sum.")
+    for name in ("dsft_settings", "sft_settings", "teacher_dpo_settings"):
+        if name in params and not isinstance(params[name], dict):
+            raise ConfigError(f"Parameter {name} must be a mapping of training settings, e.g. {{learning_rate: 1e-4}}.")
+    for name in ("lm_weight", "kl_weight"):
+        if name in params and _number(params, name) < 0:
+            raise ConfigError(f"Parameter {name} must not be negative (got {params[name]}).")
+    if "kl_direction" in params and params["kl_direction"] not in KL_DIRECTIONS:
+        raise ConfigError(f"Parameter kl_direction must be one of {', '.join(KL_DIRECTIONS)} (got {params['kl_direction']!r}).")
+    if "pairs" in params and params["pairs"] not in ("online", "offline", "preference_data"):
+        raise ConfigError(f"Parameter pairs must be online, offline or preference_data (got {params['pairs']!r}).")
+    if "init" in params and params["init"] not in ("sft", "student"):
+        raise ConfigError(f"Parameter init must be sft (train the student's SFT checkpoint first) or student "
+                          f"(start from --student as given); got {params['init']!r}.")
     _validate_generation(params)
 
 
 OBJECTIVES["preference"] = Objective("preference", _preference, needs_teacher=False, validate=_validate_preference)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Teacher-guided objectives on preference data (METHODS.md: DCKD, ADPA), used by
+# :mod:`kdbench.train.guided`. The trainer passes the optimizer step's token and sequence counts, so the
+# returned loss is already normalized over the whole step (gradient accumulation, data parallelism).
+
+GUIDED_FORMS = ("dckd", "adpa")
+
+
+@dataclass
+class GuidedBatch:
+    """One micro-batch of (x, y_w, y_other) rows, logits aligned as in :class:`Batch`.
+
+    ``chosen_*``: the y_w rows ([P, T, V] student logits, [P, T] targets and mask). ``other_*``: y_l (DCKD)
+    or the student's own response ŷ (ADPA). ``dpo_chosen`` / ``dpo_other``: the DPO-aligned teacher's logits
+    (dense or :class:`~kdbench.losses.SparseTeacher`; ``dpo_chosen`` None for ADPA); ``ref_other``: π_ref's
+    logits on the ŷ rows (ADPA). ``chosen_tokens`` / ``other_tokens`` / ``sequences``: the step's totals.
+    """
+
+    chosen_logits: Any
+    chosen_targets: Any
+    chosen_mask: Any
+    other_logits: Any
+    other_mask: Any
+    dpo_chosen: Any | None
+    dpo_other: Any
+    ref_other: Any | None
+    chosen_tokens: Any
+    other_tokens: Any
+    sequences: Any
+
+
+def _guided(batch: GuidedBatch, params: dict) -> dict:
+    """DCKD: CE(y_w) + α·(FKL(π_dpo‖π_θ) on y_w + FKL on y_l); ADPA: CE(y_w) + γ·advantage loss on ŷ.
+    Token means over the step's tokens by default; ``kl_reduction`` / ``adpa_reduction`` = sequence_sum
+    (DCKD's Eqs. 5–6) or sum over positions then mean over the step's sequences (ADPA's Eq. 10)."""
+    from kdbench.losses.guided import adpa
+    from kdbench.losses.token import fkl
+
+    ce = cross_entropy_sum(batch.chosen_logits, batch.chosen_targets)
+    loss = ce / batch.chosen_tokens
+    parts = {"ce": ce}
+    if params["loss"] == "dckd":
+        temperature = float(params.get("temperature", 1.0))
+        kl_chosen = fkl(batch.chosen_logits, batch.dpo_chosen, batch.chosen_mask, temperature=temperature,
+                        reduction="sum")
+        kl_other = fkl(batch.other_logits, batch.dpo_other, batch.other_mask, temperature=temperature, reduction="sum")
+        if params["kl_reduction"] == "sequence_sum":
+            term = (kl_chosen + kl_other) / batch.sequences
+        else:
+            term = kl_chosen / batch.chosen_tokens + kl_other / batch.other_tokens
+        loss = loss + float(params["alpha"]) * term
+        parts.update(fkl_chosen=kl_chosen, fkl_rejected=kl_other)
+    else:
+        top_k = params.get("teacher_topk")
+        advantage = adpa(batch.other_logits, batch.dpo_other, batch.ref_other, batch.other_mask, reduction="sum",
+                         top_k=int(top_k) if top_k else None, missing_ref=params.get("missing_ref", "ref_lowest"))
+        denominator = batch.sequences if params["adpa_reduction"] == "sequence_sum" else batch.other_tokens
+        loss = loss + float(params["gamma"]) * advantage / denominator
+        parts["adpa"] = advantage
+    return {"loss": loss, **parts}
+
+
+def _validate_guided(params: dict) -> None:
+    form = params.get("loss")
+    if form not in GUIDED_FORMS:
+        raise ConfigError(f"Parameter loss must be one of {', '.join(GUIDED_FORMS)} (got {form!r}).")
+    if "alpha" in params and _number(params, "alpha") < 0:
+        raise ConfigError(f"Parameter alpha must not be negative (got {params['alpha']}).")
+    if "gamma" in params and _number(params, "gamma") < 0:
+        raise ConfigError(f"Parameter gamma must not be negative (got {params['gamma']}).")
+    if not _number(params, "teacher_dpo_beta") > 0:
+        raise ConfigError(f"Parameter teacher_dpo_beta must be greater than 0 (got {params['teacher_dpo_beta']}).")
+    for name in ("kl_reduction", "adpa_reduction"):
+        if name in params and params[name] not in ("token_mean", "sequence_sum"):
+            raise ConfigError(f"Parameter {name} must be token_mean or sequence_sum (got {params[name]!r}).")
+    top_k = params.get("teacher_topk")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
+        raise ConfigError(f"Parameter teacher_topk must be a whole number >= 1, or null for the dense teacher (got {top_k!r}).")
+    if params.get("missing_ref", "ref_lowest") not in ("ref_lowest", "dpo_lowest"):
+        raise ConfigError("Parameter missing_ref must be ref_lowest or dpo_lowest.")
+    if params.get("ref_teacher", "given") not in ("given", "sft"):
+        raise ConfigError("Parameter ref_teacher must be given (--teacher is already fine-tuned on the task) or sft "
+                          "(fine-tune it on the chosen responses first).")
+    if params.get("init", "student") not in ("sft", "student"):
+        raise ConfigError(f"Parameter init must be sft or student (got {params['init']!r}).")
+    for name in ("sft_settings", "teacher_sft_settings", "teacher_dpo_settings", "dckd_settings"):
+        if name in params and not isinstance(params[name], dict):
+            raise ConfigError(f"Parameter {name} must be a mapping of training settings, e.g. {{learning_rate: 1e-4}}.")
+    _validate_generation(params)
+
+
+OBJECTIVES["guided"] = Objective("guided", _guided, needs_teacher=True, validate=_validate_guided)

@@ -39,7 +39,7 @@ from kdbench.config import to_dict
 from kdbench.errors import ConfigError, DataError
 from kdbench.store import RunDir, atomic_write_json, atomic_write_text, hash_obj
 from kdbench.train.engine import DistillTrainer, take_batches
-from kdbench.train.objectives import PairBatch, preference_reference
+from kdbench.train.objectives import PairBatch, cross_entropy_sum, preference_reference
 
 #: TrainConfig fields that do not change what a dSFT stage produces (left out of its artifact key).
 _NOT_IN_DSFT_KEY = ("output_dir", "run_name", "cache_dir", "report_to", "method", "params")
@@ -148,11 +148,13 @@ def cached_logps(store, kind_label: str, model_name: str, model_loader: Callable
 
 # ------------------------------------------------------------------------------------------ the trainer
 class PairDataset:
-    """Tokenized pairs (student tokenizer) with their frozen log-probs; item i is pair i."""
+    """Tokenized pairs (student tokenizer) with their frozen log-probs; item i is pair i. ``gold``: the
+    pairs' gold rows (prompt + gold response) for an LM term on gold responses (DPKD)."""
 
-    def __init__(self, tokenized: list[dict], frozen: dict[str, dict]):
+    def __init__(self, tokenized: list[dict], frozen: dict[str, dict], gold: list | None = None):
         self.tokenized = tokenized
         self.frozen = frozen  # {"ref": {"chosen": [...], "rejected": [...]}, "teacher": {...}}
+        self.gold = gold
 
     def __len__(self) -> int:
         return len(self.tokenized)
@@ -160,15 +162,25 @@ class PairDataset:
     def __getitem__(self, index: int) -> dict:
         item = {"chosen": self.tokenized[index]["chosen"], "rejected": self.tokenized[index]["rejected"],
                 "example_index": index}
+        if self.gold is not None:
+            item["gold"] = self.gold[index]
         for name, logps in self.frozen.items():
             item[f"{name}_chosen"] = logps["chosen"][index]
             item[f"{name}_rejected"] = logps["rejected"][index]
         return item
 
 
+def _prompt_length(labels: list[int]) -> int:
+    for position, label in enumerate(labels):
+        if label != -100:
+            return position
+    return len(labels)
+
+
 class PairCollator:
     """P pairs → ``input_ids`` / ``labels`` / ``attention_mask`` [2P, L] (chosen rows first, then
-    rejected), ``example_index`` [P] and the frozen log-prob columns [P] (float32)."""
+    rejected), ``example_index`` and ``prompt_length`` [P], the frozen log-prob columns [P] (float32)
+    and, when the items carry gold rows, ``lm_input_ids`` / ``lm_labels`` / ``lm_attention_mask``."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -176,174 +188,385 @@ class PairCollator:
     def __call__(self, features: list[dict]) -> dict:
         batch = _pad([f["chosen"] for f in features] + [f["rejected"] for f in features], self.pad_token_id)
         batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
+        batch["prompt_length"] = torch.tensor([_prompt_length(f["chosen"][1]) for f in features], dtype=torch.long)
         for key in features[0]:
             if key.endswith(("_chosen", "_rejected")):
                 batch[key] = torch.tensor([f[key] for f in features], dtype=torch.float32)
+        if "gold" in features[0]:
+            gold = _pad([f["gold"] for f in features], self.pad_token_id)
+            batch["lm_input_ids"], batch["lm_labels"] = gold["input_ids"], gold["labels"]
+            batch["lm_attention_mask"] = gold["attention_mask"]
         return batch
 
 
-class PreferenceTrainer(DistillTrainer):
-    """:class:`DistillTrainer` on preference pairs: the loss of a step is the mean over every pair of the
-    optimizer step (all micro-batches and processes), like the token count of the token objectives."""
+@dataclass
+class OnlinePairs:
+    """DPKD's online pairs: every micro-batch's rejected responses are sampled from the current policy
+    (on the unwrapped model) with ``decoding``; each row's seed derives from (seed, step, micro-batch,
+    process, example), so a resumed run samples what an uninterrupted one would."""
 
+    decoding: object  # kdbench.generate.DecodingConfig
+    seed: int
+
+
+def rows_of(batch: dict, start: int, stop: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) of rows ``start:stop`` of a right-padded batch, padding removed."""
+    out = []
+    for row in range(start, stop):
+        length = int(batch["attention_mask"][row].sum())
+        out.append((batch["input_ids"][row, :length].tolist(), batch["labels"][row, :length].tolist()))
+    return out
+
+
+class PreferenceTrainer(DistillTrainer):
+    """:class:`DistillTrainer` on preference pairs: the preference loss of a step is the mean over every
+    pair of the optimizer step (all micro-batches and processes), like the token count of the token
+    objectives. Optional terms, each normalized over the whole step:
+
+    * ``online``: DPKD's rejected responses sampled from the current policy every micro-batch, scored by
+      the teacher (kept outside the wrapped model) in the same step;
+    * ``lm_mode``: λ·token-mean CE on the chosen rows (``"chosen"``), on the pairs' gold rows (``"gold"``)
+      or on a plain-text corpus (``"corpus"``, ``lm_source``);
+    * ``kl_weight``: λ·token-mean divergence (``kl_divergence``) to the teacher on the chosen rows (ddpo_kl).
+
+    Diagnostics per pair (``train_log.jsonl``): the implicit rewards of chosen and rejected, their margin,
+    the reward accuracy and, with online pairs, the sequence-level reverse KL estimate log q(y_s) − log p(y_s)
+    and the exact reverse KL on the first response token (DPKD's Table 3).
+    """
+
+    def __init__(self, *args, online: OnlinePairs | None = None, lm_mode: str | None = None, kl_weight: float = 0.0,
+                 kl_divergence: str = "rkl", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.online = online
+        self.lm_mode = lm_mode
+        self.kl_weight = float(kl_weight)
+        self.kl_divergence = kl_divergence
+        self._step_totals: dict | None = None
+
+    # ---------------------------------------------------------------- the step's batches and counts
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         batch_samples = take_batches(epoch_iterator, num_batches)
         if not batch_samples:
             return batch_samples, None
-        total = torch.tensor([float(sum(b["example_index"].numel() for b in batch_samples))], dtype=torch.float64,
-                             device=device)
-        if self.accelerator.num_processes > 1:
-            total = self.accelerator.reduce(total, reduction="sum")
-        return batch_samples, total[0].to(torch.float32)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        for i, batch in enumerate(batch_samples):
+            if self.online is not None:
+                batch_samples[i] = batch = self._online_pairs(batch, i)
+            if self.lm_source is not None:
+                index = (self.state.global_step * self.args.gradient_accumulation_steps + i) * world + rank
+                batch["lm_input_ids"], batch["lm_attention_mask"], batch["lm_labels"] = self.lm_source.batch(index)
+        totals = torch.tensor([float(sum(v)) for v in zip(*(self._counts(b) for b in batch_samples))],
+                              dtype=torch.float64, device=device)
+        if world > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        self._step_totals = dict(zip(("pairs", "chosen_tokens", "rejected_tokens", "lm_tokens"),
+                                     totals.to(torch.float32)))
+        return batch_samples, self._step_totals["pairs"]
+
+    def _counts(self, batch: dict) -> tuple[int, int, int, int]:
+        n = batch["example_index"].numel()
+        counted = batch["labels"][:, 1:] != -100
+        chosen, rejected = int(counted[:n].sum()), int(counted[n:].sum())
+        if self.lm_mode == "chosen":
+            lm = chosen
+        elif self.lm_mode in ("gold", "corpus") and "lm_labels" in batch:
+            lm = int((batch["lm_labels"][:, 1:] != -100).sum())
+        else:
+            lm = 0
+        return n, chosen, rejected, lm
+
+    def _online_pairs(self, batch: dict, micro: int) -> dict:
+        """Replace the rejected rows by the current policy's responses and score both sides with the
+        teacher (summed log-probs and the first response token's log-probs)."""
+        from kdbench.generate import example_seed
+        from kdbench.losses.sequence import sequence_logps
+        from kdbench.train.engine import sample_responses
+
+        n = batch["example_index"].numel()
+        chosen = rows_of(batch, 0, n)
+        prompts = [ids[:int(batch["prompt_length"][row])] for row, (ids, _) in enumerate(chosen)]
+        key = f"{self.online.seed}/{self.state.global_step}/{micro}/{self.accelerator.process_index}"
+        ids = [f"{int(e)}@{self.state.global_step}" for e in batch["example_index"]]
+        responses, generated = sample_responses(self.accelerator.unwrap_model(self.model), self.gen_tokenizer, prompts,
+                                                ids, self.online.decoding, example_seed(self.online.seed, key) % (2**31))
+        eos = self.gen_tokenizer.eos_token_id
+        responses = [r if r else [eos] for r in responses]  # a row cut at the model's last position: score EOS
+        rejected = [(p + r, [-100] * len(p) + r) for p, r in zip(prompts, responses)]
+        device = batch["input_ids"].device
+        out = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask")}
+        out.update({k: v.to(device) for k, v in _pad(chosen + rejected, self.gen_tokenizer.pad_token_id).items()})
+        with torch.no_grad():
+            logits = self.teacher(input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits
+            vocab = self.params.get("vocab_size") or logits.shape[-1]
+            logps = sequence_logps(logits[:, :-1, :vocab], out["labels"][:, 1:])
+            first = logits[torch.arange(n, device=device), out["prompt_length"].to(device) - 1, :vocab]
+        out["teacher_chosen"], out["teacher_rejected"] = logps[:n].float(), logps[n:].float()
+        out["teacher_first_logp"] = torch.log_softmax(first.float(), dim=-1)
+        self.counters["generated_tokens"] += generated
+        self.counters["teacher_forward_tokens"] += int(out["attention_mask"].sum())
+        self.counters["on_policy_batches"] += 1
+        return out
+
+    # ---------------------------------------------------------------- the loss
+    def _denominators(self, inputs, num_items_in_batch) -> dict:
+        if num_items_in_batch is not None and self._step_totals is not None:
+            return self._step_totals
+        counts = self._counts(inputs)
+        return dict(zip(("pairs", "chosen_tokens", "rejected_tokens", "lm_tokens"),
+                        (torch.tensor(float(c)) for c in counts)))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        from kdbench.errors import TrainingError
+        from kdbench.losses import DIVERGENCES
         from kdbench.losses.sequence import sequence_logps
-        from kdbench.train.engine import complete_checkpoints
 
         n_pairs = inputs["example_index"].numel()
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+        vocab = self.params.get("vocab_size") or outputs.logits.shape[-1]
+        logits = outputs.logits[:, :-1, :vocab]
         targets = inputs["labels"][:, 1:]
-        logps = sequence_logps(outputs.logits[:, :-1], targets)  # [2P]
+        logps = sequence_logps(logits, targets)  # [2P]
         lengths = (targets != -100).sum(-1)
         pairs = PairBatch(logps[:n_pairs], logps[n_pairs:], lengths[:n_pairs], lengths[n_pairs:],
                           ref_chosen=inputs.get("ref_chosen"), ref_rejected=inputs.get("ref_rejected"),
                           teacher_chosen=inputs.get("teacher_chosen"), teacher_rejected=inputs.get("teacher_rejected"))
         parts = self.objective.fn(pairs, self.params)
-        if num_items_in_batch is None:
-            denominator = torch.tensor(float(n_pairs), device=logps.device)
-        else:
-            denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=logps.device).clamp(min=1)
-        loss = parts["loss"] / denominator
-        if not torch.isfinite(loss.detach()):
-            checkpoints = complete_checkpoints(self.args.output_dir)
-            last = str(checkpoints[-1]) if checkpoints else "none (no checkpoint was saved yet)"
-            raise TrainingError(f"The loss became {loss.item()} at step {self.state.global_step + 1}; the last good "
-                                f"checkpoint is {last}. Lower the learning rate or check the data, then rerun the same "
-                                "command to resume.")
+        totals = self._denominators(inputs, num_items_in_batch)
+        loss = parts["loss"] / _positive(totals["pairs"], logps)
+        token_parts: dict[str, tuple[torch.Tensor, int]] = {}
+        if self.lm_mode and self.lm_weight > 0:
+            if self.lm_mode == "chosen":
+                lm_sum, lm_count = -logps[:n_pairs].sum(), int(lengths[:n_pairs].sum())
+            else:
+                lm_out = model(input_ids=inputs["lm_input_ids"], attention_mask=inputs["lm_attention_mask"])
+                lm_sum = cross_entropy_sum(lm_out.logits[:, :-1, :vocab], inputs["lm_labels"][:, 1:])
+                lm_count = int((inputs["lm_labels"][:, 1:] != -100).sum())
+                self.counters["lm_tokens"] += lm_count
+            loss = loss + self.lm_weight * lm_sum / _positive(totals["lm_tokens"], logps)
+            token_parts["lm_ce"] = (lm_sum.detach(), lm_count)
+        if self.kl_weight > 0:
+            chosen_mask = (targets[:n_pairs] != -100).to(torch.float32)
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=inputs["input_ids"][:n_pairs],
+                                              attention_mask=inputs["attention_mask"][:n_pairs]).logits[:, :-1, :vocab]
+            self.counters["teacher_forward_tokens"] += int(inputs["attention_mask"][:n_pairs].sum())
+            kl_sum = DIVERGENCES[self.kl_divergence](logits[:n_pairs], teacher_logits, chosen_mask, reduction="sum")
+            loss = loss + self.kl_weight * kl_sum / _positive(totals["chosen_tokens"], logps)
+            token_parts[f"{self.kl_divergence}_chosen"] = (kl_sum.detach(), int(chosen_mask.sum()))
+        _check_finite(self, loss)
         if model.training:
+            with torch.no_grad():
+                if "teacher_first_logp" in inputs:  # DPKD Table 3: exact KL(q‖p) at the first response token
+                    rows = torch.arange(n_pairs, device=logits.device)
+                    log_q = torch.log_softmax(logits[rows, inputs["prompt_length"] - 1].float(), dim=-1)
+                    parts["rkl_first_token"] = (log_q.exp() * (log_q - inputs["teacher_first_logp"])).sum()
+                if self.online is not None:  # log q(y_s) − log p(y_s), y_s ~ q: a sample of the sequence reverse KL
+                    parts["rkl_sequence"] = (logps[n_pairs:].detach() - inputs["teacher_rejected"]).sum()
             for name, value in parts.items():
                 self._window[name] = self._window.get(name, 0.0) + float(value.detach())
+            for name, (value, count) in token_parts.items():
+                self._window[name] = self._window.get(name, 0.0) + float(value)
+                self._window[f"_tokens_{name}"] = self._window.get(f"_tokens_{name}", 0.0) + count
             self._window["_pairs"] = self._window.get("_pairs", 0.0) + n_pairs
             self.counters["tokens_processed"] += int(inputs["attention_mask"].sum())
             self.counters["response_tokens"] += int(lengths.sum())
         if num_items_in_batch is not None and self.accelerator.num_processes > 1:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the denominator counts all pairs
+            loss = loss * self.accelerator.num_processes  # DDP averages gradients; the denominators count all processes
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._window:
             window = self._reduced_window()
             n_pairs = max(window.pop("_pairs", 0.0), 1.0)
+            token_counts = {k[len("_tokens_"):]: window.pop(k) for k in list(window) if k.startswith("_tokens_")}
             for name, total in window.items():
-                logs[f"{name}_per_pair"] = total / n_pairs
+                if name in token_counts:
+                    logs[f"{name}_per_token"] = total / max(token_counts[name], 1.0)
+                else:
+                    logs[f"{name}_per_pair"] = total / n_pairs
             logs["pairs"] = int(n_pairs)
             self._window = {}
         super(DistillTrainer, self).log(logs, start_time)
 
 
-# ------------------------------------------------------------------------------------------ stages
-def _dsft_stage(config, params: dict, store, run: RunDir, say) -> tuple[Path, dict]:
-    """The dSFT checkpoint: ``params.dsft_model`` if given, else the ``dsft`` recipe trained once per
-    (student, teacher, data, settings) in the artifact store (its run lives under the run's
-    ``stages/`` folder while it trains, so a killed dSFT resumes from its checkpoints)."""
-    import dataclasses
+def _positive(value, like):
+    return torch.as_tensor(value, dtype=torch.float32, device=like.device).clamp(min=1)
 
+
+def _check_finite(trainer, loss) -> None:
+    from kdbench.errors import TrainingError
+    from kdbench.train.engine import complete_checkpoints
+
+    if not torch.isfinite(loss.detach()):
+        checkpoints = complete_checkpoints(trainer.args.output_dir)
+        last = str(checkpoints[-1]) if checkpoints else "none (no checkpoint was saved yet)"
+        raise TrainingError(f"The loss became {loss.item()} at step {trainer.state.global_step + 1}; the last good "
+                            f"checkpoint is {last}. Lower the learning rate or check the data, then rerun the same "
+                            "command to resume.")
+
+
+# ------------------------------------------------------------------------------------------ model stages
+def given_model(params: dict, name: str, what: str, tokenizer=None) -> Path | None:
+    """``params[name]`` as a ready checkpoint folder (None when empty). A wrong path, or (with
+    ``tokenizer``, the student's) a checkpoint with another tokenizer, is one sentence."""
+    from kdbench.errors import ModelError
+
+    value = params.get(name)
+    if not value:
+        return None
+    path = Path(str(value))
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"params.{name} {path} is not a model directory; give {what} folder (with config.json) "
+                          "or leave it empty to train one.")
+    if tokenizer is not None:
+        from kdbench.models import load_tokenizer
+
+        theirs = load_tokenizer(str(path))
+        if theirs.get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"params.{name} {path} uses another tokenizer than the student ({len(theirs)} vs "
+                             f"{len(tokenizer)} tokens); give {what} fine-tuned from this student, or leave it "
+                             "empty to train one.")
+    return path
+
+
+def model_stage(config, store, run: RunDir, say, *, kind: str, method: str, student: str, data: str,
+                teacher: str | None = None, params: dict | None = None, settings: dict | None = None,
+                description: str = "") -> tuple[Path, dict]:
+    """A model another stage starts from (the dSFT model, an SFT student or teacher, a DPO-aligned
+    teacher, a DCKD student): recipe ``method`` trained once per (models, data, settings) in the artifact
+    store (``kind``). Its run lives under this run's ``stages/`` folder while it trains, so a killed stage
+    resumes from its checkpoints; later runs with the same inputs reuse it ("reusing cached ...")."""
     from kdbench.store import hash_file
     from kdbench.teacher_cache import model_fingerprint
     from kdbench.train.api import TrainConfig, train
 
-    if params.get("dsft_model"):
-        path = Path(str(params["dsft_model"]))
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"params.dsft_model {path} is not a model directory; give a dSFT checkpoint folder "
-                              "(with config.json) or leave it empty to train one.")
-        say(f"using the given dSFT model {path}")
-        return path, {"given": str(path)}
-    generation = {k: params[k] for k in ("greedy", "generation_temperature", "top_p", "top_k", "max_new_tokens",
-                                          "generation_seed")}
-    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    settings.update(dict(params.get("dsft_settings") or {}))
-    unknown = sorted(set(params.get("dsft_settings") or {}) - set(settings))
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    overrides = dict(settings or {})
+    unknown = sorted(set(overrides) - set(values))
     if unknown:
-        raise ConfigError(f"params.dsft_settings has {unknown[0]!r}, which is not a training setting.")
-    settings.update(method="dsft", params=generation, output_dir=str(run.path / "stages"), run_name="dsft",
-                    select="last")
-    dsft_config = TrainConfig(**settings)
-    data_path = Path(config.data)
-    inputs = {"student": model_fingerprint(config.student), "teacher": model_fingerprint(config.teacher),
-              "data": hash_file(data_path) if data_path.is_file() else config.data,
-              "valid_data": (hash_file(config.valid_data) if config.valid_data and Path(config.valid_data).is_file()
-                             else config.valid_data),
-              "settings": {k: v for k, v in to_dict(dsft_config).items() if k not in _NOT_IN_DSFT_KEY},
-              "params": generation}
+        raise ConfigError(f"The {kind} stage's settings have {unknown[0]!r}, which is not a training setting.")
+    values.update(overrides)
+    values.update(method=method, student=student, teacher=teacher, data=data, params=dict(params or {}),
+                  output_dir=str(run.path / "stages"), run_name=kind, select="last")
+    stage_config = TrainConfig(**values)
+
+    def data_key(value):
+        return hash_file(value) if value and Path(value).is_file() else value
+
+    inputs = {"method": method, "student": model_fingerprint(student),
+              "teacher": model_fingerprint(teacher) if teacher else None, "data": data_key(data),
+              "valid_data": data_key(stage_config.valid_data),
+              "settings": {k: v for k, v in to_dict(stage_config).items() if k not in _NOT_IN_DSFT_KEY},
+              "params": stage_config.params}
 
     def build(tmp: Path) -> dict:
-        result = train(dsft_config, log=say, progress=False)
+        result = train(stage_config, log=say, progress=False)
         shutil.copytree(result.model_dir, tmp / "model")
-        shutil.rmtree(run.path / "stages" / "dsft", ignore_errors=True)
+        shutil.rmtree(run.path / "stages" / kind, ignore_errors=True)
         return {"optimizer_steps": result.cost.get("optimizer_steps"), "final_train_loss": result.final_train_loss}
 
-    say("dSFT stage (the dsft recipe on the teacher's greedy outputs)")
-    artifact = store.get_or_build("dsft-model", inputs, build, log=say)
+    say(f"{kind} stage ({description or method})")
+    artifact = store.get_or_build(kind, inputs, build, log=say)
     return artifact.path / "model", {"reused": artifact.reused, "path": str(artifact.path),
                                      "build_seconds": artifact.meta.get("build_seconds", 0.0)}
 
 
+def _dsft_stage(config, params: dict, store, run: RunDir, say) -> tuple[Path, dict]:
+    """The dSFT checkpoint: ``params.dsft_model`` if given, else the ``dsft`` recipe (the teacher's
+    generations with this recipe's decoding) as a cached :func:`model_stage`."""
+    given = given_model(params, "dsft_model", "a dSFT checkpoint")
+    if given is not None:
+        say(f"using the given dSFT model {given}")
+        return given, {"given": str(given)}
+    generation = {k: params[k] for k in ("greedy", "generation_temperature", "top_p", "top_k", "max_new_tokens",
+                                          "generation_seed")}
+    return model_stage(config, store, run, say, kind="dsft-model", method="dsft", student=config.student,
+                       teacher=config.teacher, data=config.data, params=generation,
+                       settings=params.get("dsft_settings"), description="the dsft recipe on the teacher's outputs")
+
+
+def chosen_as_examples(pairs: list[Pair], run: RunDir) -> str:
+    """The pairs' (prompt, chosen) as an SFT file in the run's ``stages/`` folder (for an SFT student or
+    teacher on a preference file's y_w); the same pairs give the same file, hence the same artifact key."""
+    path = run.path / "stages" / "chosen.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(json.dumps({"id": p.example.id, "instruction": p.example.instruction, "input": p.example.input,
+                               "output": p.chosen}, ensure_ascii=False) + "\n" for p in pairs)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        atomic_write_text(path, text)
+    return str(path)
+
+
+def policy_start(config, params: dict, store, run: RunDir, say, sft_data: str) -> tuple[str, dict]:
+    """Where a DPKD / ADPA / DCKD student starts: ``params.sft_model`` (a ready SFT checkpoint), the
+    student's SFT checkpoint trained once on ``sft_data`` (``init: sft``, cached) or ``--student`` as given
+    (``init: student``)."""
+    given = given_model(params, "sft_model", "an SFT student checkpoint")
+    if given is not None:
+        say(f"using the given SFT student {given}")
+        return str(given), {"given": str(given)}
+    if params.get("init", "sft") == "student":
+        return config.student, {"given": config.student}
+    path, facts = model_stage(config, store, run, say, kind="sft-model", method="sft", student=config.student,
+                              data=sft_data, settings=params.get("sft_settings"),
+                              description="the student's SFT checkpoint")
+    return str(path), facts
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
 def train_preference(config, entry, params: dict, *, log: Callable[[str], None] | None = None,
                      command: list[str] | None = None, progress: bool = True, callbacks: list | None = None):
-    """Run a ``objective: preference`` recipe end to end (module docstring); returns a
+    """Run an ``objective: preference`` recipe end to end (module docstring); returns a
     :class:`kdbench.train.api.TrainResult`."""
-    from kdbench.data import load_examples
-    from kdbench.models import count_parameters, load_model, load_tokenizer
+    from kdbench.data import load_examples, tokenize_example
+    from kdbench.models import check_same_vocabulary, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
-    from kdbench.train.api import (Stages, TrainResult, _decoding, _model_card, finished_result, require_inputs,
-                                   _save_model_atomically,
-                                   _split_validation, _teacher_generations, training_arguments)
-    from kdbench.train.data_sources import resolve_data_path
-    from kdbench.train.engine import RichProgressCallback, RunLogCallback, Stopwatch, peak_memory_mb, train_resuming
-    from kdbench.train.objectives import get_objective
+    from kdbench.train.api import (Stages, _decoding, _split_validation, _teacher_generations, finished_result,
+                                   require_inputs, training_arguments)
+    from kdbench.train.data_sources import load_text_corpus, resolve_data_path
+    from kdbench.train.engine import LMSource, RichProgressCallback, RunLogCallback, Stopwatch, train_resuming
+    from kdbench.train.objectives import KL_DIRECTIONS, get_objective, preference_form
 
     say = log or (lambda message: None)
     clock = Stopwatch()
     source = entry.body.get("pairs")
-    if source not in ("distill", "file"):
-        raise ConfigError(f"Recipe {entry.path.name} has pairs {source!r}; use distill or file.")
+    if source not in ("distill", "file", "dpkd"):
+        raise ConfigError(f"Recipe {entry.path.name} has pairs {source!r}; use distill, file or dpkd.")
+    form = preference_form(params)
     reference = preference_reference(params)
+    mode = params.get("pairs", "online") if source == "dpkd" else source
     if source == "file" and reference == "dsft":
         raise ConfigError(f"Method {config.method} reads pairs from a file, so its reference cannot be the dSFT model; "
                           "use params.reference=student or teacher.")
-    needs_teacher = source == "distill" or reference == "teacher"
+    kl_weight = float(params.get("kl_weight", 0.0))
+    needs_teacher = source in ("distill", "dpkd") or reference == "teacher" or kl_weight > 0
     require_inputs(config, needs_teacher)
     if config.select != "last":
         raise ConfigError(f"Method {config.method} has no validation metric yet; use select=last.")
     objective = get_objective("preference")
     store = ArtifactStore(config.cache_dir)
 
+    # Everything the user gave is checked before any heavy work or any file is written.
     data_path = resolve_data_path(config.data, store=store, log=say)
-    if source == "file":
+    from_file = source == "file" or mode == "preference_data"
+    if from_file:
         pairs = load_preference_pairs(data_path)
         prompts = [p.example for p in pairs]
     else:
-        prompts = load_examples(data_path, require_output=False)
-    if not config.valid_data:  # the same split as train() makes for the dSFT stage: the same training prompts
+        gold_needed = source == "dpkd" and not config.lm_data and float(params.get("lm_weight", 0)) > 0
+        prompts = load_examples(data_path, require_output=gold_needed)
+    if not config.valid_data:  # the same split as train() makes for the dSFT / SFT stages: the same prompts
         kept = {id(e) for e in _split_validation(prompts, config.valid_fraction, config.seed)[0]}
         prompts = [e for e in prompts if id(e) in kept]
-        if source == "file":
+        if from_file:
             pairs = [p for p in pairs if id(p.example) in kept]
     tokenizer = load_tokenizer(config.student)
     teacher_tokenizer = load_tokenizer(config.teacher) if needs_teacher else None
-    decoding = _decoding(config, params, "teacher") if source == "distill" else None
+    online = source == "dpkd" and mode == "online"
+    lm_blocks = load_text_corpus(config.lm_data, tokenizer, config.max_length) if config.lm_data else None
+    decoding = _decoding(config, params, "teacher") if source in ("distill", "dpkd") and not from_file else None
 
-    run = RunDir.create(config.output_dir, config.run_name or f"{config.method}-seed{config.seed}", kind="train",
-                        config={**to_dict(config), "params": params, "recipe": entry.name,
-                                "recipe_file": entry.path.name, "objective": "preference", "pairs": source},
-                        command=command or sys.argv)
-    model_dir = run.path / "model"
-    if (finished := finished_result(run, say)) is not None:
-        return finished
-    stages = Stages(run)
-    extra_cost: dict = {"generated_tokens": 0, "frozen_forward_tokens": 0}
+    given_model(params, "dsft_model", "a dSFT checkpoint", tokenizer)
+    given_model(params, "sft_model", "an SFT student checkpoint", tokenizer)
     teacher_holder: dict = {}
 
     def teacher_model():
@@ -351,32 +574,59 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
             teacher_holder["model"] = load_model(config.teacher, trainable=False, dtype=config.teacher_dtype)
         return teacher_holder["model"]
 
+    if online or kl_weight > 0:  # the teacher scores the student's own token ids: one vocabulary
+        params["vocab_size"] = check_same_vocabulary(teacher_model(), teacher_tokenizer, load_model(config.student),
+                                                     tokenizer)
+
+    run = RunDir.create(config.output_dir, config.run_name or f"{config.method}-seed{config.seed}", kind="train",
+                        config={**to_dict(config), "params": params, "recipe": entry.name,
+                                "recipe_file": entry.path.name, "objective": "preference", "pairs": mode},
+                        command=command or sys.argv)
+    if (finished := finished_result(run, say)) is not None:
+        return finished
+    stages = Stages(run)
+    extra_cost: dict = {"generated_tokens": 0, "frozen_forward_tokens": 0}
+    # Stage: the policy's starting point (dSFT model; DPKD's SFT student)
     if source == "distill":
-        # Stage: generations (y_t: teacher, y_s: the original student), each cached
-        teacher_outputs, t_facts = _teacher_generations(config, params, decoding, _Lazy(teacher_model),
-                                                        teacher_tokenizer, prompts, run, store, say)
-        student_outputs, s_facts = _teacher_generations(config, params, decoding, _Lazy(lambda: load_model(
-            config.student, trainable=False)), tokenizer, prompts, run, store, say, model_name=config.student,
-            kind="student-generations")
-        pairs = [Pair(e, t.output, s.output) for e, t, s in zip(prompts, teacher_outputs, student_outputs)]
-        stages.mark("generate", {"teacher": t_facts, "student": s_facts})
-        extra_cost["generated_tokens"] = t_facts["generated_tokens"] + s_facts["generated_tokens"]
-        extra_cost["generation_reused"] = t_facts["reused"] and s_facts["reused"]
-        # Stage: dSFT
         dsft_dir, d_facts = _dsft_stage(config, params, store, run, say)
         stages.mark("dsft", d_facts)
         extra_cost["dsft_reused"] = bool(d_facts.get("reused", True))
         policy_source = str(dsft_dir)
+    elif source == "dpkd":
+        sft_data = chosen_as_examples(pairs, run) if from_file else config.data
+        policy_source, p_facts = policy_start(config, params, store, run, say, sft_data)
+        stages.mark("sft", p_facts)
     else:
         policy_source = config.student
 
-    # Stage: frozen sequence log-probs
+    # Stage: generations (y_t: the teacher; y_s: the original student, or the SFT student for DPKD offline)
+    if not from_file:
+        teacher_outputs, t_facts = _teacher_generations(config, params, decoding, _Lazy(teacher_model),
+                                                        teacher_tokenizer, prompts, run, store, say)
+        facts_gen = {"teacher": t_facts}
+        extra_cost["generated_tokens"] += t_facts["generated_tokens"]
+        if online:  # y_s is sampled in every step; the pair's rejected text is a placeholder until then
+            student_texts = [t.output for t in teacher_outputs]
+        else:
+            generator = config.student if source == "distill" else policy_source
+            student_outputs, s_facts = _teacher_generations(
+                config, params, decoding, _Lazy(lambda: load_model(generator, trainable=False)), tokenizer, prompts,
+                run, store, say, model_name=generator, kind="student-generations")
+            student_texts = [s.output for s in student_outputs]
+            facts_gen["student"] = s_facts
+            extra_cost["generated_tokens"] += s_facts["generated_tokens"]
+        pairs = [Pair(e, t.output, s) for e, t, s in zip(prompts, teacher_outputs, student_texts)]
+        stages.mark("generate", facts_gen)
+        extra_cost["generation_reused"] = all(f["reused"] for f in facts_gen.values())
+
+    # Stage: frozen sequence log-probs (each model scores the texts with its own tokenizer)
     frozen: dict[str, dict] = {}
     facts: dict[str, dict] = {}
-    uses_ref = params["loss"] == "dadpo" or (params["loss"] == "dpo" and reference in ("dsft", "student"))
-    uses_teacher = params["loss"] == "dadpo" or reference == "teacher"
+    uses_ref = form == "dadpo" or (form in ("dpo", "ipo") and reference in ("dsft", "student"))
+    uses_teacher = (form == "dadpo" or reference == "teacher") and not online
     if uses_ref:
-        frozen["ref"], facts["ref"] = cached_logps(store, "reference (dSFT model)" if source == "distill" else "reference (initial student)", policy_source,
+        label = "reference (dSFT model)" if source == "distill" else "reference (initial student)"
+        frozen["ref"], facts["ref"] = cached_logps(store, label, policy_source,
                                                    lambda: load_model(policy_source, trainable=False), tokenizer,
                                                    pairs, config, say)
     if uses_teacher:
@@ -385,12 +635,30 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     stages.mark("logprobs", facts)
     extra_cost["frozen_forward_tokens"] = sum(f["forward_tokens"] for f in facts.values())
     extra_cost["logprobs_reused"] = all(f["reused"] for f in facts.values())
-    teacher_holder.clear()  # training never runs the teacher
+    keep_teacher = online or kl_weight > 0
+    if not keep_teacher:
+        teacher_holder.clear()  # training never runs the teacher
 
     # Stage: preference training
     tokenized = tokenize_pairs(pairs, tokenizer, style=config.prompt_style, max_prompt_length=config.max_prompt_length,
                                max_length=config.max_length)
-    run.log(f"method={config.method} pairs={len(pairs)} source={source} reference={reference}")
+    lm_weight = float(params.get("lm_weight", 0.0))
+    lm_mode = None
+    gold = None
+    if lm_weight > 0:
+        if lm_blocks:
+            lm_mode = "corpus"
+        elif from_file:
+            lm_mode = "chosen"  # the preference data's gold responses are its chosen ones
+        else:
+            lm_mode = "gold"
+            gold = []
+            for example in prompts:
+                item = tokenize_example(example, tokenizer, style=config.prompt_style,
+                                        max_prompt_length=config.max_prompt_length, max_length=config.max_length)
+                gold.append((item.input_ids, item.labels))
+    run.log(f"method={config.method} pairs={len(pairs)} source={mode} form={form} reference={reference} "
+            f"lm={lm_mode or '-'} kl_weight={kl_weight}")
     checkpoints_dir = run.path / "checkpoints"
     # pairs have no single ``input_ids`` length to group by: the length-grouped sampler does not apply
     pair_config = dataclasses.replace(config, group_by_length=False) if config.group_by_length else config
@@ -398,10 +666,33 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
     if progress:
         train_callbacks.append(RichProgressCallback(f"train {config.method}"))
-    trainer = PreferenceTrainer(model=load_model(policy_source), args=args,
-                                train_dataset=PairDataset(tokenized, frozen), data_collator=PairCollator(tokenizer.pad_token_id),
-                                callbacks=train_callbacks, objective=objective, params=params, tokenizer=tokenizer)
+    trainer = PreferenceTrainer(
+        model=load_model(policy_source), args=args, train_dataset=PairDataset(tokenized, frozen, gold),
+        data_collator=PairCollator(tokenizer.pad_token_id), callbacks=train_callbacks, objective=objective,
+        params=params, tokenizer=tokenizer, teacher=teacher_model() if keep_teacher else None,
+        online=OnlinePairs(decoding, config.seed) if online else None, lm_mode=lm_mode,
+        lm_source=LMSource(lm_blocks, config.batch_size, config.seed, tokenizer.pad_token_id) if lm_mode == "corpus" else None,
+        lm_weight=lm_weight, kl_weight=kl_weight,
+        kl_divergence=KL_DIRECTIONS[params.get("kl_direction", "reverse")])
     output, resumed = train_resuming(trainer, run, checkpoints_dir, say)
+    counters = trainer.cost_counters()
+    cost = {
+        "teacher_forward_tokens": counters["teacher_forward_tokens"], "train_pairs": len(pairs),
+        "online_batches": counters["on_policy_batches"], "lm_tokens": counters["lm_tokens"],
+        **extra_cost, "generated_tokens": extra_cost["generated_tokens"] + counters["generated_tokens"],
+    }
+    return finish_pair_run(config, entry, params, run, trainer, tokenizer, output, resumed, clock, cost, stages, say)
+
+
+def finish_pair_run(config, entry, params, run: RunDir, trainer, tokenizer, output, resumed: bool, clock, cost: dict,
+                    stages, say):
+    """Save the trained model, ``cost.json`` and the model card; mark the run complete (process 0)."""
+    from kdbench.models import count_parameters
+    from kdbench.train.api import TrainResult, _model_card, _save_model_atomically
+    from kdbench.train.engine import peak_memory_mb
+
+    model_dir = run.path / "model"
+    checkpoints_dir = run.path / "checkpoints"
     final_loss = output.training_loss if output is not None else None
     trainer.model.config.kdbench_prompt_style = config.prompt_style
     counters = trainer.cost_counters()
@@ -409,10 +700,10 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         "wall_seconds": clock.seconds, "train_seconds": counters["train_seconds"],
         "optimizer_steps": trainer.state.global_step, "tokens_processed": counters["tokens_processed"],
         "response_tokens_trained": counters["response_tokens"], "teacher_forward_tokens": 0,
-        "train_pairs": len(pairs), **peak_memory_mb(), "student_parameters": count_parameters(trainer.model),
+        **peak_memory_mb(), "student_parameters": count_parameters(trainer.model),
         "processes": trainer.accelerator.num_processes, "final_train_loss": final_loss, "selected": "last",
         "select_metric": None, "selected_checkpoint": None, "validation": None, "resumed": resumed,
-        **extra_cost,
+        **cost,
     }
     if trainer.is_world_process_zero():
         _save_model_atomically(trainer.model, tokenizer, model_dir)
