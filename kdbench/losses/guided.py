@@ -116,32 +116,39 @@ DCKD_KL_REDUCTIONS = ("token_mean", "sequence_sum")
 
 def dckd(student_chosen_logits, teacher_chosen_logits, chosen_labels, chosen_mask,
          student_rejected_logits, teacher_rejected_logits, rejected_mask, *, alpha=0.2, temperature=1.0,
-         kl_reduction="token_mean", chosen_token_count=None, rejected_token_count=None, chunk_rows=None):
+         kl_reduction="token_mean", chosen_token_count=None, rejected_token_count=None, sequence_count=None,
+         chunk_rows=None, return_parts=False):
     """DCKD (adpa_dckd.md §3.2): CE(y_w) + α·FKL(π_dpo ‖ π_θ) on y_w + α·FKL on y_l.
 
     Shapes: logits [B, T, V] (teachers may be SparseTeacher: the paper's top-50), labels/masks [B, T];
     → scalar. CE and each KL are token means over their own counted positions (the authors' code);
     ``kl_reduction="sequence_sum"`` sums each KL over positions and averages over sequences (the paper's
-    Eqs. 5–6). ``chosen_token_count`` / ``rejected_token_count`` replace the local denominators by the
-    token counts of the whole optimizer step (gradient accumulation).
+    Eqs. 5–6). ``chosen_token_count`` / ``rejected_token_count`` / ``sequence_count`` replace the local
+    denominators by the counts of the whole optimizer step (gradient accumulation, data parallelism).
+    ``return_parts=True`` also returns the summed terms {"ce", "fkl_chosen", "fkl_rejected"}.
     """
     if kl_reduction not in DCKD_KL_REDUCTIONS:
         raise ConfigError(f"kl_reduction must be one of {', '.join(DCKD_KL_REDUCTIONS)} (got {kl_reduction!r}).")
 
-    def denominator(mask, override):
-        if kl_reduction == "sequence_sum":
-            return max(int(mask.shape[0]), 1)
+    def count(mask, override):
         return max(int((mask != 0).sum()) if override is None else float(override), 1)
 
-    chosen_denominator = max(int((chosen_mask != 0).sum()) if chosen_token_count is None
-                             else float(chosen_token_count), 1)
-    ce = cross_entropy(student_chosen_logits, chosen_labels, chosen_mask, reduction="sum",
-                       chunk_rows=chunk_rows) / chosen_denominator
+    def denominator(mask, override):
+        if kl_reduction == "sequence_sum":
+            return max(int(mask.shape[0]) if sequence_count is None else float(sequence_count), 1)
+        return count(mask, override)
+
+    ce = cross_entropy(student_chosen_logits, chosen_labels, chosen_mask, reduction="sum", chunk_rows=chunk_rows)
     kl_chosen = fkl(student_chosen_logits, teacher_chosen_logits, chosen_mask, temperature=temperature,
-                    reduction="sum", chunk_rows=chunk_rows) / denominator(chosen_mask, chosen_token_count)
+                    reduction="sum", chunk_rows=chunk_rows)
     kl_rejected = fkl(student_rejected_logits, teacher_rejected_logits, rejected_mask, temperature=temperature,
-                      reduction="sum", chunk_rows=chunk_rows) / denominator(rejected_mask, rejected_token_count)
-    return ce + alpha * (kl_chosen + kl_rejected)
+                      reduction="sum", chunk_rows=chunk_rows)
+    loss = (ce / count(chosen_mask, chosen_token_count)
+            + alpha * (kl_chosen / denominator(chosen_mask, chosen_token_count)
+                       + kl_rejected / denominator(rejected_mask, rejected_token_count)))
+    if return_parts:
+        return loss, {"ce": ce, "fkl_chosen": kl_chosen, "fkl_rejected": kl_rejected}
+    return loss
 
 
 def _dpkd_token_rows(student_chunk, teacher_chunk, beta, dtype):

@@ -336,31 +336,22 @@ def _guided(batch: GuidedBatch, params: dict) -> dict:
     """DCKD: CE(y_w) + α·(FKL(π_dpo‖π_θ) on y_w + FKL on y_l); ADPA: CE(y_w) + γ·advantage loss on ŷ.
     Token means over the step's tokens by default; ``kl_reduction`` / ``adpa_reduction`` = sequence_sum
     (DCKD's Eqs. 5–6) or sum over positions then mean over the step's sequences (ADPA's Eq. 10)."""
-    from kdbench.losses.guided import adpa
-    from kdbench.losses.token import fkl
+    from kdbench.losses.guided import adpa, dckd
 
-    ce = cross_entropy_sum(batch.chosen_logits, batch.chosen_targets)
-    loss = ce / batch.chosen_tokens
-    parts = {"ce": ce}
     if params["loss"] == "dckd":
-        temperature = float(params.get("temperature", 1.0))
-        kl_chosen = fkl(batch.chosen_logits, batch.dpo_chosen, batch.chosen_mask, temperature=temperature,
-                        reduction="sum")
-        kl_other = fkl(batch.other_logits, batch.dpo_other, batch.other_mask, temperature=temperature, reduction="sum")
-        if params["kl_reduction"] == "sequence_sum":
-            term = (kl_chosen + kl_other) / batch.sequences
-        else:
-            term = kl_chosen / batch.chosen_tokens + kl_other / batch.other_tokens
-        loss = loss + float(params["alpha"]) * term
-        parts.update(fkl_chosen=kl_chosen, fkl_rejected=kl_other)
-    else:
-        top_k = params.get("teacher_topk")
-        advantage = adpa(batch.other_logits, batch.dpo_other, batch.ref_other, batch.other_mask, reduction="sum",
-                         top_k=int(top_k) if top_k else None, missing_ref=params.get("missing_ref", "ref_lowest"))
-        denominator = batch.sequences if params["adpa_reduction"] == "sequence_sum" else batch.other_tokens
-        loss = loss + float(params["gamma"]) * advantage / denominator
-        parts["adpa"] = advantage
-    return {"loss": loss, **parts}
+        loss, parts = dckd(batch.chosen_logits, batch.dpo_chosen, batch.chosen_targets, batch.chosen_mask,
+                           batch.other_logits, batch.dpo_other, batch.other_mask, alpha=float(params["alpha"]),
+                           temperature=float(params.get("temperature", 1.0)), kl_reduction=params["kl_reduction"],
+                           chosen_token_count=batch.chosen_tokens, rejected_token_count=batch.other_tokens,
+                           sequence_count=batch.sequences, return_parts=True)
+        return {"loss": loss, **parts}
+    ce = cross_entropy_sum(batch.chosen_logits, batch.chosen_targets)
+    top_k = params.get("teacher_topk")
+    advantage = adpa(batch.other_logits, batch.dpo_other, batch.ref_other, batch.other_mask, reduction="sum",
+                     top_k=int(top_k) if top_k else None, missing_ref=params.get("missing_ref", "ref_lowest"))
+    denominator = batch.sequences if params["adpa_reduction"] == "sequence_sum" else batch.other_tokens
+    loss = ce / batch.chosen_tokens + float(params["gamma"]) * advantage / denominator
+    return {"loss": loss, "ce": ce, "adpa": advantage}
 
 
 def _validate_guided(params: dict) -> None:
