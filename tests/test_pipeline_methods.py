@@ -236,3 +236,39 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tiny, tmp_path):
         assert result.exit_code == 2, (args[0], result.output)
         assert expected in result.output and "Traceback" not in result.output, (args[0], result.output)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_dpkd_online_interrupted_and_rerun_equals_uninterrupted(tiny, tmp_path):
+    """Online pairs are seeded by (seed, step, micro-batch, process, example): a run stopped after its
+    step-3 checkpoint and rerun with the same command samples the same y_s and ends with the same weights."""
+    from transformers import TrainerCallback
+
+    class StopAtStep4(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 4:
+                raise _Interrupt()
+
+    from kdbench.train import TrainConfig, train
+
+    def config(out):
+        return TrainConfig(method="dpkd", student=str(tiny / "student"), teacher=str(tiny / "teacher"),
+                           data=str(tiny / "prompts.jsonl"), valid_fraction=0.2, output_dir=str(out), max_steps=6,
+                           batch_size=3, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant",
+                           prompt_style="compact", logging_steps=1, save_steps=3, seed=3,
+                           cache_dir=str(tiny / "cache"), params={"max_new_tokens": 8, "sft_settings": {"max_steps": 4}})
+
+    reference = train(config(tmp_path / "ref"), progress=False)
+    with pytest.raises(_Interrupt):
+        train(config(tmp_path / "crash"), progress=False, callbacks=[StopAtStep4()])
+    messages: list[str] = []
+    resumed = train(config(tmp_path / "crash"), progress=False, log=messages.append)
+    assert any(m.startswith("resuming from") and m.endswith("checkpoint-3") for m in messages), messages
+    assert resumed.cost["resumed"]
+    a, b = _params(reference.model_dir), _params(resumed.model_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert [r["loss"] for r in _log(resumed)] == pytest.approx([r["loss"] for r in _log(reference)], rel=1e-5)
