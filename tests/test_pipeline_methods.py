@@ -44,6 +44,7 @@ def _train(root: Path, out: Path, method: str, params: dict | None = None, **set
                   data=str(root / "prompts.jsonl"), valid_fraction=0.2, output_dir=str(out), max_steps=12,
                   batch_size=8, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant", prompt_style="compact",
                   logging_steps=1, save_steps=100, generation_batch_size=64, seed=3, cache_dir=str(root / "cache"),
+                  group_by_length=True,  # as the demo trains: pair runs must ignore it
                   params=dict(params or {}))
     values.update(settings)
     result = train(TrainConfig(**values), log=messages.append, progress=False)
@@ -272,3 +273,20 @@ def test_dpkd_online_interrupted_and_rerun_equals_uninterrupted(tiny, tmp_path):
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
     assert [r["loss"] for r in _log(resumed)] == pytest.approx([r["loss"] for r in _log(reference)], rel=1e-5)
+
+
+def test_dpkd_and_adpa_plus_from_the_cli_write_run_directories(tiny, tmp_path):
+    common = ["--student", str(tiny / "student"), "--teacher", str(tiny / "teacher"), "--output-dir", str(tmp_path),
+              "--set", "max_steps=2", "--set", "batch_size=4", "--set", "prompt_style=compact",
+              "--set", f"cache_dir={tiny / 'cache'}", "--set", "params.max_new_tokens=8"]
+    dpkd = _cli(["dpkd", *common, "--data", str(tiny / "prompts.jsonl"), "--set", "params.sft_settings.max_steps=2"])
+    assert dpkd.exit_code == 0, dpkd.output
+    plus = _cli(["adpa_plus", *common, "--data", str(tiny / "prefs.jsonl"),
+                 "--set", "params.teacher_dpo_settings.max_steps=2", "--set", "params.dckd_settings.max_steps=2"])
+    assert plus.exit_code == 0, plus.output
+    for run, expected in (("dpkd-seed1", {"sft", "generate", "logprobs", "train"}),
+                          ("adpa_plus-seed1", {"teachers", "student", "generate", "train"})):
+        folder = tmp_path / run
+        assert set(json.loads((folder / "stages.json").read_text())) == expected, run
+        assert (folder / "model" / "model.safetensors").is_file() and (folder / "cost.json").is_file()
+        assert json.loads((folder / "run.json").read_text())["status"] == "complete"

@@ -32,7 +32,7 @@ from kdbench.store import RunDir
 from kdbench.train.objectives import GuidedBatch
 from kdbench.train.pipeline import (Pair, PairCollator, PairDataset, PreferenceTrainer, _check_finite, _positive,
                                     chosen_as_examples, finish_pair_run, given_model, load_preference_pairs,
-                                    model_stage, policy_start, tokenize_pairs)
+                                    model_stage, pair_training_arguments, policy_start, tokenize_pairs)
 
 _DCKD_PARAMS = ("alpha", "kl_reduction", "temperature", "teacher_topk", "ref_teacher", "teacher_dpo_beta",
                 "teacher_sft_settings", "teacher_dpo_settings", "init", "sft_settings")
@@ -111,7 +111,7 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     from kdbench.models import check_same_vocabulary, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
     from kdbench.train.api import (Stages, _decoding, _split_validation, _teacher_generations, finished_result,
-                                   require_inputs, training_arguments)
+                                   require_inputs)
     from kdbench.train.data_sources import resolve_data_path
     from kdbench.train.engine import RichProgressCallback, RunLogCallback, Stopwatch, train_resuming
     from kdbench.train.objectives import get_objective
@@ -197,7 +197,7 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     run.log(f"method={config.method} pairs={len(train_pairs)} loss={params['loss']} start={start} pi_ref={ref_dir} "
             f"pi_dpo={dpo_dir}")
     checkpoints_dir = run.path / "checkpoints"
-    args = training_arguments(config, checkpoints_dir, evaluate=False, eval_steps=config.save_steps)
+    args = pair_training_arguments(config, checkpoints_dir)
     train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
     if progress:
         train_callbacks.append(RichProgressCallback(f"train {config.method}"))

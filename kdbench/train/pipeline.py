@@ -521,7 +521,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     from kdbench.models import check_same_vocabulary, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
     from kdbench.train.api import (Stages, _decoding, _split_validation, _teacher_generations, finished_result,
-                                   require_inputs, training_arguments)
+                                   require_inputs)
     from kdbench.train.data_sources import load_text_corpus, resolve_data_path
     from kdbench.train.engine import LMSource, RichProgressCallback, RunLogCallback, Stopwatch, train_resuming
     from kdbench.train.objectives import KL_DIRECTIONS, get_objective, preference_form
@@ -660,9 +660,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     run.log(f"method={config.method} pairs={len(pairs)} source={mode} form={form} reference={reference} "
             f"lm={lm_mode or '-'} kl_weight={kl_weight}")
     checkpoints_dir = run.path / "checkpoints"
-    # pairs have no single ``input_ids`` length to group by: the length-grouped sampler does not apply
-    pair_config = dataclasses.replace(config, group_by_length=False) if config.group_by_length else config
-    args = training_arguments(pair_config, checkpoints_dir, evaluate=False, eval_steps=config.save_steps)
+    args = pair_training_arguments(config, checkpoints_dir)
     train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
     if progress:
         train_callbacks.append(RichProgressCallback(f"train {config.method}"))
@@ -682,6 +680,15 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         **extra_cost, "generated_tokens": extra_cost["generated_tokens"] + counters["generated_tokens"],
     }
     return finish_pair_run(config, entry, params, run, trainer, tokenizer, output, resumed, clock, cost, stages, say)
+
+
+def pair_training_arguments(config, checkpoints_dir: Path):
+    """``TrainingArguments`` of a pair run: no validation, and no length-grouped sampler (a pair has no
+    single ``input_ids`` length to group by)."""
+    from kdbench.train.api import training_arguments
+
+    pair_config = dataclasses.replace(config, group_by_length=False) if config.group_by_length else config
+    return training_arguments(pair_config, checkpoints_dir, evaluate=False, eval_steps=config.save_steps)
 
 
 def finish_pair_run(config, entry, params, run: RunDir, trainer, tokenizer, output, resumed: bool, clock, cost: dict,
