@@ -32,7 +32,7 @@ from kdbench.store import RunDir
 from kdbench.train.objectives import GuidedBatch
 from kdbench.train.pipeline import (Pair, PairCollator, PairDataset, PreferenceTrainer, _check_finite, _positive,
                                     chosen_as_examples, finish_pair_run, given_model, load_preference_pairs,
-                                    model_stage, pair_training_arguments, policy_start, tokenize_pairs)
+                                    model_stage, pair_run_setup, policy_start, tokenize_pairs)
 
 _DCKD_PARAMS = ("alpha", "kl_reduction", "temperature", "teacher_topk", "ref_teacher", "teacher_dpo_beta",
                 "teacher_sft_settings", "teacher_dpo_settings", "init", "sft_settings")
@@ -113,7 +113,7 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     from kdbench.train.api import (Stages, _decoding, _split_validation, _teacher_generations, finished_result,
                                    require_inputs)
     from kdbench.train.data_sources import resolve_data_path
-    from kdbench.train.engine import RichProgressCallback, RunLogCallback, Stopwatch, train_resuming
+    from kdbench.train.engine import Stopwatch, train_resuming
     from kdbench.train.objectives import get_objective
 
     say = log or (lambda message: None)
@@ -196,11 +196,7 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
                                max_prompt_length=config.max_prompt_length, max_length=config.max_length)
     run.log(f"method={config.method} pairs={len(train_pairs)} loss={params['loss']} start={start} pi_ref={ref_dir} "
             f"pi_dpo={dpo_dir}")
-    checkpoints_dir = run.path / "checkpoints"
-    args = pair_training_arguments(config, checkpoints_dir)
-    train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
-    if progress:
-        train_callbacks.append(RichProgressCallback(f"train {config.method}"))
+    args, train_callbacks = pair_run_setup(config, run, callbacks, progress)
     trainer = GuidedTrainer(
         model=load_model(start), args=args, train_dataset=PairDataset(tokenized, {}),
         data_collator=PairCollator(tokenizer.pad_token_id), callbacks=train_callbacks,
@@ -208,7 +204,7 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
         teacher=load_model(str(dpo_dir), trainable=False, dtype=config.teacher_dtype),
         ref_teacher=(load_model(ref_dir, trainable=False, dtype=config.teacher_dtype)
                      if params["loss"] == "adpa" else None))
-    output, resumed = train_resuming(trainer, run, checkpoints_dir, say)
+    output, resumed = train_resuming(trainer, run, run.path / "checkpoints", say)
     counters = trainer.cost_counters()
     cost = {"teacher_forward_tokens": counters["teacher_forward_tokens"], "train_pairs": len(train_pairs),
             "generated_tokens": generated}

@@ -523,7 +523,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     from kdbench.train.api import (Stages, _decoding, _split_validation, _teacher_generations, finished_result,
                                    require_inputs)
     from kdbench.train.data_sources import load_text_corpus, resolve_data_path
-    from kdbench.train.engine import LMSource, RichProgressCallback, RunLogCallback, Stopwatch, train_resuming
+    from kdbench.train.engine import LMSource, Stopwatch, train_resuming
     from kdbench.train.objectives import KL_DIRECTIONS, get_objective, preference_form
 
     say = log or (lambda message: None)
@@ -659,11 +659,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
                 gold.append((item.input_ids, item.labels))
     run.log(f"method={config.method} pairs={len(pairs)} source={mode} form={form} reference={reference} "
             f"lm={lm_mode or '-'} kl_weight={kl_weight}")
-    checkpoints_dir = run.path / "checkpoints"
-    args = pair_training_arguments(config, checkpoints_dir)
-    train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
-    if progress:
-        train_callbacks.append(RichProgressCallback(f"train {config.method}"))
+    args, train_callbacks = pair_run_setup(config, run, callbacks, progress)
     trainer = PreferenceTrainer(
         model=load_model(policy_source), args=args, train_dataset=PairDataset(tokenized, frozen, gold),
         data_collator=PairCollator(tokenizer.pad_token_id), callbacks=train_callbacks, objective=objective,
@@ -672,7 +668,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         lm_source=LMSource(lm_blocks, config.batch_size, config.seed, tokenizer.pad_token_id) if lm_mode == "corpus" else None,
         lm_weight=lm_weight, kl_weight=kl_weight,
         kl_divergence=KL_DIRECTIONS[params.get("kl_direction", "reverse")])
-    output, resumed = train_resuming(trainer, run, checkpoints_dir, say)
+    output, resumed = train_resuming(trainer, run, run.path / "checkpoints", say)
     counters = trainer.cost_counters()
     cost = {
         "teacher_forward_tokens": counters["teacher_forward_tokens"], "train_pairs": len(pairs),
@@ -682,13 +678,19 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     return finish_pair_run(config, entry, params, run, trainer, tokenizer, output, resumed, clock, cost, stages, say)
 
 
-def pair_training_arguments(config, checkpoints_dir: Path):
-    """``TrainingArguments`` of a pair run: no validation, and no length-grouped sampler (a pair has no
-    single ``input_ids`` length to group by)."""
+def pair_run_setup(config, run: RunDir, callbacks: list | None, progress: bool) -> tuple[object, list]:
+    """``TrainingArguments`` and callbacks of a pair run: checkpoints under the run's ``checkpoints/``, no
+    validation, no length-grouped sampler (a pair has no single ``input_ids`` length to group by), the
+    run log and, with ``progress``, a progress bar."""
     from kdbench.train.api import training_arguments
+    from kdbench.train.engine import RichProgressCallback, RunLogCallback
 
     pair_config = dataclasses.replace(config, group_by_length=False) if config.group_by_length else config
-    return training_arguments(pair_config, checkpoints_dir, evaluate=False, eval_steps=config.save_steps)
+    args = training_arguments(pair_config, run.path / "checkpoints", evaluate=False, eval_steps=config.save_steps)
+    train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
+    if progress:
+        train_callbacks.append(RichProgressCallback(f"train {config.method}"))
+    return args, train_callbacks
 
 
 def finish_pair_run(config, entry, params, run: RunDir, trainer, tokenizer, output, resumed: bool, clock, cost: dict,
