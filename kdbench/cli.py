@@ -225,7 +225,8 @@ def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: st
 @app.command()
 @handles_errors
 def demo(
-    preset: str = typer.Option("smoke", "--preset", help="smoke (minutes), standard (larger, several seeds)."),
+    preset: str = typer.Option("smoke", "--preset", help="smoke (minutes), standard (larger, several seeds), full; smollm2-quick / smollm2: "
+                                                  "the real SmolLM2-135M-Instruct teacher (docs/smollm2_example.md)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: runs/demo-PRESET)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Artifact cache (default: $KDBENCH_CACHE or ~/.cache/kdbench)."),
     set_: List[str] = typer.Option([], "--set", help="Override a preset setting: --set student_steps=200."),

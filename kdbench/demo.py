@@ -122,9 +122,15 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
     from kdbench.store import find_run_dirs
     from kdbench.train import TrainConfig, train
 
+    from kdbench.real_demo import REAL_PRESETS, RealPreset, run_real_demo
+
+    if isinstance(preset, str) and preset in REAL_PRESETS:
+        preset = REAL_PRESETS[preset]
+    if isinstance(preset, RealPreset):  # a real pretrained teacher: kdbench.real_demo
+        return run_real_demo(preset, out_dir=out_dir, cache_dir=cache_dir, log=log, progress=progress)
     if isinstance(preset, str):
         if preset not in PRESETS:
-            raise ConfigError(f"Unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}.")
+            raise ConfigError(f"Unknown preset {preset!r}; choose one of: {', '.join(preset_names())}.")
         preset = PRESETS[preset]
     say = log or (lambda message: None)
     out = Path(out_dir) if out_dir else Path("runs") / f"demo-{preset.name}"
@@ -154,7 +160,7 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
                 run_name=f"{method}-seed{seed}", seed=seed, learning_rate=preset.student_lr,
                 max_steps=preset.student_steps, batch_size=preset.batch_size, max_length=256, max_prompt_length=128,
                 prompt_style="compact", logging_steps=25, group_by_length=True, cache_dir=str(store.root),
-                save_steps=max(50, preset.student_steps // 3)),
+                save_steps=max(50, preset.student_steps // 3), params=generation_params(method, preset.max_new_tokens)),
                 log=say, command=["kdbench", "demo", preset.name], progress=progress)
             timings[f"train_{method}_seed{seed}_seconds"] = round(time.time() - t0, 1)
             trained.append((method, seed, result.model_dir))
@@ -219,6 +225,15 @@ def training_file(method: str) -> str:
     return "student_train"
 
 
+def generation_params(method: str, max_new_tokens: int) -> dict:
+    """The preset's generation limit for recipes that generate (SeqKD, dSFT, DPKD, the daDPO family,
+    ADPA's ŷ, GKD), so no stage generates past what the preset evaluates."""
+    from kdbench import registry
+
+    params = registry.get("trainers", method).body.get("params") or {}
+    return {"max_new_tokens": max_new_tokens} if "max_new_tokens" in params else {}
+
+
 MC_SUITE = {"name": "synthetic-mc", "type": "lm_eval", "protocol": "kdbench synthetic multiple choice",
              "description": "Four-option questions on held-out facts of the generated world (chance = 25%).",
              "tasks": [{"task": "kdbench_synthetic_mc", "num_fewshot": 0, "metric": "acc"}]}
@@ -240,11 +255,23 @@ def score_multiple_choice(corpus_dir: Path, models: list[tuple[str, int | None, 
         run.write_metrics(result.to_metric_records(run, MC_SUITE["name"]), replace_suite=MC_SUITE["name"])
 
 
-def preset_with(name: str, overrides: dict) -> Preset:
-    from kdbench.config import build
+def preset_names() -> list[str]:
+    """The embedded presets and the real-model ones (kdbench.real_demo)."""
+    from kdbench.real_demo import REAL_PRESETS
 
+    return [*PRESETS, *REAL_PRESETS]
+
+
+def preset_with(name: str, overrides: dict):
+    """The preset ``name`` with ``--set`` overrides: a :class:`Preset`, or a
+    :class:`kdbench.real_demo.RealPreset` for ``smollm2`` / ``smollm2-quick``."""
+    from kdbench.config import build
+    from kdbench.real_demo import REAL_PRESETS, RealPreset
+
+    if name in REAL_PRESETS:
+        return build(RealPreset, {**to_dict(REAL_PRESETS[name]), **overrides}) if overrides else REAL_PRESETS[name]
     if name not in PRESETS:
-        raise ConfigError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
+        raise ConfigError(f"Unknown preset {name!r}; choose one of: {', '.join(preset_names())}.")
     if not overrides:
         return PRESETS[name]
     merged = {**to_dict(PRESETS[name])}
