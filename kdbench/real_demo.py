@@ -251,11 +251,11 @@ def teacher_responses(preset: RealPreset, rows: list[dict], name: str, teacher_d
     same artifact for its ``y_t`` instead of generating again."""
     from kdbench.data import Example
     from kdbench.models import load_model, load_tokenizer
-    from kdbench.train.api import _decoding, _teacher_generations, resolve_recipe
+    from kdbench.train.api import recipe_decoding, generation_stage, resolve_recipe
 
     _, params = resolve_recipe("dadpo", {"max_new_tokens": preset.max_new_tokens})
     config = _base_config(preset, "dadpo", student, teacher_dir, Path("unused"), Path("unused"), out, store, params)
-    decoding = _decoding(config, params, "teacher")
+    decoding = recipe_decoding(config, params, "teacher")
     examples = [Example(instruction=r["instruction"], input=r["input"], output="", id=r["id"]) for r in rows]
     run = RunDir.create(out / "stages", f"teacher-responses-{name}", kind="generate",
                         config={"teacher": teacher_dir, "prompts": len(rows), "decoding": decoding.describe()})
@@ -272,8 +272,8 @@ def teacher_responses(preset: RealPreset, rows: list[dict], name: str, teacher_d
         def __call__(self, *args, **kwargs):
             return self.__getattr__("__call__")(*args, **kwargs)
 
-    generated, facts = _teacher_generations(config, params, decoding, _Lazy(), load_tokenizer(teacher_dir), examples,
-                                            run, store, say)
+    generated, facts = generation_stage(config, params, decoding, _Lazy(), load_tokenizer(teacher_dir), examples,
+                                        run, store, say)
     path = out / "data" / f"{name}.jsonl"
     lines = [json.dumps({"id": g.id, "instruction": g.instruction, "input": g.input, "output": g.output},
                         ensure_ascii=False) for g in generated if g.output.strip()]

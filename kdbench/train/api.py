@@ -144,7 +144,7 @@ def resolve_recipe(method: str, overrides: dict) -> tuple[registry.Entry, dict]:
     return entry, params
 
 
-def _split_validation(examples, fraction: float, seed: int):
+def split_validation(examples, fraction: float, seed: int):
     import random
 
     order = list(range(len(examples)))
@@ -224,7 +224,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
         valid_examples = load_examples(resolve_data_path(config.valid_data, default_split="validation", store=store,
                                                          log=say))
     else:
-        train_examples, valid_examples = _split_validation(examples, config.valid_fraction, config.seed)
+        train_examples, valid_examples = split_validation(examples, config.valid_fraction, config.seed)
     valid_examples = [e for e in valid_examples if e.output.strip()]  # prompts without gold cannot be scored
     tokenizer = load_tokenizer(config.student)
     student = load_model(config.student)
@@ -237,7 +237,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     lm_blocks = load_text_corpus(config.lm_data, tokenizer, config.max_length) if config.lm_data else None
     if use_cache and config.teacher_topk > params["vocab_size"]:
         raise ConfigError(f"Setting teacher_topk ({config.teacher_topk}) exceeds the vocabulary size {params['vocab_size']}.")
-    decoding = _decoding(config, params, responses)
+    decoding = recipe_decoding(config, params, responses)
 
     run_name = config.run_name or f"{config.method}-seed{config.seed}"
     run = RunDir.create(config.output_dir, run_name, kind="train",
@@ -253,8 +253,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
 
     # Stage 1: teacher generations (SeqKD)
     if responses == "teacher":
-        train_examples, facts = _teacher_generations(config, params, decoding, teacher, teacher_tokenizer,
-                                                     train_examples, run, store, say)
+        train_examples, facts = generation_stage(config, params, decoding, teacher, teacher_tokenizer,
+                                                 train_examples, run, store, say)
         stages.mark("generate", facts)
         extra_cost.update(generated_tokens=facts["generated_tokens"], generation_reused=facts["reused"],
                           generation_seconds=facts["build_seconds"])
@@ -400,7 +400,7 @@ def training_arguments(config: TrainConfig, checkpoints_dir: Path, *, evaluate: 
     )
 
 
-def _decoding(config: TrainConfig, params: dict, responses: str):
+def recipe_decoding(config: TrainConfig, params: dict, responses: str):
     """The decoding settings of a generating recipe (None for gold responses)."""
     from kdbench.generate import DecodingConfig
 
@@ -413,8 +413,8 @@ def _decoding(config: TrainConfig, params: dict, responses: str):
                           max_prompt_length=config.max_prompt_length, batch_size=config.generation_batch_size)
 
 
-def _teacher_generations(config: TrainConfig, params: dict, decoding, teacher, teacher_tokenizer, examples,
-                         run: RunDir, store, say, *, model_name: str | None = None, kind: str = "teacher-generations"):
+def generation_stage(config: TrainConfig, params: dict, decoding, teacher, teacher_tokenizer, examples,
+                     run: RunDir, store, say, *, model_name: str | None = None, kind: str = "teacher-generations"):
     """SeqKD's data: the teacher's response to every training prompt (artifact store; a killed
     generation resumes from the partial file in the run directory). Returns (examples, facts).
 

@@ -110,7 +110,7 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     """Run a DCKD / ADPA / ADPA+ recipe end to end (module docstring); returns a ``TrainResult``."""
     from kdbench.models import check_same_vocabulary, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
-    from kdbench.train.api import (Stages, _decoding, _split_validation, _teacher_generations, finished_result,
+    from kdbench.train.api import (Stages, recipe_decoding, split_validation, generation_stage, finished_result,
                                    require_inputs)
     from kdbench.train.data_sources import resolve_data_path
     from kdbench.train.engine import Stopwatch, train_resuming
@@ -126,7 +126,7 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     data_path = resolve_data_path(config.data, store=store, log=say)
     pairs = load_preference_pairs(data_path)
     if not config.valid_data:  # the same split as the stages' own runs make: the same training prompts
-        kept = {id(e) for e in _split_validation([p.example for p in pairs], config.valid_fraction, config.seed)[0]}
+        kept = {id(e) for e in split_validation([p.example for p in pairs], config.valid_fraction, config.seed)[0]}
         pairs = [p for p in pairs if id(p.example) in kept]
     tokenizer = load_tokenizer(config.student)
     teacher_tokenizer = load_tokenizer(config.teacher)
@@ -181,10 +181,10 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
 
     # Stage: ŷ (ADPA): the starting student's responses, once
     if params["loss"] == "adpa":
-        decoding = _decoding(config, params, "teacher")
-        outputs, g_facts = _teacher_generations(config, params, decoding, _lazy_model(start), tokenizer,
-                                                [p.example for p in pairs], run, store, say, model_name=start,
-                                                kind="student-generations")
+        decoding = recipe_decoding(config, params, "teacher")
+        outputs, g_facts = generation_stage(config, params, decoding, _lazy_model(start), tokenizer,
+                                            [p.example for p in pairs], run, store, say, model_name=start,
+                                            kind="student-generations")
         train_pairs = [Pair(p.example, p.chosen, o.output or tokenizer.eos_token) for p, o in zip(pairs, outputs)]
         stages.mark("generate", g_facts)
         generated = g_facts["generated_tokens"]

@@ -520,7 +520,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     from kdbench.data import load_examples, tokenize_example
     from kdbench.models import check_same_vocabulary, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
-    from kdbench.train.api import (Stages, _decoding, _split_validation, _teacher_generations, finished_result,
+    from kdbench.train.api import (Stages, recipe_decoding, split_validation, generation_stage, finished_result,
                                    require_inputs)
     from kdbench.train.data_sources import load_text_corpus, resolve_data_path
     from kdbench.train.engine import LMSource, Stopwatch, train_resuming
@@ -555,7 +555,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         gold_needed = source == "dpkd" and not config.lm_data and float(params.get("lm_weight", 0)) > 0
         prompts = load_examples(data_path, require_output=gold_needed)
     if not config.valid_data:  # the same split as train() makes for the dSFT / SFT stages: the same prompts
-        kept = {id(e) for e in _split_validation(prompts, config.valid_fraction, config.seed)[0]}
+        kept = {id(e) for e in split_validation(prompts, config.valid_fraction, config.seed)[0]}
         prompts = [e for e in prompts if id(e) in kept]
         if from_file:
             pairs = [p for p in pairs if id(p.example) in kept]
@@ -563,7 +563,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     teacher_tokenizer = load_tokenizer(config.teacher) if needs_teacher else None
     online = source == "dpkd" and mode == "online"
     lm_blocks = load_text_corpus(config.lm_data, tokenizer, config.max_length) if config.lm_data else None
-    decoding = _decoding(config, params, "teacher") if source in ("distill", "dpkd") and not from_file else None
+    decoding = recipe_decoding(config, params, "teacher") if source in ("distill", "dpkd") and not from_file else None
 
     given_model(params, "dsft_model", "a dSFT checkpoint", tokenizer)
     given_model(params, "sft_model", "an SFT student checkpoint", tokenizer)
@@ -601,15 +601,15 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
 
     # Stage: generations (y_t: the teacher; y_s: the original student, or the SFT student for DPKD offline)
     if not from_file:
-        teacher_outputs, t_facts = _teacher_generations(config, params, decoding, _Lazy(teacher_model),
-                                                        teacher_tokenizer, prompts, run, store, say)
+        teacher_outputs, t_facts = generation_stage(config, params, decoding, _Lazy(teacher_model),
+                                                    teacher_tokenizer, prompts, run, store, say)
         facts_gen = {"teacher": t_facts}
         extra_cost["generated_tokens"] += t_facts["generated_tokens"]
         if online:  # y_s is sampled in every step; the pair's rejected text is a placeholder until then
             student_texts = [t.output for t in teacher_outputs]
         else:
             generator = config.student if source == "distill" else policy_source
-            student_outputs, s_facts = _teacher_generations(
+            student_outputs, s_facts = generation_stage(
                 config, params, decoding, _Lazy(lambda: load_model(generator, trainable=False)), tokenizer, prompts,
                 run, store, say, model_name=generator, kind="student-generations")
             student_texts = [s.output for s in student_outputs]
