@@ -290,3 +290,36 @@ def test_dpkd_and_adpa_plus_from_the_cli_write_run_directories(tiny, tmp_path):
         assert set(json.loads((folder / "stages.json").read_text())) == expected, run
         assert (folder / "model" / "model.safetensors").is_file() and (folder / "cost.json").is_file()
         assert json.loads((folder / "run.json").read_text())["status"] == "complete"
+
+
+def test_preference_runs_validate_on_held_out_pairs_and_keep_the_best(tiny, tmp_path):
+    """select=best on a preference method: the held-out pairs' loss / reward accuracy / margin are logged
+    at every eval step, and the kept model is the best checkpoint (its validation loss is the best one)."""
+    result, _ = _train(tiny, tmp_path, "dpo", {"reference": "teacher"}, data=str(tiny / "prefs.jsonl"),
+                       select="best", eval_steps=3, save_steps=3, valid_fraction=0.3, run_name="dpo-best")
+    evals = [r for r in map(json.loads, open(result.run.path / "train_log.jsonl")) if "eval_reward_accuracy" in r]
+    assert [r["step"] for r in evals][:4] == [3, 6, 9, 12] and all(r["eval_pairs"] == 2 for r in evals)
+    cost = result.cost
+    assert cost["selected"] == "best" and cost["select_metric"] == "loss"
+    assert cost["best_metric"] == pytest.approx(min(r["eval_loss"] for r in evals[:4]), rel=1e-6)
+    assert cost["validation"]["loss"] == pytest.approx(cost["best_metric"], rel=1e-5)  # the best model was kept
+    assert set(cost["validation"]) >= {"loss", "reward_accuracy", "reward_margin", "pairs"}
+    # distilled pairs: the held-out prompts get their own (cached) teacher and student responses
+    ddpo, _ = _train(tiny, tmp_path, "ddpo", {"max_new_tokens": 8, "dsft_settings": {"max_steps": 4}},
+                     eval_steps=6, max_steps=6, run_name="ddpo-eval")
+    stages = json.loads((ddpo.run.path / "stages.json").read_text())
+    assert set(stages["generate"]["validation"]) == {"teacher", "student"}
+    assert ddpo.cost["validation"]["pairs"] == 2 and ddpo.cost["selected"] == "last"
+
+
+def test_selection_settings_that_do_not_apply_are_one_sentence(tiny, tmp_path):
+    common = ["--student", str(tiny / "student"), "--teacher", str(tiny / "teacher"), "--output-dir", str(tmp_path)]
+    cases = [(["dpo", *common, "--data", str(tiny / "prefs.jsonl"), "--set", "select=best", "--set", "select_metric=ce"],
+              "is not measured on preference pairs"),
+             (["kd", *common, "--data", str(tiny / "prompts.jsonl"), "--set", "select=best",
+               "--set", "select_metric=reward_accuracy"], "is measured on held-out preference pairs"),
+             (["dckd", *common, "--data", str(tiny / "prefs.jsonl"), "--set", "select=best"], "no validation metric yet")]
+    for args, expected in cases:
+        result = _cli(args)
+        assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
+    assert not any(tmp_path.glob("*-seed1"))

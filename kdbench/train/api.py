@@ -32,7 +32,9 @@ from kdbench.errors import ConfigError
 from kdbench.store import RunDir, atomic_write_json, atomic_write_text
 
 RESPONSE_SOURCES = ("gold", "teacher", "on_policy")
-SELECT_METRICS = {"loss": False, "ce": False, "token_accuracy": True}  # name -> greater is better
+# name -> greater is better; the reward metrics exist for preference pipelines (held-out pairs)
+SELECT_METRICS = {"loss": False, "ce": False, "token_accuracy": True, "reward_accuracy": True, "reward_margin": True}
+PAIR_SELECT_METRICS = ("loss", "reward_accuracy", "reward_margin")
 
 
 @dataclass
@@ -63,7 +65,8 @@ class TrainConfig:
     max_length: int = option(512, "Prompt + response tokens kept (the response is cut at the end).")
     prompt_style: str = option("alpaca", "Prompt template: alpaca, compact (embedded benchmark) or chat.")
     select: str = option("last", "Model kept at the end: 'last' or 'best' (on the validation select_metric).")
-    select_metric: str = option("loss", "Validation metric for select=best: loss (the recipe's), ce or token_accuracy.")
+    select_metric: str = option("loss", "Validation metric for select=best: loss (the recipe's), ce or token_accuracy; "
+                                        "preference methods: loss, reward_accuracy or reward_margin.")
     eval_steps: int = option(0, "Validate every N steps (0: every save_steps when select=best, else never).")
     save_steps: int = option(200, "Checkpoint every N optimizer steps (resume point).")
     save_total_limit: int = option(3, "Complete checkpoints kept while training.")
@@ -206,6 +209,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
 
         return train_guided(config, entry, params, log=say, command=command, progress=progress, callbacks=callbacks)
     objective = get_objective(entry.body["objective"])
+    if config.select_metric not in ("loss", "ce", "token_accuracy"):
+        raise ConfigError(f"select_metric {config.select_metric} is measured on held-out preference pairs; method "
+                          f"{config.method} trains on responses, so use loss, ce or token_accuracy.")
     responses = entry.body.get("responses", "gold")
     needs_teacher = objective.needs_teacher or responses == "teacher"
     require_inputs(config, needs_teacher)

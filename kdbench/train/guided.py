@@ -119,8 +119,9 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     say = log or (lambda message: None)
     clock = Stopwatch()
     require_inputs(config, True)
-    if config.select != "last":
-        raise ConfigError(f"Method {config.method} has no validation metric yet; use select=last.")
+    if config.select != "last" or config.eval_steps:
+        raise ConfigError(f"Method {config.method} has no validation metric yet (its loss needs the teachers on "
+                          "held-out responses); use select=last and eval_steps=0.")
     plus = bool(entry.body.get("dckd_first"))
     store = ArtifactStore(config.cache_dir)
     data_path = resolve_data_path(config.data, store=store, log=say)

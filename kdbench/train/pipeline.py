@@ -373,6 +373,48 @@ class PreferenceTrainer(DistillTrainer):
             loss = loss * self.accelerator.num_processes  # DDP averages gradients; the denominators count all processes
         return (loss, outputs) if return_outputs else loss
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """The preference loss, reward accuracy and mean reward margin over every held-out pair (exact
+        means over all pairs and processes). The pairs are fixed (y_s of the starting policy for DPKD's
+        online pairs) and their frozen log-probs precomputed; LM and KL terms are not part of it."""
+        import time
+
+        from kdbench.losses.sequence import sequence_logps
+
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # loss, accuracy, margin, pairs
+        started = time.time()
+        with torch.no_grad():
+            for inputs in dataloader:
+                inputs = self._prepare_inputs(inputs)
+                n = inputs["example_index"].numel()
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                vocab = self.params.get("vocab_size") or logits.shape[-1]
+                targets = inputs["labels"][:, 1:]
+                logps = sequence_logps(logits[:, :-1, :vocab], targets)
+                lengths = (targets != -100).sum(-1)
+                pairs = PairBatch(logps[:n], logps[n:], lengths[:n], lengths[n:], ref_chosen=inputs.get("ref_chosen"),
+                                  ref_rejected=inputs.get("ref_rejected"), teacher_chosen=inputs.get("teacher_chosen"),
+                                  teacher_rejected=inputs.get("teacher_rejected"))
+                parts = self.objective.fn(pairs, self.params)
+                sums += torch.tensor([float(parts["loss"]), float(parts["reward_accuracy"]),
+                                      float(parts["reward_margin"]), float(n)], dtype=torch.float64, device=sums.device)
+        if self.accelerator.num_processes > 1:
+            sums = self.accelerator.reduce(sums, reduction="sum")
+        model.train(was_training)
+        n_pairs = max(float(sums[3]), 1.0)
+        metrics = {f"{metric_key_prefix}_loss": float(sums[0]) / n_pairs,
+                   f"{metric_key_prefix}_reward_accuracy": float(sums[1]) / n_pairs,
+                   f"{metric_key_prefix}_reward_margin": float(sums[2]) / n_pairs,
+                   f"{metric_key_prefix}_pairs": int(n_pairs),
+                   f"{metric_key_prefix}_runtime": round(time.time() - started, 3)}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._window:
             window = self._reduced_window()
@@ -524,6 +566,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
                                    require_inputs)
     from kdbench.train.data_sources import load_text_corpus, resolve_data_path
     from kdbench.train.engine import LMSource, Stopwatch, train_resuming
+    from kdbench.train.api import PAIR_SELECT_METRICS
     from kdbench.train.objectives import KL_DIRECTIONS, get_objective, preference_form
 
     say = log or (lambda message: None)
@@ -540,14 +583,21 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     kl_weight = float(params.get("kl_weight", 0.0))
     needs_teacher = source in ("distill", "dpkd") or reference == "teacher" or kl_weight > 0
     require_inputs(config, needs_teacher)
-    if config.select != "last":
-        raise ConfigError(f"Method {config.method} has no validation metric yet; use select=last.")
+    evaluate = config.select == "best" or config.eval_steps > 0
+    if evaluate and config.select_metric not in PAIR_SELECT_METRICS:
+        raise ConfigError(f"select_metric {config.select_metric} is not measured on preference pairs; use one of "
+                          f"{', '.join(PAIR_SELECT_METRICS)}.")
+    if config.select == "best" and config.save_steps % (config.eval_steps or config.save_steps):
+        raise ConfigError(f"With select=best, save_steps ({config.save_steps}) must be a multiple of eval_steps "
+                          f"({config.eval_steps}).")
     objective = get_objective("preference")
     store = ArtifactStore(config.cache_dir)
 
     # Everything the user gave is checked before any heavy work or any file is written.
     data_path = resolve_data_path(config.data, store=store, log=say)
     from_file = source == "file" or mode == "preference_data"
+    valid_pairs: list[Pair] | None = None
+    valid_prompts = None
     if from_file:
         pairs = load_preference_pairs(data_path)
         prompts = [p.example for p in pairs]
@@ -557,9 +607,22 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         prompts = load_examples(data_path, require_output=gold_needed)
     if not config.valid_data:  # the same split as train() makes for the dSFT / SFT stages: the same prompts
         kept = {id(e) for e in split_validation(prompts, config.valid_fraction, config.seed)[0]}
-        prompts = [e for e in prompts if id(e) in kept]
         if from_file:
+            valid_pairs = [p for p in pairs if id(p.example) not in kept]
             pairs = [p for p in pairs if id(p.example) in kept]
+        else:
+            valid_prompts = [e for e in prompts if id(e) not in kept]
+        prompts = [e for e in prompts if id(e) in kept]
+    elif evaluate:
+        valid_path = resolve_data_path(config.valid_data, default_split="validation", store=store, log=say)
+        if from_file:
+            valid_pairs = load_preference_pairs(valid_path)
+        else:
+            valid_prompts = load_examples(valid_path, require_output=False)
+    if not evaluate:
+        valid_pairs = valid_prompts = None
+    elif not (valid_pairs or valid_prompts):
+        raise ConfigError("select=best and eval_steps need held-out pairs; give --valid-data or a larger valid_fraction.")
     tokenizer = load_tokenizer(config.student)
     teacher_tokenizer = load_tokenizer(config.teacher) if needs_teacher else None
     online = source == "dpkd" and mode == "online"
@@ -617,8 +680,18 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
             facts_gen["student"] = s_facts
             extra_cost["generated_tokens"] += s_facts["generated_tokens"]
         pairs = [Pair(e, t.output, s) for e, t, s in zip(prompts, teacher_outputs, student_texts)]
+        if valid_prompts:  # held-out pairs: the teacher's and the starting policy's responses, generated once
+            generator = config.student if source == "distill" else policy_source
+            valid_teacher, v_facts = generation_stage(config, params, decoding, _Lazy(teacher_model), teacher_tokenizer,
+                                                      valid_prompts, run, store, say)
+            valid_student, w_facts = generation_stage(
+                config, params, decoding, _Lazy(lambda: load_model(generator, trainable=False)), tokenizer,
+                valid_prompts, run, store, say, model_name=generator, kind="student-generations")
+            valid_pairs = [Pair(e, t.output, s.output) for e, t, s in zip(valid_prompts, valid_teacher, valid_student)]
+            facts_gen["validation"] = {"teacher": v_facts, "student": w_facts}
+            extra_cost["generated_tokens"] += v_facts["generated_tokens"] + w_facts["generated_tokens"]
         stages.mark("generate", facts_gen)
-        extra_cost["generation_reused"] = all(f["reused"] for f in facts_gen.values())
+        extra_cost["generation_reused"] = all(f["reused"] for k, f in facts_gen.items() if k != "validation")
 
     # Stage: frozen sequence log-probs (each model scores the texts with its own tokenizer)
     frozen: dict[str, dict] = {}
@@ -633,6 +706,15 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     if uses_teacher:
         frozen["teacher"], facts["teacher"] = cached_logps(store, "teacher", config.teacher, teacher_model,
                                                            teacher_tokenizer, pairs, config, say)
+    valid_frozen: dict[str, dict] = {}
+    if valid_pairs:  # the held-out pairs' frozen log-probs (the teacher's too for online DPKD)
+        if uses_ref:
+            valid_frozen["ref"], facts["valid_ref"] = cached_logps(
+                store, "validation reference", policy_source, lambda: load_model(policy_source, trainable=False),
+                tokenizer, valid_pairs, config, say)
+        if form == "dadpo" or reference == "teacher":
+            valid_frozen["teacher"], facts["valid_teacher"] = cached_logps(
+                store, "validation teacher", config.teacher, teacher_model, teacher_tokenizer, valid_pairs, config, say)
     stages.mark("logprobs", facts)
     extra_cost["frozen_forward_tokens"] = sum(f["forward_tokens"] for f in facts.values())
     extra_cost["logprobs_reused"] = all(f["reused"] for f in facts.values())
@@ -660,9 +742,15 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
                 gold.append((item.input_ids, item.labels))
     run.log(f"method={config.method} pairs={len(pairs)} source={mode} form={form} reference={reference} "
             f"lm={lm_mode or '-'} kl_weight={kl_weight}")
-    args, train_callbacks = pair_run_setup(config, run, callbacks, progress)
+    args, train_callbacks = pair_run_setup(config, run, callbacks, progress, evaluate=bool(valid_pairs))
+    eval_dataset = None
+    if valid_pairs:
+        eval_dataset = PairDataset(tokenize_pairs(valid_pairs, tokenizer, style=config.prompt_style,
+                                                  max_prompt_length=config.max_prompt_length,
+                                                  max_length=config.max_length), valid_frozen)
     trainer = PreferenceTrainer(
         model=load_model(policy_source), args=args, train_dataset=PairDataset(tokenized, frozen, gold),
+        eval_dataset=eval_dataset,
         data_collator=PairCollator(tokenizer.pad_token_id), callbacks=train_callbacks, objective=objective,
         params=params, tokenizer=tokenizer, teacher=teacher_model() if keep_teacher else None,
         online=OnlinePairs(decoding, config.seed) if online else None, lm_mode=lm_mode,
@@ -672,6 +760,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     output, resumed = train_resuming(trainer, run, run.path / "checkpoints", say)
     counters = trainer.cost_counters()
     cost = {
+        **selection_facts(config, trainer, eval_dataset is not None),
         "teacher_forward_tokens": counters["teacher_forward_tokens"], "train_pairs": len(pairs),
         "online_batches": counters["on_policy_batches"], "lm_tokens": counters["lm_tokens"],
         **extra_cost, "generated_tokens": extra_cost["generated_tokens"] + counters["generated_tokens"],
@@ -679,19 +768,33 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     return finish_pair_run(config, entry, params, run, trainer, tokenizer, output, resumed, clock, cost, stages, say)
 
 
-def pair_run_setup(config, run: RunDir, callbacks: list | None, progress: bool) -> tuple[object, list]:
-    """``TrainingArguments`` and callbacks of a pair run: checkpoints under the run's ``checkpoints/``, no
-    validation, no length-grouped sampler (a pair has no single ``input_ids`` length to group by), the
-    run log and, with ``progress``, a progress bar."""
+def pair_run_setup(config, run: RunDir, callbacks: list | None, progress: bool,
+                   evaluate: bool = False) -> tuple[object, list]:
+    """``TrainingArguments`` and callbacks of a pair run: checkpoints under the run's ``checkpoints/``,
+    validation on held-out pairs when ``evaluate``, no length-grouped sampler (a pair has no single
+    ``input_ids`` length to group by), the run log and, with ``progress``, a progress bar."""
     from kdbench.train.api import training_arguments
     from kdbench.train.engine import RichProgressCallback, RunLogCallback
 
+    eval_steps = config.eval_steps or config.save_steps
     pair_config = dataclasses.replace(config, group_by_length=False) if config.group_by_length else config
-    args = training_arguments(pair_config, run.path / "checkpoints", evaluate=False, eval_steps=config.save_steps)
+    args = training_arguments(pair_config, run.path / "checkpoints", evaluate=evaluate, eval_steps=eval_steps)
     train_callbacks = [RunLogCallback(run.path / "train_log.jsonl")] + list(callbacks or [])
     if progress:
         train_callbacks.append(RichProgressCallback(f"train {config.method}"))
     return args, train_callbacks
+
+
+def selection_facts(config, trainer, evaluated: bool) -> dict:
+    """What a pair run kept and its validation metrics (the held-out pairs; the kept model after
+    ``select=best`` has loaded the best checkpoint)."""
+    if not evaluated:
+        return {}
+    validation = {k[len("eval_"):]: v for k, v in trainer.evaluate().items() if k.startswith("eval_")}
+    best = config.select == "best"
+    return {"selected": config.select, "select_metric": config.select_metric if best else None,
+            "selected_checkpoint": getattr(trainer.state, "best_model_checkpoint", None) if best else None,
+            "best_metric": getattr(trainer.state, "best_metric", None) if best else None, "validation": validation}
 
 
 def finish_pair_run(config, entry, params, run: RunDir, trainer, tokenizer, output, resumed: bool, clock, cost: dict,
@@ -725,7 +828,7 @@ def finish_pair_run(config, entry, params, run: RunDir, trainer, tokenizer, outp
         shutil.rmtree(checkpoints_dir, ignore_errors=True)
         run.finish("complete", model_dir=str(model_dir))
     say(f"trained {config.method} in {cost['wall_seconds']:.1f}s ({cost['optimizer_steps']} steps); model at {model_dir}")
-    return TrainResult(run, model_dir, cost, final_loss, None, trainer=trainer)
+    return TrainResult(run, model_dir, cost, final_loss, cost.get("validation"), trainer=trainer)
 
 
 class _Lazy:
