@@ -303,41 +303,48 @@ class DistillTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """Validation metrics as exact means over every counted token of the set: ``loss`` (the
         recipe's objective), ``ce`` (gold cross-entropy) and ``token_accuracy`` (argmax = gold)."""
+
+        def sums(model, inputs) -> list[float]:
+            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+            vocab = self.params.get("vocab_size") or outputs.logits.shape[-1]
+            student_logits = outputs.logits[:, :-1, :vocab]
+            targets = inputs["labels"][:, 1:]
+            mask = (targets != -100).to(torch.float32)
+            teacher_signal = None
+            if self.objective.needs_teacher and self.eval_teacher_cache is not None:
+                teacher_signal = self.eval_teacher_cache.sparse_batch(
+                    inputs["example_index"].tolist(), mask, temperature=float(self.params.get("temperature", 1.0)))
+            elif self.objective.needs_teacher:
+                teacher_logits = self.teacher(input_ids=inputs["input_ids"],
+                                              attention_mask=inputs.get("attention_mask")).logits
+                teacher_signal = teacher_logits[:, :-1, :vocab]
+            parts = self.objective.fn(Batch(student_logits, teacher_signal, targets, mask), self.params)
+            ce = cross_entropy_sum(student_logits, targets)
+            correct = ((student_logits.argmax(-1) == targets) & (targets != -100)).sum()
+            return [float(parts["loss"]), float(ce), float(correct), float(mask.sum())]
+
+        return self.exact_evaluation(eval_dataset, metric_key_prefix, sums, ("loss", "ce", "token_accuracy"), "tokens")
+
+    def exact_evaluation(self, eval_dataset, prefix: str, sums_fn, names: tuple[str, ...], count_name: str) -> dict:
+        """Run ``sums_fn(model, inputs) -> [sum per name..., count]`` over the whole evaluation set (eval
+        mode, no gradient), add the sums over processes and report each as an exact mean over the count;
+        logged and passed to the callbacks like ``Trainer.evaluate``."""
         dataloader = self.get_eval_dataloader(eval_dataset)
         model = self.model
         was_training = model.training
         model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # loss, ce, correct, tokens
+        sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.args.device)
         started = time.time()
         with torch.no_grad():
             for inputs in dataloader:
                 inputs = self._prepare_inputs(inputs)
-                outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-                vocab = self.params.get("vocab_size") or outputs.logits.shape[-1]
-                student_logits = outputs.logits[:, :-1, :vocab]
-                targets = inputs["labels"][:, 1:]
-                mask = (targets != -100).to(torch.float32)
-                teacher_signal = None
-                if self.objective.needs_teacher and self.eval_teacher_cache is not None:
-                    teacher_signal = self.eval_teacher_cache.sparse_batch(
-                        inputs["example_index"].tolist(), mask, temperature=float(self.params.get("temperature", 1.0)))
-                elif self.objective.needs_teacher:
-                    teacher_logits = self.teacher(input_ids=inputs["input_ids"],
-                                                  attention_mask=inputs.get("attention_mask")).logits
-                    teacher_signal = teacher_logits[:, :-1, :vocab]
-                parts = self.objective.fn(Batch(student_logits, teacher_signal, targets, mask), self.params)
-                ce = cross_entropy_sum(student_logits, targets)
-                correct = ((student_logits.argmax(-1) == targets) & (targets != -100)).sum()
-                sums += torch.tensor([float(parts["loss"]), float(ce), float(correct), float(mask.sum())],
-                                     dtype=torch.float64, device=sums.device)
+                sums += torch.tensor(sums_fn(model, inputs), dtype=torch.float64, device=sums.device)
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
         model.train(was_training)
-        tokens = max(float(sums[3]), 1.0)
-        metrics = {f"{metric_key_prefix}_loss": float(sums[0]) / tokens, f"{metric_key_prefix}_ce": float(sums[1]) / tokens,
-                   f"{metric_key_prefix}_token_accuracy": float(sums[2]) / tokens,
-                   f"{metric_key_prefix}_tokens": int(tokens),
-                   f"{metric_key_prefix}_runtime": round(time.time() - started, 3)}
+        count = max(float(sums[-1]), 1.0)
+        metrics = {f"{prefix}_{name}": float(total) / count for name, total in zip(names, sums.tolist())}
+        metrics.update({f"{prefix}_{count_name}": int(count), f"{prefix}_runtime": round(time.time() - started, 3)})
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

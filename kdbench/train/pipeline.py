@@ -377,43 +377,23 @@ class PreferenceTrainer(DistillTrainer):
         """The preference loss, reward accuracy and mean reward margin over every held-out pair (exact
         means over all pairs and processes). The pairs are fixed (y_s of the starting policy for DPKD's
         online pairs) and their frozen log-probs precomputed; LM and KL terms are not part of it."""
-        import time
-
         from kdbench.losses.sequence import sequence_logps
 
-        dataloader = self.get_eval_dataloader(eval_dataset)
-        model = self.model
-        was_training = model.training
-        model.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # loss, accuracy, margin, pairs
-        started = time.time()
-        with torch.no_grad():
-            for inputs in dataloader:
-                inputs = self._prepare_inputs(inputs)
-                n = inputs["example_index"].numel()
-                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-                vocab = self.params.get("vocab_size") or logits.shape[-1]
-                targets = inputs["labels"][:, 1:]
-                logps = sequence_logps(logits[:, :-1, :vocab], targets)
-                lengths = (targets != -100).sum(-1)
-                pairs = PairBatch(logps[:n], logps[n:], lengths[:n], lengths[n:], ref_chosen=inputs.get("ref_chosen"),
-                                  ref_rejected=inputs.get("ref_rejected"), teacher_chosen=inputs.get("teacher_chosen"),
-                                  teacher_rejected=inputs.get("teacher_rejected"))
-                parts = self.objective.fn(pairs, self.params)
-                sums += torch.tensor([float(parts["loss"]), float(parts["reward_accuracy"]),
-                                      float(parts["reward_margin"]), float(n)], dtype=torch.float64, device=sums.device)
-        if self.accelerator.num_processes > 1:
-            sums = self.accelerator.reduce(sums, reduction="sum")
-        model.train(was_training)
-        n_pairs = max(float(sums[3]), 1.0)
-        metrics = {f"{metric_key_prefix}_loss": float(sums[0]) / n_pairs,
-                   f"{metric_key_prefix}_reward_accuracy": float(sums[1]) / n_pairs,
-                   f"{metric_key_prefix}_reward_margin": float(sums[2]) / n_pairs,
-                   f"{metric_key_prefix}_pairs": int(n_pairs),
-                   f"{metric_key_prefix}_runtime": round(time.time() - started, 3)}
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
+        def sums(model, inputs) -> list[float]:
+            n = inputs["example_index"].numel()
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            vocab = self.params.get("vocab_size") or logits.shape[-1]
+            targets = inputs["labels"][:, 1:]
+            logps = sequence_logps(logits[:, :-1, :vocab], targets)
+            lengths = (targets != -100).sum(-1)
+            pairs = PairBatch(logps[:n], logps[n:], lengths[:n], lengths[n:], ref_chosen=inputs.get("ref_chosen"),
+                              ref_rejected=inputs.get("ref_rejected"), teacher_chosen=inputs.get("teacher_chosen"),
+                              teacher_rejected=inputs.get("teacher_rejected"))
+            parts = self.objective.fn(pairs, self.params)
+            return [float(parts["loss"]), float(parts["reward_accuracy"]), float(parts["reward_margin"]), float(n)]
+
+        return self.exact_evaluation(eval_dataset, metric_key_prefix, sums,
+                                     ("loss", "reward_accuracy", "reward_margin"), "pairs")
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         if "loss" in logs and self._window:
