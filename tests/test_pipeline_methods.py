@@ -323,3 +323,17 @@ def test_selection_settings_that_do_not_apply_are_one_sentence(tiny, tmp_path):
         result = _cli(args)
         assert result.exit_code == 2 and expected in result.output and "Traceback" not in result.output, result.output
     assert not any(tmp_path.glob("*-seed1"))
+
+
+def test_a_diverging_pair_run_stops_with_one_sentence(tiny, tmp_path):
+    common = ["--student", str(tiny / "student"), "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prefs.jsonl"),
+              "--output-dir", str(tmp_path), "--set", "max_steps=8", "--set", "batch_size=4",
+              "--set", "prompt_style=compact", "--set", f"cache_dir={tiny / 'cache'}", "--set", "learning_rate=1e8",
+              "--set", "max_grad_norm=0"]
+    for method in ("dpo", "dckd"):
+        extra = ["--set", "params.teacher_dpo_settings.learning_rate=1e-3", "--set",
+                 "params.teacher_dpo_settings.max_steps=2"] if method == "dckd" else []
+        result = _cli([method, *common, *extra])
+        assert result.exit_code == 2 and "The loss became nan" in result.output, (method, result.output)
+        assert "Traceback" not in result.output
+        assert json.loads((tmp_path / f"{method}-seed1" / "run.json").read_text())["status"] == "failed"

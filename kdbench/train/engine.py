@@ -240,6 +240,17 @@ class DistillTrainer(Trainer):
             loss = loss + self.lm_weight * lm_sum / torch.as_tensor(lm_tokens, dtype=torch.float32).clamp(min=1)
             self.counters["lm_tokens"] += int((inputs["lm_labels"][:, 1:] != -100).sum())
 
+        self.check_finite(loss)
+        if model.training:
+            self._record(parts, int(counted), lm_sum, inputs, student_logits, teacher_signal, mask)
+        if num_items_in_batch is not None and self.accelerator.num_processes > 1:
+            # the denominator counts every process's tokens while DDP averages gradients: undo the average
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def check_finite(self, loss) -> None:
+        """A NaN or infinite loss stops training with one sentence naming the step and the last complete
+        checkpoint to resume from."""
         if not torch.isfinite(loss.detach()):
             checkpoints = complete_checkpoints(self.args.output_dir)
             last = str(checkpoints[-1]) if checkpoints else "none (no checkpoint was saved yet)"
@@ -247,12 +258,6 @@ class DistillTrainer(Trainer):
                 f"The loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint is "
                 f"{last}. Lower the learning rate or check the data, then rerun the same command to resume."
             )
-        if model.training:
-            self._record(parts, int(counted), lm_sum, inputs, student_logits, teacher_signal, mask)
-        if num_items_in_batch is not None and self.accelerator.num_processes > 1:
-            # the denominator counts every process's tokens while DDP averages gradients: undo the average
-            loss = loss * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
 
     def _record(self, parts, counted, lm_sum, inputs, student_logits, teacher_signal, mask) -> None:
         with torch.no_grad():

@@ -30,7 +30,7 @@ from kdbench.config import to_dict
 from kdbench.errors import ConfigError
 from kdbench.store import RunDir
 from kdbench.train.objectives import GuidedBatch
-from kdbench.train.pipeline import (Pair, PairCollator, PairDataset, PreferenceTrainer, _check_finite, _positive,
+from kdbench.train.pipeline import (Pair, PairCollator, PairDataset, PreferenceTrainer, _positive,
                                     chosen_as_examples, finish_pair_run, given_model, load_preference_pairs,
                                     model_stage, pair_run_setup, policy_start, tokenize_pairs)
 
@@ -90,7 +90,7 @@ class GuidedTrainer(PreferenceTrainer):
                             sequences=_positive(totals["pairs"], logits))
         parts = self.objective.fn(batch, self.params)
         loss = parts.pop("loss")
-        _check_finite(self, loss)
+        self.check_finite(loss)
         if model.training:
             counts = {"ce": mask[:n].sum(), "fkl_chosen": mask[:n].sum(), "fkl_rejected": mask[n:].sum(),
                       "adpa": mask[n:].sum()}

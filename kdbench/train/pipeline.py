@@ -352,7 +352,7 @@ class PreferenceTrainer(DistillTrainer):
             kl_sum = DIVERGENCES[self.kl_divergence](logits[:n_pairs], teacher_logits, chosen_mask, reduction="sum")
             loss = loss + self.kl_weight * kl_sum / _positive(totals["chosen_tokens"], logps)
             token_parts[f"{self.kl_divergence}_chosen"] = (kl_sum.detach(), int(chosen_mask.sum()))
-        _check_finite(self, loss)
+        self.check_finite(loss)
         if model.training:
             with torch.no_grad():
                 if "teacher_first_logp" in inputs:  # DPKD Table 3: exact KL(q‖p) at the first response token
@@ -412,18 +412,6 @@ class PreferenceTrainer(DistillTrainer):
 
 def _positive(value, like):
     return torch.as_tensor(value, dtype=torch.float32, device=like.device).clamp(min=1)
-
-
-def _check_finite(trainer, loss) -> None:
-    from kdbench.errors import TrainingError
-    from kdbench.train.engine import complete_checkpoints
-
-    if not torch.isfinite(loss.detach()):
-        checkpoints = complete_checkpoints(trainer.args.output_dir)
-        last = str(checkpoints[-1]) if checkpoints else "none (no checkpoint was saved yet)"
-        raise TrainingError(f"The loss became {loss.item()} at step {trainer.state.global_step + 1}; the last good "
-                            f"checkpoint is {last}. Lower the learning rate or check the data, then rerun the same "
-                            "command to resume.")
 
 
 # ------------------------------------------------------------------------------------------ model stages
