@@ -105,20 +105,33 @@ def load_examples(path: str | Path, *, require_output: bool = True) -> list[Exam
         raise DataError(f"{path} holds no records; give a file with at least one example.")
     examples = []
     for number, row in enumerate(rows, start=1):
-        instruction = row.get("instruction", row.get("prompt"))
         output = row.get("output", row.get("response", row.get("chosen")))
         if isinstance(output, list):
             output = output[0] if output else None
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise DataError(f"{path}, record {number} has no 'instruction' (or 'prompt') text; every record needs one.")
-        if require_output and (not isinstance(output, str) or not output.strip()):
-            raise DataError(f"{path}, record {number} has no 'output' (or 'response') text; every record needs one.")
-        input_text = row.get("input") or ""
-        if not isinstance(input_text, str):
-            raise DataError(f"{path}, record {number} has a non-text 'input'; it must be a string.")
-        examples.append(Example(instruction=instruction, input=input_text, output=output or "",
-                                id=str(row.get("id", row.get("key", number - 1))), extra=row))
+
+        def check_output() -> None:
+            if require_output and (not isinstance(output, str) or not output.strip()):
+                raise DataError(f"{path}, record {number} has no 'output' (or 'response') text; every record needs one.")
+
+        examples.append(prompt_example(row, path, number, output=output or "", check_response=check_output, extra=row))
     return examples
+
+
+def prompt_example(row: dict, path, number: int, *, output: str = "", check_response=None, extra=None,
+                   what: str = "record") -> Example:
+    """The :class:`Example` of one data row: its ``instruction`` (or ``prompt``) and optional text ``input``
+    checked, each fault one sentence naming the file and record; ``check_response`` checks the row's
+    response fields in between (so a row's first fault is the one reported)."""
+    instruction = row.get("instruction", row.get("prompt"))
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise DataError(f"{path}, record {number} has no 'instruction' (or 'prompt') text; every {what} needs one.")
+    if check_response is not None:
+        check_response()
+    input_text = row.get("input") or ""
+    if not isinstance(input_text, str):
+        raise DataError(f"{path}, record {number} has a non-text 'input'; it must be a string.")
+    return Example(instruction=instruction, input=input_text, output=output,
+                   id=str(row.get("id", row.get("key", number - 1))), extra=extra)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from kdbench.errors import ModelError
 
@@ -164,3 +164,28 @@ def count_parameters(model: Any, *, non_embedding: bool = False) -> int:
         if pos is not None:
             total -= pos.weight.numel()
     return total
+
+
+class LazyModel:
+    """A model loaded on first use (attribute access or call), so a stage whose cached artifact is
+    reused never loads it. ``load`` is a no-argument loader."""
+
+    def __init__(self, load: Callable[[], Any]):
+        self._load = load
+        self._model = None
+
+    def _loaded(self):
+        if self._model is None:
+            self._model = self._load()
+        return self._model
+
+    def __getattr__(self, name):
+        return getattr(self._loaded(), name)
+
+    def __call__(self, *args, **kwargs):
+        return self._loaded()(*args, **kwargs)
+
+
+def lazy_model(name: str, **load_kwargs) -> LazyModel:
+    """:func:`load_model` of ``name`` (with ``load_kwargs``) deferred until first use."""
+    return LazyModel(lambda: load_model(name, **load_kwargs))

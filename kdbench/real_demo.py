@@ -135,21 +135,16 @@ def _normalized(text: str) -> str:
 
 def read_prompt_rows(path: str | Path) -> list[dict]:
     """``[{id, instruction, input}]`` from a prompt file; databricks-dolly-15k's ``context`` is the input."""
-    from kdbench.data import read_rows
+    from kdbench.data import prompt_example, read_rows
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"Training prompt file {path} does not exist; pass an existing JSONL file with "
                         "--set train_prompts=PATH.")
     rows = []
-    for number, row in enumerate(read_rows(path), start=1):
-        instruction = row.get("instruction", row.get("prompt"))
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise DataError(f"{path}, record {number} has no 'instruction' (or 'prompt') text; every record needs one.")
-        context = row.get("input") or row.get("context") or ""
-        if not isinstance(context, str):
-            raise DataError(f"{path}, record {number} has a non-text 'input'/'context'; it must be a string.")
-        rows.append({"id": f"prompt-{number - 1}", "instruction": instruction, "input": context})
+    for number, row in enumerate(read_rows(path), start=1):  # dolly-15k's ``context`` is the input
+        example = prompt_example({**row, "input": row.get("input") or row.get("context") or ""}, path, number)
+        rows.append({"id": f"prompt-{number - 1}", "instruction": example.instruction, "input": example.input})
     if not rows:
         raise DataError(f"{path} holds no prompts; give a file with instruction (and optional input) records.")
     return rows
@@ -250,7 +245,7 @@ def teacher_responses(preset: RealPreset, rows: list[dict], name: str, teacher_d
     Generated through the engine's cached stage with daDPO's own decoding settings, so daDPO finds the
     same artifact for its ``y_t`` instead of generating again."""
     from kdbench.data import Example
-    from kdbench.models import load_model, load_tokenizer
+    from kdbench.models import lazy_model, load_tokenizer
     from kdbench.train.api import recipe_decoding, generation_stage, resolve_recipe
 
     _, params = resolve_recipe("dadpo", {"max_new_tokens": preset.max_new_tokens})
@@ -260,20 +255,8 @@ def teacher_responses(preset: RealPreset, rows: list[dict], name: str, teacher_d
     run = RunDir.create(out / "stages", f"teacher-responses-{name}", kind="generate",
                         config={"teacher": teacher_dir, "prompts": len(rows), "decoding": decoding.describe()})
 
-    class _Lazy:  # the teacher is loaded only when the responses are not cached yet
-        def __init__(self):
-            self.model = None
-
-        def __getattr__(self, attribute):
-            if self.model is None:
-                self.model = load_model(teacher_dir, trainable=False)
-            return getattr(self.model, attribute)
-
-        def __call__(self, *args, **kwargs):
-            return self.__getattr__("__call__")(*args, **kwargs)
-
-    generated, facts = generation_stage(config, params, decoding, _Lazy(), load_tokenizer(teacher_dir), examples,
-                                        run, store, say)
+    generated, facts = generation_stage(config, params, decoding, lazy_model(teacher_dir, trainable=False),
+                                        load_tokenizer(teacher_dir), examples, run, store, say)
     path = out / "data" / f"{name}.jsonl"
     lines = [json.dumps({"id": g.id, "instruction": g.instruction, "input": g.input, "output": g.output},
                         ensure_ascii=False) for g in generated if g.output.strip()]

@@ -153,13 +153,10 @@ class DistillTrainer(Trainer):
         processes (after on-policy generation replaced responses)."""
         batch_samples = take_batches(epoch_iterator, num_batches)
         world = self.accelerator.num_processes
-        rank = self.accelerator.process_index
         for i, batch in enumerate(batch_samples):
             if self.on_policy is not None:
                 batch_samples[i] = batch = self._maybe_on_policy(batch, i)
-            if self.lm_source is not None:
-                index = (self.state.global_step * self.args.gradient_accumulation_steps + i) * world + rank
-                batch["lm_input_ids"], batch["lm_attention_mask"], batch["lm_labels"] = self.lm_source.batch(index)
+            self.attach_lm_batch(batch, i)
         if not batch_samples:
             return batch_samples, None
         counts = [sum(int((b["labels"][:, 1:] != -100).sum()) for b in batch_samples)]
@@ -171,6 +168,15 @@ class DistillTrainer(Trainer):
         if self.lm_source is not None:
             self._step_lm_tokens = totals[1].to(torch.float32)
         return batch_samples, totals[0].to(torch.float32)
+
+    def attach_lm_batch(self, batch: dict, micro: int) -> None:
+        """Add the LM corpus's rows for micro-batch ``micro`` of this step (a pure function of step,
+        micro-batch and process, so a resumed run draws the same LM batches); nothing without a corpus."""
+        if self.lm_source is None:
+            return
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        index = (self.state.global_step * self.args.gradient_accumulation_steps + micro) * world + rank
+        batch["lm_input_ids"], batch["lm_attention_mask"], batch["lm_labels"] = self.lm_source.batch(index)
 
     def _maybe_on_policy(self, batch: dict, micro: int) -> dict:
         """Replace the batch's responses by the student's samples with probability λ (GKD; TRL decides per

@@ -108,7 +108,7 @@ class GuidedTrainer(PreferenceTrainer):
 def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | None = None,
                  command: list[str] | None = None, progress: bool = True, callbacks: list | None = None):
     """Run a DCKD / ADPA / ADPA+ recipe end to end (module docstring); returns a ``TrainResult``."""
-    from kdbench.models import check_same_vocabulary, load_model, load_tokenizer
+    from kdbench.models import check_same_vocabulary, lazy_model, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
     from kdbench.train.api import (Stages, recipe_decoding, split_validation, generation_stage, finished_result,
                                    require_inputs)
@@ -183,7 +183,7 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     # Stage: ŷ (ADPA): the starting student's responses, once
     if params["loss"] == "adpa":
         decoding = recipe_decoding(config, params, "teacher")
-        outputs, g_facts = generation_stage(config, params, decoding, _lazy_model(start), tokenizer,
+        outputs, g_facts = generation_stage(config, params, decoding, lazy_model(start, trainable=False), tokenizer,
                                             [p.example for p in pairs], run, store, say, model_name=start,
                                             kind="student-generations")
         train_pairs = [Pair(p.example, p.chosen, o.output or tokenizer.eos_token) for p, o in zip(pairs, outputs)]
@@ -210,10 +210,3 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     cost = {"teacher_forward_tokens": counters["teacher_forward_tokens"], "train_pairs": len(train_pairs),
             "generated_tokens": generated}
     return finish_pair_run(config, entry, params, run, trainer, tokenizer, output, resumed, clock, cost, stages, say)
-
-
-def _lazy_model(path: str):
-    from kdbench.models import load_model
-    from kdbench.train.pipeline import _Lazy
-
-    return _Lazy(lambda: load_model(path, trainable=False))

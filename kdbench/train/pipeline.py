@@ -56,25 +56,21 @@ class Pair:
 
 def load_preference_pairs(path: str | Path) -> list[Pair]:
     """(prompt, chosen, rejected) rows of a JSONL / JSON / Parquet preference file."""
-    from kdbench.data import Example, read_rows
+    from kdbench.data import prompt_example, read_rows
 
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path} holds no records; give a preference file with at least one pair.")
     pairs = []
     for number, row in enumerate(rows, start=1):
-        instruction = row.get("instruction", row.get("prompt"))
         chosen, rejected = row.get("chosen"), row.get("rejected")
-        if not isinstance(instruction, str) or not instruction.strip():
-            raise DataError(f"{path}, record {number} has no 'instruction' (or 'prompt') text; every pair needs one.")
-        if not (isinstance(chosen, str) and chosen.strip() and isinstance(rejected, str) and rejected.strip()):
-            raise DataError(f"{path}, record {number} has no 'chosen' and 'rejected' texts; preference methods need "
-                            "a file with chosen and rejected responses for every prompt.")
-        input_text = row.get("input") or ""
-        if not isinstance(input_text, str):
-            raise DataError(f"{path}, record {number} has a non-text 'input'; it must be a string.")
-        example = Example(instruction=instruction, input=input_text, output="", id=str(row.get("id", row.get("key", number - 1))))
-        pairs.append(Pair(example, chosen, rejected))
+
+        def check_pair() -> None:
+            if not (isinstance(chosen, str) and chosen.strip() and isinstance(rejected, str) and rejected.strip()):
+                raise DataError(f"{path}, record {number} has no 'chosen' and 'rejected' texts; preference methods "
+                                "need a file with chosen and rejected responses for every prompt.")
+
+        pairs.append(Pair(prompt_example(row, path, number, check_response=check_pair, what="pair"), chosen, rejected))
     return pairs
 
 
@@ -248,16 +244,13 @@ class PreferenceTrainer(DistillTrainer):
         batch_samples = take_batches(epoch_iterator, num_batches)
         if not batch_samples:
             return batch_samples, None
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
         for i, batch in enumerate(batch_samples):
             if self.online is not None:
                 batch_samples[i] = batch = self._online_pairs(batch, i)
-            if self.lm_source is not None:
-                index = (self.state.global_step * self.args.gradient_accumulation_steps + i) * world + rank
-                batch["lm_input_ids"], batch["lm_attention_mask"], batch["lm_labels"] = self.lm_source.batch(index)
+            self.attach_lm_batch(batch, i)
         totals = torch.tensor([float(sum(v)) for v in zip(*(self._counts(b) for b in batch_samples))],
                               dtype=torch.float64, device=device)
-        if world > 1:
+        if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
         self._step_totals = dict(zip(("pairs", "chosen_tokens", "rejected_tokens", "lm_tokens"),
                                      totals.to(torch.float32)))
@@ -528,7 +521,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     """Run an ``objective: preference`` recipe end to end (module docstring); returns a
     :class:`kdbench.train.api.TrainResult`."""
     from kdbench.data import load_examples, tokenize_example
-    from kdbench.models import check_same_vocabulary, load_model, load_tokenizer
+    from kdbench.models import LazyModel, check_same_vocabulary, lazy_model, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
     from kdbench.train.api import (Stages, recipe_decoding, split_validation, generation_stage, finished_result,
                                    require_inputs)
@@ -633,7 +626,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
 
     # Stage: generations (y_t: the teacher; y_s: the original student, or the SFT student for DPKD offline)
     if not from_file:
-        teacher_outputs, t_facts = generation_stage(config, params, decoding, _Lazy(teacher_model),
+        teacher_outputs, t_facts = generation_stage(config, params, decoding, LazyModel(teacher_model),
                                                     teacher_tokenizer, prompts, run, store, say)
         facts_gen = {"teacher": t_facts}
         extra_cost["generated_tokens"] += t_facts["generated_tokens"]
@@ -642,7 +635,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         else:
             generator = config.student if source == "distill" else policy_source
             student_outputs, s_facts = generation_stage(
-                config, params, decoding, _Lazy(lambda: load_model(generator, trainable=False)), tokenizer, prompts,
+                config, params, decoding, lazy_model(generator, trainable=False), tokenizer, prompts,
                 run, store, say, model_name=generator, kind="student-generations")
             student_texts = [s.output for s in student_outputs]
             facts_gen["student"] = s_facts
@@ -650,10 +643,10 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         pairs = [Pair(e, t.output, s) for e, t, s in zip(prompts, teacher_outputs, student_texts)]
         if valid_prompts:  # held-out pairs: the teacher's and the starting policy's responses, generated once
             generator = config.student if source == "distill" else policy_source
-            valid_teacher, v_facts = generation_stage(config, params, decoding, _Lazy(teacher_model), teacher_tokenizer,
+            valid_teacher, v_facts = generation_stage(config, params, decoding, LazyModel(teacher_model), teacher_tokenizer,
                                                       valid_prompts, run, store, say)
             valid_student, w_facts = generation_stage(
-                config, params, decoding, _Lazy(lambda: load_model(generator, trainable=False)), tokenizer,
+                config, params, decoding, lazy_model(generator, trainable=False), tokenizer,
                 valid_prompts, run, store, say, model_name=generator, kind="student-generations")
             valid_pairs = [Pair(e, t.output, s.output) for e, t, s in zip(valid_prompts, valid_teacher, valid_student)]
             facts_gen["validation"] = {"teacher": v_facts, "student": w_facts}
@@ -797,21 +790,3 @@ def finish_pair_run(config, entry, params, run: RunDir, trainer, tokenizer, outp
         run.finish("complete", model_dir=str(model_dir))
     say(f"trained {config.method} in {cost['wall_seconds']:.1f}s ({cost['optimizer_steps']} steps); model at {model_dir}")
     return TrainResult(run, model_dir, cost, final_loss, cost.get("validation"), trainer=trainer)
-
-
-class _Lazy:
-    """A model loaded on first attribute access: a reused generation artifact never loads it."""
-
-    def __init__(self, load: Callable[[], object]):
-        self._load = load
-        self._model = None
-
-    def __getattr__(self, name):
-        if self._model is None:
-            self._model = self._load()
-        return getattr(self._model, name)
-
-    def __call__(self, *args, **kwargs):
-        if self._model is None:
-            self._model = self._load()
-        return self._model(*args, **kwargs)
