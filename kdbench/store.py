@@ -138,40 +138,31 @@ def _drop_torn_tail(path: Path) -> None:
 
 
 def read_jsonl(path: str | os.PathLike, *, strict: bool = False) -> list[dict]:
-    """Read JSON lines written by :func:`append_jsonl`.
+    """Read JSON lines written by :func:`append_jsonl` (or given by a user, through
+    :func:`kdbench.textfile.iter_lines`: BOM, CRLF and non-UTF-8 bytes handled there).
 
     A final line without its newline is a record whose write was interrupted: it is ignored
     (``strict=False``, the default for kdbench's own files). With ``strict=True`` (user data),
     every non-empty line must parse, and an error names the file and line.
     """
+    from kdbench.textfile import iter_lines, parse_json_line
+
     path = Path(path)
     if not path.exists():
         if strict:
             raise DataError(f"File not found: {path}; check the path and try again.")
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]
     records = []
-    for number, line in enumerate(complete, start=1):
+    for number, line, terminated in iter_lines(path):
         if not line.strip():
             continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if strict:
-                raise DataError(
-                    f"{path}, line {number} is not valid JSON ({err.msg}); fix or remove that line."
-                ) from None
-            # a torn write in the middle of our own file cannot happen with append_jsonl; skip it
-            continue
-    if tail.strip() and strict:
-        try:
-            records.append(json.loads(tail))
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}, line {len(lines)} is not valid JSON ({err.msg}); fix or remove that line."
-            ) from None
+        if strict:
+            records.append(parse_json_line(path, number, line))
+        elif terminated:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn write in the middle of our own file cannot happen with append_jsonl; skip it
     return records
 
 
