@@ -7,14 +7,75 @@ libraries are imported inside the commands so that ``kdbench --help`` stays fast
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from kdbench.errors import KdbenchError
+
+# Typer may vendor its own click: take the usage-error classes from Typer's public BadParameter.
+UsageError = typer.BadParameter.__mro__[1]
+NoArgsIsHelpError = getattr(sys.modules[UsageError.__module__], "NoArgsIsHelpError", ())
+
+class ErrorBoundary(TyperGroup):
+    """The root command group: every ``kdbench`` command (and every ``kdbench judge`` subcommand) runs
+    inside :meth:`invoke`, so no command can forget the rule of the house.
+
+    * a :class:`~kdbench.errors.KdbenchError` (bad input the user can fix) prints its one sentence and
+      exits with code 2; so does a malformed command line (an unknown option, a value of the wrong type);
+    * Ctrl-C prints a resume hint and exits with 130;
+    * whatever stops a command (those, or an unexpected exception, which keeps its traceback: it is a
+      bug to report) first marks every run the command opened and did not finish as ``failed`` (with
+      the sentence) or ``interrupted`` (:func:`kdbench.store.fail_open_runs`), never ``running``.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as err:
+            _usage_error(err)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KdbenchError as err:
+            _fail_open_runs(str(err))
+            _say_error(str(err))
+            raise typer.Exit(code=err.exit_code) from None
+        except UsageError as err:
+            _usage_error(err)
+        except KeyboardInterrupt:
+            _fail_open_runs("interrupted", status="interrupted")
+            _console(stderr=True).print("interrupted: finished work is saved; rerun the same command to resume.")
+            raise typer.Exit(code=130) from None
+        except (typer.Exit, typer.Abort, SystemExit) as stop:
+            code = getattr(stop, "exit_code", getattr(stop, "code", 1))
+            if code not in (0, None):
+                _fail_open_runs(f"the command exited with code {code}")
+            raise
+        except BaseException as err:  # a bug: keep its traceback, but leave no run "running"
+            _fail_open_runs(f"unexpected {type(err).__name__}: {err}")
+            raise
+
+
+def _usage_error(err) -> None:
+    """A malformed command line as one sentence (Typer's boxed usage message spans many lines)."""
+    if isinstance(err, NoArgsIsHelpError):
+        raise err  # `kdbench judge` alone prints its help, as intended
+    where = err.ctx.command_path if err.ctx is not None else "kdbench"
+    message = err.format_message().rstrip(".")
+    _say_error(f"{message}; see `{where} --help`.")
+    raise typer.Exit(code=2) from None
+
+
+def _fail_open_runs(reason: str, status: str = "failed") -> None:
+    store = sys.modules.get("kdbench.store")  # no run can be open unless the store was imported
+    if store is not None:
+        store.fail_open_runs(reason, status=status)
+
 
 app = typer.Typer(
     name="kdbench",
@@ -22,6 +83,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=ErrorBoundary,
 )
 cache_app = typer.Typer(help="The artifact cache: where it is, what it holds, clear it.", no_args_is_help=True)
 data_app = typer.Typer(help="Data utilities (contamination check).", no_args_is_help=True)
@@ -45,24 +107,20 @@ def _console(stderr: bool = False):
 
 
 def _say(message: str) -> None:
-    _console(stderr=True).print(message)
+    _console(stderr=True).print(message, markup=False)
+
+
+def _say_error(sentence: str) -> None:
+    """The one line a stopped command prints: ``error: <sentence>`` on stderr (red on a terminal)."""
+    from rich.markup import escape
+
+    _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(sentence)}")
 
 
 def handles_errors(fn: Callable) -> Callable:
-    """Turn user errors into one sentence and exit code 2; Ctrl-C into a resume hint."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KdbenchError as err:
-            _console(stderr=True).print(f"[bold red]error:[/bold red] {err}")
-            raise typer.Exit(code=err.exit_code) from None
-        except KeyboardInterrupt:
-            _console(stderr=True).print("interrupted: finished work is saved; rerun the same command to resume.")
-            raise typer.Exit(code=130) from None
-
-    return wrapper
+    """Kept for callers written before :class:`ErrorBoundary`: every command already runs inside it, so
+    this returns ``fn`` unchanged."""
+    return fn
 
 
 def _quiet_libraries() -> None:
@@ -94,7 +152,6 @@ def _overrides_to_dict(overrides: list[str] | None) -> dict:
 
 
 @app.command()
-@handles_errors
 def train(
     method: str = typer.Argument(..., help="Method recipe (see `kdbench list methods`)."),
     student: Optional[str] = typer.Option(None, "--student", help="Student model directory or Hugging Face id."),
@@ -151,7 +208,6 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 @app.command("eval")
-@handles_errors
 def eval_(
     suite: str = typer.Option(..., "--suite", help="Suite name, several comma-separated, or all (the five reference suites; see `kdbench list suites`)."),
     model: str = typer.Option(..., "--model", help="Model directory or Hugging Face id."),
@@ -223,7 +279,6 @@ def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: st
 
 
 @app.command()
-@handles_errors
 def demo(
     preset: str = typer.Option("smoke", "--preset", help="smoke (minutes), standard (larger, several seeds), full; smollm2-quick / smollm2: "
                                                   "the real SmolLM2-135M-Instruct teacher (docs/smollm2_example.md)."),
@@ -243,7 +298,6 @@ def demo(
 
 
 @app.command()
-@handles_errors
 def check(
     baseline: Path = typer.Option(Path("results/baseline"), "--baseline", help="Baseline folder (holds baseline.json)."),
     runs: List[Path] = typer.Option(..., "--runs", help="Run directory or a folder of runs (repeatable)."),
@@ -276,7 +330,6 @@ def check(
 
 
 @app.command()
-@handles_errors
 def report(
     run_dirs: List[Path] = typer.Argument(..., help="Run directories, folders of runs, or `kdbench judge --out` folders."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write leaderboard.md, report.html, metrics.csv and plots/*.png here."),
@@ -304,7 +357,6 @@ _KIND_NAMES = {"methods": "trainers", "suites": "tasks", "judges": "judges"}
 
 
 @app.command("list")
-@handles_errors
 def list_(what: Optional[str] = typer.Argument(None, help="methods, suites or judges (default: all three).")):
     """List the registered methods, suites and judges, one line each."""
     from kdbench import registry
@@ -323,7 +375,6 @@ def list_(what: Optional[str] = typer.Argument(None, help="methods, suites or ju
 
 
 @cache_app.command("where")
-@handles_errors
 def cache_where():
     """Print the cache folder."""
     from kdbench.store import default_cache_dir
@@ -332,7 +383,6 @@ def cache_where():
 
 
 @cache_app.command("list")
-@handles_errors
 def cache_list(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default: kdbench cache where).")):
     """List the complete artifacts in the cache (kind, key, size, when built)."""
     from kdbench.store import ArtifactStore
@@ -348,7 +398,6 @@ def cache_list(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", hel
 
 
 @cache_app.command("clear")
-@handles_errors
 def cache_clear(
     kind: Optional[str] = typer.Option(None, "--kind", help="Only artifacts of this kind (e.g. demo-teacher)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder."),
@@ -364,7 +413,6 @@ def cache_clear(
 
 
 @data_app.command("overlap")
-@handles_errors
 def data_overlap(
     train_path: Path = typer.Argument(..., help="Training data (JSONL or plain text)."),
     suite: str = typer.Argument(..., help="Evaluation suite name."),
@@ -385,7 +433,6 @@ def data_overlap(
 
 
 @student_app.command("derive")
-@handles_errors
 def student_derive(
     teacher: str = typer.Argument(..., help="Teacher: a model directory, a .gguf file or an alias (smollm2-135m-instruct)."),
     out: Path = typer.Argument(..., help="Folder for the student checkpoint."),

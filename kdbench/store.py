@@ -19,6 +19,7 @@ schema-versioned long format, generations and a log.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as _dt
 import fcntl
@@ -47,7 +48,6 @@ COMPLETE_MARKER = "COMPLETE.json"
 # Crash-safe file primitives
 # ---------------------------------------------------------------------------------------------
 
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -55,7 +55,6 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or all of the new one."""
@@ -76,14 +75,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     _fsync_dir(path.parent)
     return path
 
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
@@ -93,7 +89,6 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
 
 def append_jsonl(path: str | os.PathLike, records: dict | Iterable[dict]) -> None:
     """Append one record (or several) as JSON lines, flushed and fsynced before returning."""
@@ -109,7 +104,6 @@ def append_jsonl(path: str | os.PathLike, records: dict | Iterable[dict]) -> Non
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
-
 
 def _drop_torn_tail(path: Path) -> None:
     """Cut an unterminated last line (an append killed midway) so the next record starts on its own line."""
@@ -135,7 +129,6 @@ def _drop_torn_tail(path: Path) -> None:
             handle.truncate(0)
     except FileNotFoundError:
         return
-
 
 def read_jsonl(path: str | os.PathLike, *, strict: bool = False) -> list[dict]:
     """Read JSON lines written by :func:`append_jsonl` (or given by a user, through
@@ -165,7 +158,6 @@ def read_jsonl(path: str | os.PathLike, *, strict: bool = False) -> list[dict]:
                 continue  # a torn write in the middle of our own file cannot happen with append_jsonl; skip it
     return records
 
-
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """An advisory inter-process lock (``fcntl.flock``) on ``path``."""
@@ -178,20 +170,16 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-
 # ---------------------------------------------------------------------------------------------
 # Hashing
 # ---------------------------------------------------------------------------------------------
 
-
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
-
 
 def hash_obj(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj``."""
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
-
 
 def hash_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -199,7 +187,6 @@ def hash_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 def hash_tree(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> str:
     """sha256 over the relative names and contents of the files below ``path`` (sorted)."""
@@ -216,11 +203,9 @@ def hash_tree(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) 
         digest.update(hash_file(file).encode())
     return digest.hexdigest()
 
-
 # ---------------------------------------------------------------------------------------------
 # Content-addressed artifacts
 # ---------------------------------------------------------------------------------------------
-
 
 def default_cache_dir() -> Path:
     """``$KDBENCH_CACHE`` if set, else ``$XDG_CACHE_HOME/kdbench`` or ``~/.cache/kdbench``."""
@@ -229,12 +214,10 @@ def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "kdbench"
 
-
 def kdbench_version() -> str:
     from kdbench import __version__
 
     return __version__
-
 
 @dataclass(frozen=True)
 class Artifact:
@@ -245,7 +228,6 @@ class Artifact:
     kind: str
     meta: dict
     reused: bool
-
 
 class ArtifactStore:
     """Directories keyed by the hash of their inputs; complete only once the marker is written.
@@ -340,7 +322,6 @@ class ArtifactStore:
             shutil.rmtree(folder)
         return removed
 
-
 # ---------------------------------------------------------------------------------------------
 # Run directories
 # ---------------------------------------------------------------------------------------------
@@ -362,10 +343,8 @@ _ENV_VALUE_ALLOWLIST = (
 )
 _ENV_PRESENCE_ONLY = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "KDBENCH_JUDGE_API_KEY", "HF_TOKEN")
 
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
 
 def package_versions(names: Iterable[str] = ("kdbench", "torch", "transformers", "accelerate", "tokenizers",
                                             "datasets", "rouge-score", "lm-eval", "openai", "numpy")) -> dict:
@@ -379,7 +358,6 @@ def package_versions(names: Iterable[str] = ("kdbench", "torch", "transformers",
             continue
     return versions
 
-
 def git_revision(start: str | os.PathLike | None = None) -> str | None:
     """The git commit of the kdbench source tree (with ``-dirty`` when modified), if it is a checkout."""
     here = Path(start) if start else Path(__file__).resolve().parent
@@ -392,7 +370,6 @@ def git_revision(start: str | os.PathLike | None = None) -> str | None:
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
 
 def environment_summary() -> dict:
     """Machine and process facts a reader needs to interpret timings; never secret values."""
@@ -416,13 +393,13 @@ def environment_summary() -> dict:
         pass
     return summary
 
-
 class RunDir:
     """One run's directory.
 
     Layout::
 
-        run.json            identity, command, status ("running" -> "complete"/"failed"), timings
+        run.json            identity, command, status ("running" -> "complete", "failed" or "interrupted";
+                            a failed run also records the error sentence), timings
         config.yaml         the resolved configuration
         env.json            package versions, git revision, allowlisted environment summary
         metrics.jsonl       long-format metrics, one record per run x suite x metric x seed x subset
@@ -452,6 +429,8 @@ class RunDir:
             "command": command if command is not None else previous.get("command"),
         }
         atomic_write_json(run.path / "run.json", info)
+        if info["status"] == "running":
+            _OPEN_RUNS[run.path.resolve()] = run
         run.write_config(config)
         atomic_write_json(
             run.path / "env.json",
@@ -481,9 +460,14 @@ class RunDir:
         return yaml.safe_load(path.read_text()) if path.exists() else {}
 
     def finish(self, status: str = "complete", **extra: Any) -> None:
+        """Record the run's end: ``complete``, ``failed`` (with ``error=`` the sentence shown) or
+        ``interrupted``. A later run of the same command resumes a failed or interrupted run."""
         info = self.info()
+        if status == "complete":
+            info.pop("error", None)
         info.update(status=status, finished=_now(), **extra)
         atomic_write_json(self.path / "run.json", info)
+        _OPEN_RUNS.pop(self.path.resolve(), None)
 
     @property
     def complete(self) -> bool:
@@ -523,6 +507,32 @@ class RunDir:
     def log(self, message: str) -> None:
         with open(self.path / "log.txt", "a", encoding="utf-8") as handle:
             handle.write(f"{_now()} {message}\n")
+
+# Runs this process opened (status "running") and has not finished yet: when a command stops with an
+# error, :func:`fail_open_runs` marks each of them, so no run is left "running" by a command that ended.
+_OPEN_RUNS: dict[Path, RunDir] = {}
+
+def fail_open_runs(reason: str, *, status: str = "failed") -> list[RunDir]:
+    """Mark every run this process opened and did not finish as ``status`` (``failed``, with ``reason`` as
+    its ``error``, or ``interrupted``); returns them. The one place a stopped command's runs are marked:
+    the CLI's error boundary calls it, and so does an exit of the interpreter (library use)."""
+    marked = []
+    for run in list(_OPEN_RUNS.values()):
+        try:
+            if run.info().get("status") == "running":
+                run.finish(status, **({"error": reason} if status == "failed" else {}))
+                marked.append(run)
+        except OSError:  # the folder is gone (a temporary directory already removed)
+            pass
+        _OPEN_RUNS.pop(run.path.resolve(), None)
+    return marked
+
+
+def _fail_open_runs_at_exit() -> None:
+    fail_open_runs("the process ended before the run finished")
+
+
+atexit.register(_fail_open_runs_at_exit)
 
 
 def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[RunDir]:

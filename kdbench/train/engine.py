@@ -495,7 +495,8 @@ def train_resuming(trainer: "DistillTrainer", run, checkpoints_dir: Path, say) -
     """Run ``trainer.train()`` from the last complete checkpoint of ``checkpoints_dir`` (if any).
 
     Incomplete checkpoints (a save killed midway) are deleted first; the engine's counters and the
-    run's ``train_log.jsonl`` are rewound to the resumed step; a failure marks the run failed.
+    run's ``train_log.jsonl`` are rewound to the resumed step. A failure leaves the run to the one place that
+    marks stopped runs (:func:`kdbench.store.fail_open_runs`, called by the CLI's error boundary).
     """
     from transformers.trainer_callback import PrinterCallback
 
@@ -511,12 +512,7 @@ def train_resuming(trainer: "DistillTrainer", run, checkpoints_dir: Path, say) -
         trainer.restore_counters(resume[-1])
         if trainer.is_world_process_zero():
             trim_run_log(run.path / "train_log.jsonl", checkpoint_step(resume[-1]))
-    try:
-        return trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None), bool(resume)
-    except BaseException:
-        if trainer.is_world_process_zero():
-            run.finish("failed")
-        raise
+    return trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None), bool(resume)
 
 
 def take_batches(epoch_iterator, num_batches: int) -> list:
