@@ -174,7 +174,8 @@ class SFTDataset:
 
     @property
     def n_response_tokens(self) -> int:
-        return sum(sum(1 for label in item.labels if label != -100) for item in self.items)
+        """Response tokens a step trains on: labels after the first position (nothing predicts token 0)."""
+        return sum(sum(1 for label in item.labels[1:] if label != -100) for item in self.items)
 
 
 def build_dataset(examples: list[Example], tokenizer, *, style: str, max_prompt_length: int, max_length: int) -> SFTDataset:

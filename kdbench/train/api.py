@@ -28,7 +28,7 @@ from typing import Callable
 
 from kdbench import registry
 from kdbench.config import option, to_dict
-from kdbench.errors import ConfigError
+from kdbench.errors import ConfigError, DataError
 from kdbench.store import RunDir, atomic_write_json, atomic_write_text
 
 RESPONSE_SOURCES = ("gold", "teacher", "on_policy")
@@ -269,6 +269,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
                               max_prompt_length=config.max_prompt_length, max_length=config.max_length)
     valid_set = build_dataset(valid_examples, tokenizer, style=config.prompt_style,
                               max_prompt_length=config.max_prompt_length, max_length=config.max_length) if valid_examples else None
+    if not train_set.n_response_tokens:
+        raise DataError(f"The {len(train_set)} training examples hold no response tokens after tokenization "
+                        f"(max_length={config.max_length}); check the data's outputs and the student's tokenizer.")
     if train_set.n_truncated:
         say(f"warning: {train_set.n_truncated} of {len(train_set)} training examples were truncated "
             f"(max_prompt_length={config.max_prompt_length}, max_length={config.max_length})")

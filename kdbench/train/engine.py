@@ -512,7 +512,12 @@ def train_resuming(trainer: "DistillTrainer", run, checkpoints_dir: Path, say) -
         trainer.restore_counters(resume[-1])
         if trainer.is_world_process_zero():
             trim_run_log(run.path / "train_log.jsonl", checkpoint_step(resume[-1]))
-    return trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None), bool(resume)
+    output = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
+    if not trainer.counters["response_tokens"]:
+        raise TrainingError(f"The run trained on 0 response tokens in {trainer.state.global_step} steps, so the model "
+                            "learned nothing; check that the tokenizer encodes the data and that max_length leaves room "
+                            "for responses, then start again.")
+    return output, bool(resume)
 
 
 def take_batches(epoch_iterator, num_batches: int) -> list:
