@@ -393,6 +393,34 @@ def environment_summary() -> dict:
         pass
     return summary
 
+# Per run kind, the settings a rerun may change without changing what the run computes (where files go,
+# logging, batch sizes of generation). Any other difference refuses the rerun, so a resumed run never
+# mixes two configurations and its config.yaml is never rewritten to values it did not use. (Eval runs
+# compare the settings that decide their generations instead: kdbench.evaluate.)
+RERUN_MAY_CHANGE: dict[str, tuple[str, ...]] = {
+    "train": ("output_dir", "run_name", "cache_dir", "report_to", "logging_steps", "save_total_limit",
+              "generation_batch_size"),
+}
+
+
+def changed_settings(before: dict, now: dict, *, ignore: Iterable[str] = (), prefix: str = "") -> list[str]:
+    """``"name X then, Y now"`` for every setting that differs between two configs (nested sections as
+    ``params.kd_ratio``); a setting absent on one side and None on the other is not a difference."""
+    now = json.loads(json.dumps(now, default=_json_default))  # the types a config file gives back
+    ignore = set(ignore)
+    changes = []
+    for key in sorted(set(before) | set(now), key=str):
+        if not prefix and key in ignore:
+            continue
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, prefix=f"{prefix}{key}.")
+        elif old != new and not (isinstance(old, (int, float)) and isinstance(new, (int, float))
+                                 and not isinstance(old, bool) and float(old) == float(new)):
+            changes.append(f"{prefix}{key} {old!r} then, {new!r} now")
+    return changes
+
+
 class RunDir:
     """One run's directory.
 
@@ -417,6 +445,14 @@ class RunDir:
                exist_ok: bool = True) -> "RunDir":
         """Create (or reopen, for resuming) the run directory ``root/name``."""
         run = cls(Path(root) / name)
+        if kind in RERUN_MAY_CHANGE and (run.path / "run.json").is_file() and (run.path / "config.yaml").is_file():
+            changed = changed_settings(run.config(), config, ignore=RERUN_MAY_CHANGE[kind])
+            if changed:
+                from kdbench.errors import ConfigError
+
+                raise ConfigError(
+                    f"Run {run.path} was started with other settings ({'; '.join(changed)}); rerun without those "
+                    "changes to resume it, or give a new --run-name to start a new run with them.")
         run.path.mkdir(parents=True, exist_ok=exist_ok)
         previous = run.info() if (run.path / "run.json").exists() else {}
         info = {
