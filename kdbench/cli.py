@@ -160,6 +160,7 @@ def train(
     valid_data: Optional[str] = typer.Option(None, "--valid-data", help="Validation data (default: hold out 5%)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Folder for run directories (default: runs)."),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Run directory name; rerunning it resumes."),
+    continue_from: Optional[str] = typer.Option(None, "--continue-from", help="Start this new run from a checkpoint of an earlier run (RUN/checkpoints/checkpoint-N), e.g. the last sound one of a diverged run."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Training seed."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig settings."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting: --set learning_rate=1e-4, --set params.kd_ratio=0.3."),
@@ -175,7 +176,7 @@ def train(
 
     values = load_yaml(config)
     flags = {"student": student, "teacher": teacher, "data": data, "valid_data": valid_data, "output_dir": output_dir,
-             "run_name": run_name, "seed": seed}
+             "run_name": run_name, "seed": seed, "continue_from": continue_from}
     values.update({k: v for k, v in flags.items() if v is not None})
     values["method"] = method
     from kdbench.config import apply_overrides
