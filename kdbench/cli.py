@@ -227,6 +227,11 @@ def eval_(
     """Evaluate a model on a suite (reference-based: Rouge-L/EM; lm_eval: Open LLM Leaderboard tasks)."""
     from kdbench import registry
 
+    if batch_size is not None and batch_size < 1:
+        raise KdbenchError(f"--batch-size must be at least 1, not {batch_size}.")
+    if limit is not None and limit < 1:
+        raise KdbenchError(f"--limit must be a positive number of examples, not {limit}.")
+    seed_list = _int_list(seeds, "--seeds") if seeds else None
     several = suite == "all" or "," in suite
     _quiet_libraries()
     if not several:
@@ -241,9 +246,9 @@ def eval_(
     values: dict = {"suite": suite, "model": model, "data_path": data, "greedy": greedy, "limit": limit,
                     "buckets": buckets, "output_dir": output_dir, "run_name": run_name, "label": label,
                     "prompt_style": prompt_style}
-    if seeds:
-        values["seeds"] = _int_list(seeds, "--seeds")
-    if batch_size:
+    if seed_list:
+        values["seeds"] = seed_list
+    if batch_size is not None:
         values["decoding"] = {"batch_size": batch_size}
     values = apply_overrides({k: v for k, v in values.items() if v is not None}, set_)
     config = build(EvalConfig, values)
@@ -258,10 +263,11 @@ def eval_(
 
 def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: str, run_name, label) -> None:
     from kdbench.harness import run_harness
-    from kdbench.models import resolve_model_path
+    from kdbench.models import load_tokenizer, resolve_model_path
     from kdbench.store import RunDir
 
-    path = resolve_model_path(model)
+    path = resolve_model_path(model)  # a missing folder or damaged weights: one sentence before any run exists
+    load_tokenizer(path)
     label = label or Path(model).name
     run = RunDir.create(output_dir, run_name or f"eval-{suite}-{label}", kind="eval",
                         config={"suite": suite, "model": model, "limit": limit, "batch_size": batch_size, "label": label},
@@ -341,7 +347,15 @@ def report(
 ):
     """Leaderboards with CIs and Holm-corrected paired tests, breakdowns, cost and plots; Markdown, HTML, CSV."""
     from kdbench.report import build_report
+    from kdbench.store import find_run_dirs
 
+    if out is not None and out.exists() and not out.is_dir():
+        raise KdbenchError(f"--out {out} is a file; give a folder for leaderboard.md, report.html and metrics.csv.")
+    unfinished = [(run, run.info().get("status", "unknown")) for run in find_run_dirs(run_dirs) if not run.complete]
+    if unfinished:
+        shown = ", ".join(f"{run.path} ({status})" for run, status in unfinished[:3])
+        _say(f"warning: {len(unfinished)} run(s) did not finish and may lack metrics: {shown}"
+             f"{' ...' if len(unfinished) > 3 else ''}; rerun their commands to complete them.")
     result = build_report(run_dirs, out=out, formats=format_.split(","), compare_papers=compare_papers,
                           baseline_label=baseline_label, suite=suite)
     typer.echo(result.markdown)
@@ -378,9 +392,9 @@ def list_(what: Optional[str] = typer.Argument(None, help="methods, suites or ju
 @cache_app.command("where")
 def cache_where():
     """Print the cache folder."""
-    from kdbench.store import default_cache_dir
+    from kdbench.store import ArtifactStore
 
-    typer.echo(str(default_cache_dir()))
+    typer.echo(str(ArtifactStore().root))
 
 
 @cache_app.command("list")
@@ -408,6 +422,7 @@ def cache_clear(
     from kdbench.store import ArtifactStore
 
     store = ArtifactStore(cache_dir)
+    store.check_kind(kind)
     if not yes and not typer.confirm(f"Delete {'all' if not kind else kind} artifacts under {store.root}?"):
         raise typer.Exit(code=1)
     typer.echo(f"removed {store.clear(kind)} artifact(s) from {store.root}")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdbench.errors import DataError
+from kdbench.errors import ConfigError, DataError
 
 _WORD = re.compile(r"\w+")
 # odd 64-bit multiplier for the polynomial n-gram hash (arithmetic wraps modulo 2^64)
@@ -189,6 +189,8 @@ def overlap_report(
     """
     from kdbench.suites import load_suite
 
+    if n < 1:
+        raise ConfigError(f"--n must be an n-gram size of at least 1, not {n} (13 is GPT-3's choice).")
     examples = load_suite(suite, data_path)
     index = NgramIndex(iter_train_texts(train_path), n)
     rows = ngram_overlap(index, examples, n)

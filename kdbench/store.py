@@ -239,7 +239,14 @@ class ArtifactStore:
     """
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root) if root is not None else default_cache_dir()
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            from kdbench.errors import ConfigError
+
+            origin = "the cache folder" if root is not None else (
+                "KDBENCH_CACHE" if os.environ.get("KDBENCH_CACHE") else "the default cache folder")
+            raise ConfigError(f"{origin} {self.root} is a file; point {origin if root is None else '--cache-dir'} "
+                              "to a folder (it is created if missing).")
 
     def key(self, kind: str, inputs: dict) -> str:
         return hash_obj({"kind": kind, "inputs": inputs, "kdbench": kdbench_version()})[:24]
@@ -311,8 +318,24 @@ class ArtifactStore:
             found.append(Artifact(marker.parent, marker.parent.name, marker.parent.parent.name, meta, True))
         return found
 
+    def kinds(self) -> list[str]:
+        """The artifact kinds present in the cache (its sub-folders)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def check_kind(self, kind: str | None) -> None:
+        """A ``kind`` to clear must be one present in the cache (never a path such as ``..``)."""
+        if kind is not None and kind not in self.kinds():
+            from kdbench.errors import ConfigError
+
+            raise ConfigError(f"The cache {self.root} has no artifacts of kind {kind!r}; kinds present: "
+                              f"{', '.join(self.kinds()) or '(none)'} (see kdbench cache list).")
+
     def clear(self, kind: str | None = None) -> int:
-        """Delete every artifact (of ``kind``); returns how many complete ones were removed."""
+        """Delete every artifact (of ``kind``, which must be a kind present); returns how many complete
+        ones were removed."""
+        self.check_kind(kind)
         removed = 0
         targets = [self.root / kind] if kind else [p for p in self.root.glob("*") if p.is_dir()]
         for folder in targets:

@@ -243,7 +243,7 @@ def resolve_data_file(spec: SuiteSpec, data_path: str | os.PathLike | None = Non
             return data_path
         if data_path.is_dir():
             return _find_in_folder(spec, data_path, origin="--data", snapshot=True)
-        raise DataError(f"Data path {data_path} does not exist; give a JSONL file or a folder holding the {spec.name} data.")
+        raise DataError(f"--data {data_path} does not exist; give a JSONL file or a folder holding the {spec.name} data.")
     env_folder = os.environ.get(DATA_ENV_VAR)
     if env_folder:
         folder = Path(env_folder).expanduser()
