@@ -300,3 +300,13 @@ def test_the_table_covers_every_non_judge_command():
     families = {c.argv[1] for c in CASES if c.argv[0] == "train"}
     assert {"sft", "kd", "rkl", "seqkd", "gkd", "dpo", "ddpo", "dckd", "adpa"} <= families
     assert len(CASES) >= 50
+
+
+def test_judge_commands_pass_through_the_same_boundary(tmp_path):
+    """The judge's own table lives with the judge; here only that its subcommands are inside the boundary."""
+    for argv, expect in ((["judge", "mt-bench", "--out", str(tmp_path / "j")], "--judge-model"),
+                         (["judge", "pairwise", "--bogus"], "No such option: --bogus")):
+        result = CliRunner().invoke(app, argv)
+        lines = [line for line in result.output.strip().splitlines() if line.strip()]
+        assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], \
+            result.output
