@@ -20,6 +20,7 @@ from kdbench.errors import KdbenchError
 UsageError = typer.BadParameter.__mro__[1]
 NoArgsIsHelpError = getattr(sys.modules[UsageError.__module__], "NoArgsIsHelpError", ())
 
+
 class ErrorBoundary(TyperGroup):
     """The root command group: every ``kdbench`` command (and every ``kdbench judge`` subcommand) runs
     inside :meth:`invoke`, so no command can forget the rule of the house.
