@@ -51,6 +51,7 @@ class EvalConfig:
             raise ConfigError("Give at least one sampling seed, or use greedy decoding.")
         if self.n_bootstrap < 100:
             raise ConfigError("Setting n_bootstrap must be at least 100.")
+        _parse_buckets(self.buckets, None)  # a malformed --buckets fails here, before any model is loaded
 
 
 @dataclass
@@ -72,9 +73,12 @@ def _parse_buckets(text: str | None, default) -> tuple | str:
     if text == "auto":
         return "auto"
     try:
-        return tuple(float(x) for x in text.split(","))
+        edges = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise ConfigError(f"Buckets {text!r} must be comma-separated numbers (e.g. 30,70) or 'auto'.") from None
+        raise ConfigError(f"--buckets {text!r} must be comma-separated numbers (e.g. 30,70) or 'auto'.") from None
+    if any(e <= 0 for e in edges) or list(edges) != sorted(set(edges)):
+        raise ConfigError(f"--buckets {text!r} must be increasing positive word counts, e.g. 30,70.")
+    return edges
 
 
 # The five reference suites of PROTOCOLS.md §1, in the order the papers' tables list them.

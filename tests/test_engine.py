@@ -194,11 +194,12 @@ def test_nan_loss_stops_with_the_step_and_last_good_checkpoint(tiny, tmp_path):
                           "--set", "save_steps=1", "--set", "max_steps=6", "--set", "prompt_style=compact",
                           "--set", "warmup_ratio=0", "--set", "max_grad_norm=0")
     assert result.exit_code == 2, out
-    assert "The loss became" in out and "at step " in out and "last good checkpoint is" in out
-    assert "checkpoint-" in out and "Traceback" not in out
-    step = int(out.split("at step ")[1].split(";")[0])
+    assert "The loss became" in out and "at step " in out and "Traceback" not in out
+    step = int(out.split("at step ")[1].split(" ")[0])
     assert step >= 2
-    assert f"checkpoint-{step - 1}" in out
+    # nothing was logged before the loss overflowed, so no checkpoint is known to be sound: a fresh run
+    assert "no checkpoint before the divergence was kept" in out
+    assert "--run-name sft-seed1-lr1e+29 --set learning_rate=1e+29" in out
     assert json.loads((tmp_path / "sft-seed1" / "run.json").read_text())["status"] == "failed"
 
 
