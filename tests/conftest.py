@@ -70,3 +70,11 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_sep("-", f"{len(skipped)} skipped (CI fails on these: KDBENCH_REQUIRE_ALL=1)")
     for reason, count in sorted(reasons.items(), key=lambda kv: -kv[1]):
         terminalreporter.write_line(f"{count:4d}  {reason}")
+
+
+@pytest.fixture(scope="session")
+def wiring_world(tmp_path_factory):
+    """Models and data of the wiring tests (tests/wiring_reference.py), built once per session."""
+    from wiring_reference import build_world
+
+    return build_world(tmp_path_factory.mktemp("wiring"))
