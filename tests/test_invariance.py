@@ -2,8 +2,9 @@
 tests/test_engine.py), a pair method (DPO on a preference file), a guided method (DCKD), and DPKD with
 offline pairs.
 
-* Fast: micro-batch 1 × accumulation 4 ends with the same parameters and loss curve as micro-batch 4 × 1
-  (3 SGD steps, pairs of different lengths): every denominator is the whole optimizer step's count.
+* Fast: micro-batches of 2 + 2 + 1 accumulated end with the same parameters and loss curve as one
+  micro-batch of 5 (3 SGD steps, pairs of different lengths): every denominator is the whole optimizer
+  step's count.
 * Slow: 2 processes (torchrun, gloo) give the 1-process loss curve and parameters with the same global
   batch; a run SIGKILLed mid-training and rerun with the same command ends where an uninterrupted run does.
 """
@@ -61,9 +62,13 @@ def test_accumulation_invariance(wiring_world, tmp_path, case):
     method, data, params = _family(world, case)
     rows = ref.rows_of(data)
     lengths = {len(r.get("chosen", r.get("output", ""))) for r in rows}
-    assert len(lengths) > 1  # per-micro-batch means would weight the pairs differently
-    whole = ref.run(world, tmp_path / "whole", method, data, params, batch_size=4, grad_accum=1, **STEPS)
-    split = ref.run(world, tmp_path / "split", method, data, params, batch_size=1, grad_accum=4, **STEPS)
+    assert len(lengths) > 1  # per-micro-batch token means would weight the pairs differently
+    # 5 rows: one step is the whole file, split 2 + 2 + 1 — per-micro-batch means would also weight the lone
+    # pair of the last micro-batch twice (a pair mean is split-invariant only over equal micro-batches)
+    data = tmp_path / f"five{data.suffix}"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows + rows[1:2]))
+    whole = ref.run(world, tmp_path / "whole", method, data, params, batch_size=5, grad_accum=1, **STEPS)
+    split = ref.run(world, tmp_path / "split", method, data, params, batch_size=2, grad_accum=3, **STEPS)
     start = ref.saved_parameters(world.student_sft if "sft_model" in params else world.student)
     moved = max(float((v - start[k]).abs().max()) for k, v in ref.saved_parameters(whole.model_dir).items())
     assert moved > 1e-3

@@ -304,7 +304,7 @@ def test_adpa_first_step(wiring_world, tmp_path, case):
 
 
 STEP = {"optim": "sgd", "learning_rate": ref.STEP_LR, "max_steps": 1, "batch_size": ref.N_ROWS, "max_grad_norm": 0.0,
-        "warmup_ratio": 0.0, "lr_scheduler": "constant"}
+        "warmup_ratio": 0.0, "lr_scheduler": "constant", "weight_decay": 0.0, "grad_accum": 1}
 
 
 def test_adpa_plus_dckd_stage_starts_from_the_given_sft_student(wiring_world, tmp_path):
