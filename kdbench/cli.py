@@ -33,8 +33,12 @@ app.add_typer(student_app, name="student")
 
 
 def _register_judge() -> None:
+    """``kdbench judge ...``, each command behind the same error handling as every other command."""
     from kdbench.cli_judge import app as judge_app
 
+    for command in judge_app.registered_commands:
+        if not getattr(command.callback, "__wrapped__", None):
+            command.callback = handles_errors(command.callback)
     app.add_typer(judge_app, name="judge")
 
 

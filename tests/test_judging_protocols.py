@@ -119,7 +119,9 @@ def test_lc_from_weights_baseline_is_fifty_and_matches_formula():
 
 
 def test_lc_is_na_for_custom_reference_and_ae1():
-    protocol = {"length_controlled": True}
+    from kdbench import registry
+
+    protocol = registry.get("judges", "alpaca_eval_2").body
     value, note = ae.length_controlled([], protocol, reference_name="my-student")
     assert value is None and note.startswith("LC n/a") and "custom reference" in note
     value, note = ae.length_controlled([], {"length_controlled": False}, reference_name="text_davinci_003")
