@@ -102,7 +102,9 @@ def judge_mt_bench(config: MTBenchConfig, *, log=None, command=None, progress=No
     run_config = {"mode": config.mode, "reference": reference, "judge": client.settings.record(),
                   "answers": [str(p) for p in config.answers], "n_questions": len(questions),
                   "model": config.model, "answer_protocol": config.answer_protocol if config.model else None,
-                  "data_dir": config.data_dir, "limit": config.limit}
+                  "data_dir": config.data_dir, "limit": config.limit,
+                  "inputs": [str(p) for p in config.answers] + ([f"answers generated with {config.model}"]
+                                                                 if config.model else [])}
     with failing(holder):
         if config.model or model is not None:
             if not config.dry_run:
@@ -242,7 +244,7 @@ def judge_alpaca_eval(config: AlpacaEvalConfig, *, log=None, command=None, progr
     label = model_rows[0]["generator"]
     run_config = {"annotator": protocol["annotator"], "judge": client.settings.record(), "outputs": str(config.outputs),
                   "reference": str(reference), "reference_generator": reference_name, "limit": config.limit,
-                  "suite": config.suite, "seed": config.seed}
+                  "suite": config.suite, "seed": config.seed, "inputs": [str(config.outputs), str(reference)]}
     holder = {"run": open_run(config.out, protocol=name, config=run_config, command=command)}
     with failing(holder):
         run = holder["run"]
@@ -293,7 +295,8 @@ def judge_pairwise(config: PairwiseConfig, *, log=None, command=None, progress=N
     opponent = config.labels.get("teacher") or teacher[0]["generator"]
     suite = student[0].get("suite") or teacher[0].get("suite") or "pairwise"
     run_config = {"student": str(config.student), "teacher": str(config.teacher), "both_orders": both,
-                  "suite": suite, "seed": config.seed, "limit": config.limit, "opponent": opponent}
+                  "suite": suite, "seed": config.seed, "limit": config.limit, "opponent": opponent,
+                  "inputs": [str(config.student), str(config.teacher)]}
     if config.offline:
         offline_judge = OfflineJudge(mode=config.offline, tie_margin=config.tie_margin)
         if any(not p["references"] for p in pairs):
