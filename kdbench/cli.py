@@ -244,6 +244,8 @@ def demo(
     typer.echo(result.leaderboard_md)
     typer.echo(f"leaderboard: {result.out_dir / 'leaderboard.md'}  (total {result.timings['total_seconds']:.0f}s, "
                f"teacher {'cached' if result.teacher_reused else 'trained'})")
+    if result.report_html is not None:
+        typer.echo(f"report: {result.report_html}")
 
 
 @app.command()

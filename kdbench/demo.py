@@ -8,6 +8,9 @@ evaluates everything and prints a leaderboard, with no download.
    it from the same initialisation through the same engine as real models (``kdbench.train``).
 4. Teacher and students are evaluated on the test split (Rouge-L, exact match, per length bucket
    and category, bootstrap CIs) and ranked in a Markdown leaderboard (``kdbench.report``).
+5. Each student is judged against the teacher on the same test prompts with the offline exact-match
+   judge (:func:`kdbench.judge`, judge runs under ``judge/``), and ``report.html`` (tables and figures
+   of every run) is written next to ``leaderboard.md``.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ class DemoResult:
     leaderboard_md: str
     timings: dict = field(default_factory=dict)
     teacher_reused: bool = False
+    report_html: Path | None = None
 
 
 def build_teacher(preset: Preset, corpus_dir: Path, store: ArtifactStore, log: Callable[[str], None]) -> tuple[Path, bool, float]:
@@ -181,15 +185,22 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
         t0 = time.time()
         score_multiple_choice(corpus_dir, to_evaluate, out, log=say)
         timings["multiple_choice_seconds"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    judge_against_teacher(out, [(label, f"{label}-seed{seed}") for label, seed, _ in trained], "exact", log=say)
+    timings["judge_seconds"] = round(time.time() - t0, 1)
     timings["total_seconds"] = round(time.time() - started, 1)
 
     if preset.full_report:
         from kdbench.report import build_report
 
         t0 = time.time()
-        build_report([out / "eval", out / "train"], out=out / "report", title=f"kdbench demo --preset {preset.name}")
+        build_report(demo_run_folders(out), out=out / "report", title=f"kdbench demo --preset {preset.name}")
         timings["report_seconds"] = round(time.time() - t0, 1)
-        say(f"report: {out / 'report'}")
+        say(f"full report: {out / 'report'}")
+    t0 = time.time()
+    report_html = write_report_html(out, f"kdbench demo --preset {preset.name}")
+    timings["report_html_seconds"] = round(time.time() - t0, 1)
     runs = find_run_dirs([out / "eval"])
     markdown = leaderboard_markdown(runs, title=f"kdbench demo --preset {preset.name}", baseline_label="sft",
                                     reference_label="teacher",
@@ -197,8 +208,42 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
                                               f"{counts.get('test')} test examples)")
     atomic_write_text(out / "leaderboard.md", markdown)
     atomic_write_json(out / "demo.json", {"preset": to_dict(preset), "timings": timings, "teacher_reused": reused,
-                                          "corpus_dir": str(corpus_dir), "teacher_dir": str(teacher_dir)})
-    return DemoResult(out, markdown, timings, reused)
+                                          "corpus_dir": str(corpus_dir), "teacher_dir": str(teacher_dir),
+                                          "report_html": str(report_html)})
+    return DemoResult(out, markdown, timings, reused, report_html)
+
+
+def judge_against_teacher(out: Path, students: list[tuple[str, str]], offline: str, *, suite: str | None = None,
+                          teacher_run: str = "teacher", tie_margin: float | None = None,
+                          log: Callable[[str], None] | None = None) -> list:
+    """ω of each evaluated student against the teacher, with the offline judge, through :func:`kdbench.judge`:
+    one judge run ``out/judge/<run>-vs-teacher`` per student eval run ``out/eval/<run>`` against the teacher's
+    ``out/eval/<teacher_run>`` (``students`` holds (label, eval run name) pairs)."""
+    from kdbench.judging.api import judge
+
+    results = []
+    for label, name in students:
+        outcome = judge("pairwise", student=str(out / "eval" / name), teacher=str(out / "eval" / teacher_run),
+                        suite=suite, offline=offline, tie_margin=tie_margin, out=str(out / "judge" / f"{name}-vs-teacher"),
+                        labels={"student": label, "teacher": "teacher"}, command=["kdbench", "demo"])
+        if log:
+            log(outcome.message)
+        results.append(outcome)
+    return results
+
+
+def demo_run_folders(out: Path) -> list[Path]:
+    """The demo's run folders that exist (eval, train, judge)."""
+    return [out / name for name in ("eval", "train", "judge") if (out / name).is_dir()]
+
+
+def write_report_html(out: Path, title: str) -> Path:
+    """``report.html`` (every table and figure of the demo's runs; one self-contained file) next to
+    ``leaderboard.md``, its figures also as ``plots/*.png``."""
+    from kdbench.report import build_report
+
+    result = build_report(demo_run_folders(out), out=out, formats=["html"], title=title)
+    return result.paths["html"]
 
 
 def _methods(preset: Preset) -> list[str]:
