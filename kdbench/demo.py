@@ -288,7 +288,7 @@ def score_multiple_choice(corpus_dir: Path, models: list[tuple[str, int | None, 
                           log: Callable[[str], None] | None = None) -> None:
     """Score each model on the world's multiple-choice questions through lm-eval; the records go into
     the model's eval run (suite ``synthetic-mc``) beside its Rouge-L."""
-    from kdbench.harness import local_multiple_choice_task, run_harness
+    from kdbench.harness import harness_into_run, local_multiple_choice_task
     from kdbench.store import RunDir
     from kdbench.synthetic.corpus import load_corpus_rows
 
@@ -296,8 +296,7 @@ def score_multiple_choice(corpus_dir: Path, models: list[tuple[str, int | None, 
                                          out / "mc_task", prompt_template="instruction : {{question}} response :")
     for label, seed, model_dir in models:
         run = RunDir(out / "eval" / (label if seed is None else f"{label}-seed{seed}"))
-        result = run_harness(str(model_dir), suite=MC_SUITE, include_path=include, batch_size=32, log=log)
-        run.write_metrics(result.to_metric_records(run, MC_SUITE["name"]), replace_suite=MC_SUITE["name"])
+        harness_into_run(run, str(model_dir), suite=MC_SUITE, include_path=include, batch_size=32, log=log)
 
 
 def preset_names() -> list[str]:
