@@ -429,13 +429,22 @@ class _MalformedResponse(Exception):
 
 def _is_connect_failure(err) -> bool:
     """Whether a connection error means the server could not be reached at all (refused, no route, unknown
-    host), as opposed to a connection that broke mid-response (a truncated body: the server is there)."""
+    host), as opposed to a connection that broke mid-response (a body cut off in transit: the server is there).
+
+    The cause chain is inspected by class name: the openai SDK wraps the HTTP library's errors (httpx, or its
+    vendored copy in newer SDKs) and those wrap the OS error."""
+    import socket
+
     cause = err.__cause__ or err.__context__
-    try:
-        import httpx
-    except ImportError:  # pragma: no cover - openai depends on httpx
+    if cause is None:
         return True
-    return cause is None or isinstance(cause, (httpx.ConnectError, httpx.ConnectTimeout))
+    seen = 0
+    while cause is not None and seen < 10:
+        if isinstance(cause, (ConnectionRefusedError, socket.gaierror)) or type(cause).__name__ in (
+                "ConnectError", "ConnectTimeout"):
+            return True
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return False
 
 
 def _retry_after_s(err) -> float | None:

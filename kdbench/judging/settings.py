@@ -82,6 +82,9 @@ class MTBenchConfig(JudgeSettings):
             raise ConfigError(f"--answer-protocol must be kdbench or fastchat, not {self.answer_protocol!r}.")
         if self.batch_size < 1:
             raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size}).")
+        if self.chat_template not in (None, "tokenizer") and self.answer_protocol != "fastchat":
+            raise ConfigError("--chat-template names a FastChat template, which only --answer-protocol fastchat uses; "
+                              "the kdbench protocol always uses the tokenizer's chat template.")
         if not self.answers and not self.model:
             raise ConfigError("Pass --answers (FastChat answers or a kdbench run) or --model to generate them.")
         if self.mode == "pairwise" and len(self.answers) + bool(self.model) != 2:
