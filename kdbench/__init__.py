@@ -10,7 +10,7 @@ The public API lives in submodules, imported lazily so that ``kdbench --help`` s
 * :mod:`kdbench.store`: run directories and content-addressed artifacts.
 """
 
-__version__ = "0.1.0"
+from kdbench.version import __version__  # noqa: F401
 
 
 def judge(protocol: str, **settings):

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from kdbench.config import option, to_dict
 from kdbench.errors import ConfigError
+from kdbench.demo_report import DemoResult, judge_against_teacher, write_report_html
 from kdbench.store import ArtifactStore, atomic_write_json, atomic_write_text
 from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
 
@@ -60,15 +61,6 @@ PRESETS: dict[str, Preset] = {
     # every recipe registered in trainers/ (resolved at run time), the offline suites, the full report
     "full": Preset(name="full", methods=["*"], multiple_choice=True, full_report=True),
 }
-
-
-@dataclass
-class DemoResult:
-    out_dir: Path
-    leaderboard_md: str
-    timings: dict = field(default_factory=dict)
-    teacher_reused: bool = False
-    report_html: Path | None = None
 
 
 def build_teacher(preset: Preset, corpus_dir: Path, store: ArtifactStore, log: Callable[[str], None]) -> tuple[Path, bool, float]:
@@ -195,6 +187,8 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
         from kdbench.report import build_report
 
         t0 = time.time()
+        from kdbench.demo_report import demo_run_folders
+
         build_report(demo_run_folders(out), out=out / "report", title=f"kdbench demo --preset {preset.name}")
         timings["report_seconds"] = round(time.time() - t0, 1)
         say(f"full report: {out / 'report'}")
@@ -211,39 +205,6 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
                                           "corpus_dir": str(corpus_dir), "teacher_dir": str(teacher_dir),
                                           "report_html": str(report_html)})
     return DemoResult(out, markdown, timings, reused, report_html)
-
-
-def judge_against_teacher(out: Path, students: list[tuple[str, str]], offline: str, *, suite: str | None = None,
-                          teacher_run: str = "teacher", tie_margin: float | None = None,
-                          log: Callable[[str], None] | None = None) -> list:
-    """ω of each evaluated student against the teacher, with the offline judge, through :func:`kdbench.judge`:
-    one judge run ``out/judge/<run>-vs-teacher`` per student eval run ``out/eval/<run>`` against the teacher's
-    ``out/eval/<teacher_run>`` (``students`` holds (label, eval run name) pairs)."""
-    from kdbench.judging.api import judge
-
-    results = []
-    for label, name in students:
-        outcome = judge("pairwise", student=str(out / "eval" / name), teacher=str(out / "eval" / teacher_run),
-                        suite=suite, offline=offline, tie_margin=tie_margin, out=str(out / "judge" / f"{name}-vs-teacher"),
-                        labels={"student": label, "teacher": "teacher"}, command=["kdbench", "demo"])
-        if log:
-            log(outcome.message)
-        results.append(outcome)
-    return results
-
-
-def demo_run_folders(out: Path) -> list[Path]:
-    """The demo's run folders that exist (eval, train, judge)."""
-    return [out / name for name in ("eval", "train", "judge") if (out / name).is_dir()]
-
-
-def write_report_html(out: Path, title: str) -> Path:
-    """``report.html`` (every table and figure of the demo's runs; one self-contained file) next to
-    ``leaderboard.md``, its figures also as ``plots/*.png``."""
-    from kdbench.report import build_report
-
-    result = build_report(demo_run_folders(out), out=out, formats=["html"], title=title)
-    return result.paths["html"]
 
 
 def _methods(preset: Preset) -> list[str]:

@@ -289,7 +289,7 @@ def win_rates(labels: list[str], out: Path, preset: RealPreset, say=None) -> dic
     """ω of each model against the teacher on each suite with the offline Rouge-L proxy judge: one judge run
     ``judge/<label>-<suite>-vs-teacher`` each (:func:`kdbench.demo.judge_against_teacher`); returns
     ``{label: {suite: {omega, wins, ties, losses, failed, n}}}`` read back from those runs' records."""
-    from kdbench.demo import judge_against_teacher
+    from kdbench.demo_report import judge_against_teacher
 
     results: dict = {}
     for suite in ("dolly", "vicuna"):
@@ -342,7 +342,7 @@ def summary_markdown(labels: list[str], out: Path, omega: dict, tie_margin: floa
 def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                   log: Callable[[str], None] | None = None, progress: bool = True):
     """Run a SmolLM2 preset end to end; returns a :class:`kdbench.demo.DemoResult`."""
-    from kdbench.demo import DemoResult
+    from kdbench.demo_report import DemoResult
     from kdbench.models import resolve_model_path
     from kdbench.report import leaderboard_markdown
     from kdbench.store import find_run_dirs
@@ -423,7 +423,7 @@ def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cach
                                  baseline_label="student-before", reference_label="teacher", data_note=note)
     markdown = board.rstrip() + "\n\n" + summary_markdown(labels, out, omega, preset.judge_tie_margin)
     atomic_write_text(out / "leaderboard.md", markdown)
-    from kdbench.demo import write_report_html
+    from kdbench.demo_report import write_report_html
 
     report_html = write_report_html(out, f"kdbench demo --preset {preset.name}")
     atomic_write_json(out / "demo.json", {"preset": to_dict(preset), "timings": timings, "data_dir": str(data_dir),

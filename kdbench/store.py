@@ -240,7 +240,7 @@ def default_cache_dir() -> Path:
 
 
 def kdbench_version() -> str:
-    from kdbench import __version__
+    from kdbench.version import __version__
 
     return __version__
 

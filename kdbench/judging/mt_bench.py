@@ -296,12 +296,16 @@ def metric_records(run, summary: dict[str, dict], *, judge: str, protocol: str, 
     return records
 
 
+def omega_record_fields(summary: dict) -> dict:
+    """The counts every ω-like record carries: ``wins``, ``ties``, ``losses`` and ``n_failed``."""
+    return {"wins": summary["wins"], "ties": summary["ties"], "losses": summary["losses"],
+            "n_failed": summary["failed"]}
+
+
 def pairwise_metric_records(run, summary: dict, *, model: str, opponent: str, judge: str, protocol: str,
                             suite: str = "mt_bench_pairwise") -> list[dict]:
     """``metrics.jsonl`` records of a pairwise comparison: ω and win rate of ``model`` against ``opponent``
     overall (subset ``all``) and per turn, with the wins, ties, losses and failed pairs."""
-    from kdbench.judging.pairwise import omega_record_fields
-
     records = []
     for key, row in summary.items():
         subset = "all" if key == "all" else f"turn:{key.split('_')[1]}"

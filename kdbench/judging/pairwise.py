@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from kdbench.errors import DataError
 from kdbench.judging.client import JudgeCall
-from kdbench.judging.mt_bench import combine_orders, parse_pair_verdict, protocol_file
+from kdbench.judging.mt_bench import combine_orders, omega_record_fields, parse_pair_verdict, protocol_file
 from kdbench.judging.offline import OfflineJudge
 
 
@@ -110,12 +110,6 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
     return {"wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"], "failed": counts["failed"],
             "n": judged, "n_prompts": len(records),
             "omega": omega(counts["win"], counts["tie"], counts["loss"]) if judged else None}
-
-
-def omega_record_fields(summary: dict) -> dict:
-    """The counts every ω-like record carries: ``wins``, ``ties``, ``losses`` and ``n_failed``."""
-    return {"wins": summary["wins"], "ties": summary["ties"], "losses": summary["losses"],
-            "n_failed": summary["failed"]}
 
 
 def metric_records(run, summary: dict, *, suite: str, label: str, opponent: str, judge: str,

@@ -162,7 +162,7 @@ def _judged_section(section: Section, data: ReportData, name: str, full: bool, d
 
 
 def _intro(data: ReportData, baseline_label: str | None, reference_label: str | None) -> list[str]:
-    from kdbench import __version__
+    from kdbench.version import __version__
 
     n_judge = data.n_judge_runs()
     n_eval = len({str(r.run.path) for r in data.eval_runs}) - n_judge
