@@ -286,7 +286,7 @@ def check(
 @app.command()
 @handles_errors
 def report(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories, folders of runs, or `kdbench judge --out` folders."),
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories (train, eval and judge runs) or folders holding them."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write leaderboard.md, report.html, metrics.csv and plots/*.png here."),
     format_: str = typer.Option("md,html,csv", "--format", help="Comma-separated formats to write: md, html, csv."),
     compare_papers: bool = typer.Option(False, "--compare-papers", help="Add published numbers of the same methods beside (never inside) the rankings."),

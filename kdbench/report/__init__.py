@@ -117,6 +117,7 @@ def _reference_section(section: Section, data: ReportData, name: str, baseline_l
     suite_tables = t.leaderboard_tables(data, name, baseline_label=baseline_label, reference_label=reference_label,
                                         metrics=list(metrics) if metrics else None)
     section.tables += suite_tables.tables
+    section.figures_after = len(section.tables)  # the plots right after the leaderboards, before the breakdowns
     if baseline_label and baseline_label not in next(iter(suite_tables.stats.values()), {}):
         section.intro.append(f"No row is labelled {baseline_label!r}, so there are no paired tests; choose "
                              "the baseline with --baseline-label.")

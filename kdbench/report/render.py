@@ -29,6 +29,7 @@ class Section:
     intro: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
+    figures_after: int | None = None  # HTML: the figures follow this many tables (None: all of them)
 
     def shared_notes(self) -> list[str]:
         """The notes every table of the section has (printed once, in the section's note block)."""
@@ -137,7 +138,7 @@ div.note-block { background: #f6f8fb; border-left: 3px solid #9fb3c8; padding: .
 div.note-block p { margin: 0 0 .2rem; font-size: .82rem; font-weight: 600; color: #333c4a; }
 div.note-block ul.notes { margin-bottom: .2rem; }
 div.figures { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
-figure { margin: 1rem 0; } figure img { max-width: 100%; border: 1px solid #e3e7ee; }
+figure { margin: .6rem 0; flex: 0 1 580px; } figure img { max-width: 100%; border: 1px solid #e3e7ee; }
 figcaption { font-size: .8rem; color: #4a5361; }
 nav ul { columns: 2; font-size: .9rem; } .intro { color: #333c4a; }
 @media print {
@@ -193,9 +194,11 @@ def report_html(title: str, intro: list[str], sections: list[Section]) -> str:
             items = "".join(f"<li>{e(note)}</li>" for note in shared)
             parts.append(f'<div class="note-block"><p>For every table of this section:</p>'
                          f'<ul class="notes">{items}</ul></div>')
-        parts += [_table_html(t, shared) for t in section.tables]
+        split = len(section.tables) if section.figures_after is None else section.figures_after
+        parts += [_table_html(t, shared) for t in section.tables[:split]]
         if section.figures:
             parts.append('<div class="figures">' + "".join(_figure_html(f) for f in section.figures) + "</div>")
+        parts += [_table_html(t, shared) for t in section.tables[split:]]
         parts.append("</section>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
