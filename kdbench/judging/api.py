@@ -83,7 +83,7 @@ def judge_mt_bench(config: MTBenchConfig, *, log=None, command=None, progress=No
     pair_protocol = mtb.protocol_file("mt_bench_pairwise") if config.mode == "pairwise" else None
 
     def find(name: str) -> Path:
-        return judge_data.mt_bench_file(name, config.data_dir, warn=say)
+        return judge_data.mt_bench_file(name, config.data_dir, warn=say, source="mt_bench")
 
     questions = judge_data.load_questions(find("question.jsonl"))[:config.limit]
     prompts = judge_data.load_judge_prompts(find("judge_prompts.jsonl"))
@@ -311,7 +311,8 @@ def judge_pairwise(config: PairwiseConfig, *, log=None, command=None, progress=N
         calls: list = []
     else:
         judge_model = _require_model(config.judge_model)
-        prompt = load_judge_prompts(mt_bench_file("judge_prompts.jsonl", config.data_dir, warn=say)).get(protocol["prompt"])
+        prompts_file = mt_bench_file("judge_prompts.jsonl", config.data_dir, warn=say, source=protocol["uses"])
+        prompt = load_judge_prompts(prompts_file).get(protocol["prompt"])
         if prompt is None:
             raise DataError(f"The judge prompts file has no {protocol['prompt']!r} prompt; pass FastChat's "
                             "judge_prompts.jsonl with --data-dir.")

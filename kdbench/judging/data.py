@@ -58,15 +58,16 @@ def _registry_body(name: str) -> dict:
 
 
 def mt_bench_file(name: str, data_dir: str | os.PathLike | None = None, *, download: bool = True,
-                  warn: Warn | None = None) -> Path:
+                  warn: Warn | None = None, source: str = "mt_bench") -> Path:
     """Path of the MT-Bench protocol file ``name`` (e.g. ``"judge_prompts.jsonl"``).
 
     With ``data_dir``, the file must be there (``DIR/name`` or ``DIR/mt_bench/name``): a folder without it is
     a DataError, never a silent download. Otherwise looks in ``$KDBENCH_DATA/mt_bench``, then the download
     cache, then downloads from the pinned FastChat commit when allowed. Downloads are verified against the
-    blob id in the judge file; a local copy that differs is used with a warning naming it.
+    blob id in the judge file ``source`` (``judges/mt_bench.yaml``, or the one another file ``uses``); a local copy
+    that differs is used with a warning naming it.
     """
-    body = _registry_body("mt_bench")
+    body = _registry_body(source)
     spec = body["files"].get(name)
     blob = spec.get("blob") if spec else None
     if data_dir is not None:
