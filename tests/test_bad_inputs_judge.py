@@ -222,3 +222,12 @@ def test_eval_run_folders_are_accepted_by_every_judge_command(env):
     (win_rate,) = [json.loads(line) for line in (env / "ae" / "metrics.jsonl").read_text().splitlines()
                    if json.loads(line)["metric"] == "win_rate"]
     assert win_rate["n"] == 3 and win_rate["label"] == "student" and win_rate["reference"] == "teacher"
+
+    # `kdbench report` reads the judge runs like any run (no judge-specific reader)
+    result = CliRunner().invoke(app, ["report", str(env / "pw"), str(env / "ae"), "--out", str(env / "report")])
+    assert result.exit_code == 0, result.output
+    assert "### vicuna: judged" in result.output and "### alpaca_eval_1: judged" in result.output
+    row = next(line for line in result.output.splitlines() if line.startswith("| student") and "offline-exact" in line)
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[2:6] == ["100.00", "3", "0", "0"]  # omega, W, T, L of the student against the teacher
+    assert 'id="judged-vicuna"' in (env / "report" / "report.html").read_text()

@@ -61,8 +61,11 @@ def _value_text(records: list[dict], digits: int) -> tuple[str, float | None]:
 
 
 def _digits(records: list[dict]) -> int:
+    """Whole numbers for a count-like quantity that is not a score (``higher_is_better: null``, e.g. an average
+    length in characters), two decimals for scores."""
     values = [abs(float(r["value"])) for r in records]
-    return 0 if values and all(v == int(v) and v >= 100 for v in values) else 2
+    counts = values and all(v == int(v) for v in values) and all(r.get("higher_is_better", True) is None for r in records)
+    return 0 if counts else 2
 
 
 def headline_table(data: ReportData, suite: str) -> Table | None:
