@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 from typer.core import TyperGroup
@@ -96,6 +96,8 @@ app.add_typer(student_app, name="student")
 
 
 def _register_judge() -> None:
+    """``kdbench judge ...``: a sub-group of the root group, so its commands run inside :class:`ErrorBoundary`
+    like every other command."""
     from kdbench.cli_judge import app as judge_app
 
     app.add_typer(judge_app, name="judge")
@@ -116,12 +118,6 @@ def _say_error(sentence: str) -> None:
     from rich.markup import escape
 
     _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(sentence)}")
-
-
-def handles_errors(fn: Callable) -> Callable:
-    """Kept for callers written before :class:`ErrorBoundary`: every command already runs inside it, so
-    this returns ``fn`` unchanged."""
-    return fn
 
 
 def _quiet_libraries() -> None:
@@ -223,10 +219,13 @@ def eval_(
     label: Optional[str] = typer.Option(None, "--label", help="Name of this model in leaderboards."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generation batch (or harness batch size)."),
     prompt_style: Optional[str] = typer.Option(None, "--prompt-style", help="Prompt template: alpaca, chat (the model's chat template) or compact (default: the suite's)."),
+    include_path: List[Path] = typer.Option([], "--include-path", help="lm_eval suites: a folder of local lm-eval task YAML files (repeatable), as lm-eval's own --include_path."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting: --set decoding.no_repeat_ngram_size=6."),
 ):
-    """Evaluate a model on a suite (reference-based: Rouge-L/EM; lm_eval: Open LLM Leaderboard tasks)."""
+    """Evaluate a model on a suite (reference-based: Rouge-L/EM; lm_eval: Open LLM Leaderboard tasks, or a suite
+    file of your own: --suite my_suite.yaml --include-path my_tasks/)."""
     from kdbench import registry
+    from kdbench.harness_suite import is_suite_file, read_suite_file
 
     if batch_size is not None and batch_size < 1:
         raise KdbenchError(f"--batch-size must be at least 1, not {batch_size}.")
@@ -236,10 +235,15 @@ def eval_(
     several = suite == "all" or "," in suite
     _quiet_libraries()
     if not several:
-        entry = registry.get("tasks", suite)
-        if entry.body.get("type") == "lm_eval":
-            _eval_harness(entry.name, model, limit, batch_size or 8, output_dir, run_name, label)
+        body = read_suite_file(suite) if is_suite_file(suite) else registry.get("tasks", suite).body
+        if body.get("type") == "lm_eval":
+            _eval_harness(suite, model, limit, batch_size or 8, output_dir, run_name, label, include_path)
             return
+        if is_suite_file(suite):
+            raise KdbenchError(f"{suite} is a reference-based suite file; put it in a tasks/ folder of a registry "
+                               "folder (KDBENCH_REGISTRY_PATH) and pass its name, as for any suite.")
+    if include_path:
+        raise KdbenchError("--include-path adds lm-eval task folders; it only applies to lm_eval suites.")
     from kdbench.config import apply_overrides, build
     from kdbench.evaluate import EvalConfig, evaluate, evaluate_many
     from kdbench.report import leaderboard_markdown
@@ -262,21 +266,14 @@ def eval_(
     typer.echo(f"run: {result.run.path}")
 
 
-def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: str, run_name, label) -> None:
-    from kdbench.harness import run_harness
-    from kdbench.models import load_tokenizer, resolve_model_path
-    from kdbench.store import RunDir
+def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: str, run_name, label,
+                  include_path: list[Path]) -> None:
+    from kdbench.harness import evaluate_harness
 
-    path = resolve_model_path(model)  # a missing folder or damaged weights: one sentence before any run exists
-    load_tokenizer(path)
-    label = label or Path(model).name
-    run = RunDir.create(output_dir, run_name or f"eval-{suite}-{label}", kind="eval",
-                        config={"suite": suite, "model": model, "limit": limit, "batch_size": batch_size, "label": label},
-                        command=sys.argv)
-    result = run_harness(path, suite=suite, limit=limit, batch_size=batch_size, log=_say)
-    run.write_metrics(result.to_metric_records(run, suite), replace_suite=suite)
-    run.finish("complete", suite=suite, label=label, harness=result.label)
-    for record in result.to_metric_records(run, suite):
+    run, result = evaluate_harness(model, suite, output_dir=output_dir, run_name=run_name, label=label, limit=limit,
+                                   batch_size=batch_size, include_path=[str(p) for p in include_path] or None,
+                                   log=_say, command=sys.argv)
+    for record in result.to_metric_records(run, result.suite.name):
         typer.echo(f"{record['subset']:<28} {record['metric']:<24} {record['value']:.4f}")
     typer.echo(f"{result.label}; run: {run.path}")
 
@@ -303,6 +300,8 @@ def demo(
     typer.echo(result.leaderboard_md)
     typer.echo(f"leaderboard: {result.out_dir / 'leaderboard.md'}  (total {result.timings['total_seconds']:.0f}s, "
                f"teacher {'cached' if result.teacher_reused else 'trained'})")
+    if result.report_html is not None:
+        typer.echo(f"report: {result.report_html}")
 
 
 @app.command()
@@ -339,7 +338,7 @@ def check(
 
 @app.command()
 def report(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories, folders of runs, or `kdbench judge --out` folders."),
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories (train, eval and judge runs) or folders holding them."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write leaderboard.md, report.html, metrics.csv and plots/*.png here."),
     format_: str = typer.Option("md,html,csv", "--format", help="Comma-separated formats to write: md, html, csv."),
     compare_papers: bool = typer.Option(False, "--compare-papers", help="Add published numbers of the same methods beside (never inside) the rankings."),

@@ -215,7 +215,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "kdbench"
 
 def kdbench_version() -> str:
-    from kdbench import __version__
+    from kdbench.version import __version__
 
     return __version__
 

@@ -304,7 +304,7 @@ def test_the_table_covers_every_non_judge_command():
 
 def test_judge_commands_pass_through_the_same_boundary(tmp_path):
     """The judge's own table lives with the judge; here only that its subcommands are inside the boundary."""
-    for argv, expect in ((["judge", "mt-bench", "--out", str(tmp_path / "j")], "--judge-model"),
+    for argv, expect in ((["judge", "mt-bench", "--out", str(tmp_path / "j")], "--answers"),
                          (["judge", "pairwise", "--bogus"], "No such option: --bogus")):
         result = CliRunner().invoke(app, argv)
         lines = [line for line in result.output.strip().splitlines() if line.strip()]
