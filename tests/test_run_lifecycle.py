@@ -213,7 +213,7 @@ def test_eval_validates_every_option_before_generating(tiny, tmp_path):
 @pytest.mark.parametrize("failure", ["user error", "bug", "ctrl-c"])
 def test_a_command_that_stops_marks_its_run(tiny, tmp_path, monkeypatch, failure):
     """Whatever stops eval after its run directory exists, the run is never left ``running``."""
-    import kdbench.evaluate
+    import kdbench.scoring
     from kdbench.errors import DataError
 
     def score(*args, **kwargs):
@@ -223,7 +223,7 @@ def test_a_command_that_stops_marks_its_run(tiny, tmp_path, monkeypatch, failure
             raise RuntimeError("boom")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kdbench.evaluate, "score", score)
+    monkeypatch.setattr(kdbench.scoring, "score", score)
     code, out = _run("eval", "--suite", "synthetic", "--model", tiny / "student", "--data", tiny / "corpus",
                      "--output-dir", tmp_path, "--run-name", "r", "--greedy", "--limit", "4")
     info = _status(tmp_path / "r")
@@ -239,9 +239,9 @@ def test_a_command_that_stops_marks_its_run(tiny, tmp_path, monkeypatch, failure
 
 
 def test_a_report_over_unfinished_runs_warns(tiny, tmp_path, monkeypatch):
-    import kdbench.evaluate
+    import kdbench.scoring
 
-    monkeypatch.setattr(kdbench.evaluate, "score", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(kdbench.scoring, "score", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     _run("eval", "--suite", "synthetic", "--model", tiny / "student", "--data", tiny / "corpus", "--output-dir", tmp_path,
          "--run-name", "half", "--greedy", "--limit", "4")
     code, out = _run("report", tmp_path)
