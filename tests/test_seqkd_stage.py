@@ -29,11 +29,11 @@ def test_seqkd_generation_resumes_where_it_stopped(wiring_world, tmp_path, monke
     original = HFBackend._generate_batch
     calls = []
 
-    def counted(self, prompt_ids, ids, decoding, seed):
+    def counted(self, prompt_ids, ids, decoding, seed, **kwargs):
         calls.append(list(ids))
         if crash_after is not None and len(calls) > crash_after:
             raise _Crash("killed during generation")
-        return original(self, prompt_ids, ids, decoding, seed)
+        return original(self, prompt_ids, ids, decoding, seed, **kwargs)
 
     monkeypatch.setattr(HFBackend, "_generate_batch", counted)
     crash_after = 2
