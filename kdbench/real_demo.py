@@ -255,8 +255,8 @@ def teacher_responses(preset: RealPreset, rows: list[dict], name: str, teacher_d
     run = RunDir.create(out / "stages", f"teacher-responses-{name}", kind="generate",
                         config={"teacher": teacher_dir, "prompts": len(rows), "decoding": decoding.describe()})
 
-    generated, facts = generation_stage(config, params, decoding, lazy_model(teacher_dir, trainable=False),
-                                        load_tokenizer(teacher_dir), examples, run, store, say)
+    generated, _, facts = generation_stage(config, params, decoding, lazy_model(teacher_dir, trainable=False),
+                                           load_tokenizer(teacher_dir), examples, run, store, say)
     path = out / "data" / f"{name}.jsonl"
     lines = [json.dumps({"id": g.id, "instruction": g.instruction, "input": g.input, "output": g.output},
                         ensure_ascii=False) for g in generated if g.output.strip()]
