@@ -9,11 +9,13 @@
    (β = ``teacher_dpo_beta`` = 0.05, reference = π_ref) on the preference data, or ``params.dpo_teacher``.
 2. ``student``: where training starts — ``--student`` (``init: student``), its SFT checkpoint on the
    chosen responses (``init: sft``, ADPA's default), ``params.sft_model``, or for ADPA+ the DCKD student
-   (the ``dckd`` recipe trained as a stage, or ``params.dckd_model``).
+   (the ``dckd`` recipe trained as a stage from that same SFT student — adpa_dckd.md Alg. 2 — or
+   ``params.dckd_model``). Every stage trains with its own ``*_settings`` (the paper's, §4.1 / App. F).
 3. ``generate`` (ADPA): ŷ = the starting student's response to every training prompt, generated once
    (greedy by default) and cached.
 4. ``train``: :class:`GuidedTrainer` — CE on y_w plus DCKD's α·FKL(π_dpo‖π_θ) on y_w and y_l, or ADPA's
-   γ·advantage loss on ŷ; the teachers run in the same step, never wrapped or checkpointed.
+   γ·advantage loss on ŷ; the teachers run in the same step, never wrapped or checkpointed; the policy
+   trains without dropout unless ``disable_dropout: false``.
 
 Teachers and student must share a vocabulary (token-level signals); a mismatch stops the run before any
 file is written.

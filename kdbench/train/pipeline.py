@@ -6,14 +6,17 @@ data — resumes or reuses stage by stage ("reusing cached ... artifact" in the 
 
 1. ``generate``: y_t = the teacher's greedy output on every training prompt (the same artifact as
    the ``dsft`` / ``seqkd`` generation stage) and y_s = the *original* student's greedy output
-   (``student-generations``). One pair (chosen y_t, rejected y_s) per prompt.
+   (``student-generations``). One pair (chosen y_t, rejected y_s) per prompt; each response ends
+   with the EOS its model emitted, or none when cut (:mod:`kdbench.train.responses`).
 2. ``dsft``: the student fine-tuned on (x, y_t) with the ``dsft`` recipe (``dsft-model``
-   artifact), unless ``params.dsft_model`` names a ready checkpoint. It is the policy's
-   starting point and the frozen reference.
+   artifact, its own ``dsft_settings``: :mod:`kdbench.train.stage_settings`), unless
+   ``params.dsft_model`` names a ready checkpoint. It is the policy's starting point and the frozen
+   reference (``reference: student``: the original student instead).
 3. ``logprobs``: summed log-probs of chosen and rejected under the frozen reference and/or the
    teacher, computed once (``sequence-logprobs`` artifact, one per model and tokenized pair set).
    Each model scores the response *text* with its own tokenizer and prompt template, so the teacher
-   may have another vocabulary than the student.
+   may have another vocabulary than the student; every log-softmax runs over the tokenizer's
+   vocabulary rows, the policy's in the step too.
 4. ``train``: :class:`PreferenceTrainer` — the policy's log-probs in the step
    (:func:`kdbench.losses.sequence.sequence_logps`), the recipe's preference loss
    (:mod:`kdbench.train.objectives`, ``preference``), mean over all pairs of the optimizer step.
