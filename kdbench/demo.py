@@ -247,12 +247,20 @@ def stage_params(method: str, preset: Preset) -> dict:
     an SFT teacher at the teacher's rate, pi_dpo at ``teacher_dpo_lr``."""
     from kdbench import registry
 
+    import dataclasses
+
+    from kdbench.train import TrainConfig
+    from kdbench.train.stage_settings import OPTIMIZATION_SETTINGS
+
     recipe = registry.get("trainers", method).body.get("params") or {}
-    length = {"max_steps": preset.student_steps, "batch_size": preset.batch_size, "grad_accum": 1}
-    student = {"learning_rate": preset.student_lr, **length}
+    # every optimisation setting, so none of the recipe's paper values (warmup, weight decay, ...) mixes in:
+    # the demo's own runs' values (TrainConfig's defaults), the preset's steps and batch
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in OPTIMIZATION_SETTINGS}
+    run = {**defaults, "max_steps": preset.student_steps, "batch_size": preset.batch_size, "grad_accum": 1}
+    student = {**run, "learning_rate": preset.student_lr}
     stages = {"sft_settings": student, "dsft_settings": student, "dckd_settings": student,
-              "teacher_sft_settings": {"learning_rate": preset.teacher_lr, **length},
-              "teacher_dpo_settings": {"learning_rate": preset.teacher_dpo_lr, **length}}
+              "teacher_sft_settings": {**run, "learning_rate": preset.teacher_lr},
+              "teacher_dpo_settings": {**run, "learning_rate": preset.teacher_dpo_lr}}
     return {name: dict(settings) for name, settings in stages.items() if name in recipe}
 
 

@@ -270,13 +270,18 @@ def test_demo_presets_set_every_stage_explicitly():
     presets give every stage of every recipe its learning rate, steps and batch explicitly."""
     from kdbench import registry
     from kdbench.demo import PRESETS, stage_params
+    from kdbench.train.api import resolve_recipe
+    from kdbench.train.stage_settings import OPTIMIZATION_SETTINGS
 
     preset = PRESETS["full"]
     for name in registry.names("trainers"):
         recipe = registry.get("trainers", name).body.get("params") or {}
         given = stage_params(name, preset)
+        _, resolved = resolve_recipe(name, given)
         for key in (k for k in recipe if k.endswith("_settings")):
-            assert {"learning_rate", "max_steps", "batch_size"} <= set(given[key]), (name, key)
+            assert set(OPTIMIZATION_SETTINGS) <= set(given[key]), (name, key)
+            assert resolved[key] == given[key], (name, key)  # no paper default (warmup, decay, ...) mixes in
+            assert given[key]["max_steps"] == preset.student_steps
     assert stage_params("dckd", preset)["teacher_dpo_settings"]["learning_rate"] < preset.student_lr
 
 
