@@ -339,3 +339,37 @@ def test_guided_training_disables_the_policys_dropout(tiny, tmp_path):
                     data=str(root / "prefs.jsonl"), max_steps=1)
     rates = [m.p for m in result.trainer.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert rates and all(p == 0.0 for p in rates)
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_new_options_reject_bad_input_in_one_sentence_before_writing(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    from kdbench.cli import app
+
+    root, _ = tiny
+    unlabelled = tmp_path / "prompts-only.jsonl"
+    unlabelled.write_text("".join(json.dumps({"instruction": json.loads(line)["instruction"]}) + "\n"
+                                  for line in (root / "prompts.jsonl").read_text().splitlines()))
+    common = ["--student", str(root / "student"), "--teacher", str(root / "teacher"), "--output-dir",
+              str(tmp_path / "runs")]
+    cases = [
+        # the teacher's SFT stage needs gold responses: a prompts-only file is refused before any stage runs
+        (["seqkd", *common, "--data", str(unlabelled), "--set", "params.teacher_init=sft"], "has no 'output'"),
+        (["kd", *common, "--data", str(root / "prompts.jsonl"), "--set", "params.teacher_init=finetune"],
+         "teacher_init must be given"),
+        (["dpo", *common, "--data", str(root / "prefs.jsonl"), "--set", "params.disable_dropout=maybe"],
+         "disable_dropout must be true or false"),
+        (["dpo", *common, "--data", str(root / "prefs.jsonl"), "--set", "params.length_normalize=true"],
+         "length_normalize applies to the dpkd and ipo forms"),
+        # a stage setting: a known name with a valid value, checked before anything is written
+        (["ddpo", *common, "--data", str(root / "prompts.jsonl"), "--set", "params.dsft_settings.lr=1e-4"],
+         "Unknown setting params.dsft_settings.lr"),
+        (["dckd", *common, "--data", str(root / "prefs.jsonl"),
+          "--set", "params.teacher_dpo_settings.learning_rate=-1"], "learning_rate must be greater than 0"),
+    ]
+    for args, expected in cases:
+        result = CliRunner().invoke(app, ["train", *args])
+        assert result.exit_code == 2, (args[0], result.output)
+        assert expected in result.output and "Traceback" not in result.output, (args[0], result.output)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -144,6 +144,11 @@ def resolve_recipe(method: str, overrides: dict) -> tuple[registry.Entry, dict]:
             params[key] = value
     if objective.validate:
         objective.validate(params)
+    for name, settings in params.items():  # a stage's settings: known names, valid values, before any work
+        if name.endswith("_settings") and isinstance(settings, dict):
+            from kdbench.config import build
+
+            build(TrainConfig, settings, prefix=f"params.{name}")
     return entry, params
 
 
@@ -225,7 +230,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
 
     # Validate everything the user gave before any heavy work or any file is written.
     data_path = resolve_data_path(config.data, store=store, log=say)
-    examples = load_examples(data_path, require_output=responses != "teacher")
+    # gold responses: for the training itself, or for the teacher's SFT stage (teacher_init: sft)
+    examples = load_examples(data_path, require_output=responses != "teacher" or params.get("teacher_init") == "sft")
     if config.valid_data:
         train_examples = examples
         valid_examples = load_examples(resolve_data_path(config.valid_data, default_split="validation", store=store,
@@ -462,12 +468,12 @@ def generation_stage(config: TrainConfig, params: dict, decoding, teacher, teach
     partial = run.path / "stages" / f"generate-{store.key(kind, inputs)}.partial.jsonl"
 
     def record(generation) -> dict:
-        end = ResponseEnd.of_ids(generation.eos_token_id if generation.finished else None, teacher_tokenizer)
+        end = ResponseEnd.of_ids(generation.eos_token_id, teacher_tokenizer)  # None: cut at the limit
         return {"id": generation.id, "text": generation.text, "new_tokens": generation.new_tokens, **end.record()}
 
     def build(tmp: Path) -> dict:
         partial.parent.mkdir(parents=True, exist_ok=True)
-        done = {r["id"]: r for r in read_jsonl(partial) if "finished" in r}
+        done = {r["id"]: r for r in read_jsonl(partial) if "eos_token" in r}
         todo = [i for i in range(len(examples)) if ids[i] not in done]
         if done:
             say(f"resuming {kind}: {len(done)} of {len(examples)} done")

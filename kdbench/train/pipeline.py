@@ -613,7 +613,8 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         prompts = [p.example for p in pairs]
     else:
         sft_stage = params.get("init", "sft") == "sft" and not params.get("sft_model")
-        gold_needed = source == "dpkd" and (sft_stage or (not config.lm_data and float(params.get("lm_weight", 0)) > 0))
+        gold_needed = source == "dpkd" and (sft_stage or params.get("teacher_init", "given") == "sft"
+                                            or (not config.lm_data and float(params.get("lm_weight", 0)) > 0))
         prompts = load_examples(data_path, require_output=gold_needed)
     if not config.valid_data:  # the same split as train() makes for the dSFT / SFT stages: the same prompts
         kept = {id(e) for e in split_validation(prompts, config.valid_fraction, config.seed)[0]}
