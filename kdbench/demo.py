@@ -37,7 +37,9 @@ class Preset:
     teacher_lr: float = option(1e-3, "Teacher learning rate.")
     student_size: str = option("gpt2-nano", "Student size.")
     student_steps: int = option(300, "Student optimizer steps per method.")
-    student_lr: float = option(2e-3, "Student learning rate.")
+    student_lr: float = option(2e-3, "Student learning rate (every student run and student stage).")
+    teacher_dpo_lr: float = option(1e-5, "Learning rate of the DPO-aligned teacher stage (pi_dpo of DCKD / ADPA); "
+                                         "DPO at the student's rate destroys the teacher.")
     batch_size: int = option(32, "Micro-batch size.")
     methods: list[str] = option(factory=lambda: ["sft", "kd"], help="Methods trained on the student.")
     train_seeds: list[int] = option(factory=lambda: [1], help="Training seeds per method.")
@@ -156,7 +158,8 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
                 run_name=f"{method}-seed{seed}", seed=seed, learning_rate=preset.student_lr,
                 max_steps=preset.student_steps, batch_size=preset.batch_size, max_length=256, max_prompt_length=128,
                 prompt_style="compact", logging_steps=25, group_by_length=True, cache_dir=str(store.root),
-                save_steps=max(50, preset.student_steps // 3), params=generation_params(method, preset.max_new_tokens)),
+                save_steps=max(50, preset.student_steps // 3),
+                params={**generation_params(method, preset.max_new_tokens), **stage_params(method, preset)}),
                 log=say, command=["kdbench", "demo", preset.name], progress=progress)
             timings[f"train_{method}_seed{seed}_seconds"] = round(time.time() - t0, 1)
             trained.append((method, seed, result.model_dir))
@@ -238,6 +241,33 @@ def generation_params(method: str, max_new_tokens: int) -> dict:
 
     params = registry.get("trainers", method).body.get("params") or {}
     return {"max_new_tokens": max_new_tokens} if "max_new_tokens" in params else {}
+
+
+def stage_params(method: str, preset: Preset) -> dict:
+    """The preset's own training settings for every stage ``method`` builds (its ``*_settings`` params).
+
+    The recipes' stage defaults are the papers' settings for pretrained LLMs (an SFT stage at 2e-5 for
+    three epochs of batch 128, pi_dpo at 5e-7: docs/methods.md, "Stage settings"); they would leave the
+    embedded benchmark's small random-init models untrained. The preset states each stage's learning rate,
+    steps and batch instead: student stages (the SFT student, dSFT, ADPA+'s DCKD student) as a student run,
+    an SFT teacher at the teacher's rate, pi_dpo at ``teacher_dpo_lr``."""
+    from kdbench import registry
+
+    import dataclasses
+
+    from kdbench.train import TrainConfig
+    from kdbench.train.stage_settings import OPTIMIZATION_SETTINGS
+
+    recipe = registry.get("trainers", method).body.get("params") or {}
+    # every optimisation setting, so none of the recipe's paper values (warmup, weight decay, ...) mixes in:
+    # the demo's own runs' values (TrainConfig's defaults), the preset's steps and batch
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in OPTIMIZATION_SETTINGS}
+    run = {**defaults, "max_steps": preset.student_steps, "batch_size": preset.batch_size, "grad_accum": 1}
+    student = {**run, "learning_rate": preset.student_lr}
+    stages = {"sft_settings": student, "dsft_settings": student, "dckd_settings": student,
+              "teacher_sft_settings": {**run, "learning_rate": preset.teacher_lr},
+              "teacher_dpo_settings": {**run, "learning_rate": preset.teacher_dpo_lr}}
+    return {name: dict(settings) for name, settings in stages.items() if name in recipe}
 
 
 MC_SUITE = {"name": "synthetic-mc", "type": "lm_eval", "protocol": "kdbench synthetic multiple choice",
