@@ -82,18 +82,24 @@ class Preset:
             raise ConfigError(f"Unknown control {unknown[0]!r}; choose from: {', '.join(CONTROLS)}.")
 
 
+# The embedded benchmark's settings (docs/design.md, "The embedded benchmark"): students pretrained on a
+# language world, noisy labels, data-scaled budgets with model selection, fair starts.
+SMOKE_WORLD = CorpusConfig(n_people=60, n_cities=12, label_noise=0.25, language_people=60)
+STANDARD_WORLD = CorpusConfig(n_people=100, n_cities=16, test_fraction=0.25, label_noise=0.25, language_people=100)
+MEASURED = dict(student_epochs=80.0, preference_epochs=10.0, preference_lr=1e-4, select="best", checkpoints=8)
+
 PRESETS: dict[str, Preset] = {
-    "smoke": Preset(),
+    "smoke": Preset(name="smoke", corpus=SMOKE_WORLD, student_pretrain_steps=600, **MEASURED,
+                    methods=["sft", "kd", "dsft", "dpo"]),
     "standard": Preset(
-        name="standard",
-        corpus=CorpusConfig(n_people=100, n_cities=16, student_label_fraction=0.3),
-        teacher_size="gpt2-mini", teacher_steps=1500,
-        student_size="gpt2-nano", student_steps=400,
-        methods=["sft", "kd", "rkl", "akl"], train_seeds=[1, 2, 3],
-        eval_seeds=[], multiple_choice=True,
+        name="standard", corpus=STANDARD_WORLD, teacher_steps=1500, student_pretrain_steps=1000, **MEASURED,
+        methods=["sft", "kd", "rkl", "akl", "dsft", "dpo"], controls=["sft_all", "kd_permuted", "dpo_swapped"],
+        train_seeds=[1, 2, 3], multiple_choice=True,
     ),
-    # every recipe registered in trainers/ (resolved at run time), the offline suites, the full report
-    "full": Preset(name="full", methods=["*"], multiple_choice=True, full_report=True),
+    # every recipe registered in trainers/ (resolved at run time) on the smoke world, fair starts, the
+    # offline suites, the full report
+    "full": Preset(name="full", corpus=SMOKE_WORLD, student_pretrain_steps=600, **MEASURED, methods=["*"],
+                   multiple_choice=True, full_report=True),
 }
 
 
@@ -181,6 +187,7 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
     from kdbench.report import leaderboard_markdown
     from kdbench.store import find_run_dirs
     from kdbench.synthetic.assess import compute_markdown, load_arms, validity_markdown
+    from kdbench.synthetic.likelihood import score_references
     from kdbench.train import train
 
     from kdbench.real_demo import REAL_PRESETS, RealPreset, run_real_demo
@@ -246,6 +253,11 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
                             run_name=name, label=label),
                  log=say, command=["kdbench", "demo", preset.name], progress=progress)
         timings[f"eval_{name}_seconds"] = round(time.time() - t0, 1)
+    t0 = time.time()  # teacher-forced readings of the same test items (kdbench.synthetic.likelihood)
+    score_references(corpus_dir, [out / "eval" / (label if seed is None else f"{label}-seed{seed}")
+                                  for label, seed, _ in to_evaluate], [model for _, _, model in to_evaluate],
+                     limit=preset.eval_limit)
+    timings["reference_readings_seconds"] = round(time.time() - t0, 1)
     if preset.multiple_choice:
         t0 = time.time()
         score_multiple_choice(corpus_dir, to_evaluate, out, log=say)

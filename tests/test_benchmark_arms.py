@@ -82,3 +82,33 @@ def test_untrained_teacher_is_a_fresh_model_of_the_teachers_size(tiny):
     assert count_parameters(fresh) == count_parameters(trained)
     with pytest.raises(ConfigError, match="Unknown teacher control"):
         control_teacher("reversed", tiny / "teacher", size="gpt2-micro", store=store)
+
+
+def test_teacher_forced_readings_match_a_one_example_computation(tiny):
+    """Batched readings (padding, several lengths) equal a plain per-example forward pass."""
+    import torch
+
+    from kdbench.models import load_model, load_tokenizer
+    from kdbench.synthetic.corpus import load_corpus_rows
+    from kdbench.synthetic.likelihood import reference_readings
+
+    rows = load_corpus_rows(tiny / "corpus", "test")[:12]
+    readings = reference_readings(tiny / "teacher", rows)
+    model, tokenizer = load_model(str(tiny / "teacher")), load_tokenizer(str(tiny / "teacher"))
+    model.eval()
+
+    def reading(row, response):
+        prompt = tokenizer(f"instruction : {row['instruction']}" + (f" input : {row['input']}" if row["input"] else "")
+                           + " response :", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(" " + response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + answer])
+        with torch.no_grad():
+            logps = model(ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+        target = torch.tensor(answer)
+        return (100.0 * (logps.argmax(-1) == target).float().mean()).item(), logps[range(len(answer)), target].sum().item()
+
+    for i, row in enumerate(rows):
+        accuracy, right = reading(row, row["output"][0])
+        _, wrong = reading(row, row["rejected"])
+        assert readings["token_accuracy"][i] == pytest.approx(accuracy, abs=1e-3)
+        assert readings["pair_accuracy"][i] == (100.0 if right > wrong else 0.0)

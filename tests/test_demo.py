@@ -12,14 +12,16 @@ import pytest
 from kdbench.check import check
 from kdbench.demo import PRESETS, preset_with, run_demo
 from kdbench.errors import ConfigError
+from kdbench.synthetic.arms import budget_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _mini_preset():
-    return preset_with("smoke", {"corpus": {"n_people": 16, "n_cities": 4},
-                                 "teacher_steps": 40, "student_steps": 12, "batch_size": 16, "max_new_tokens": 24,
-                                 "eval_limit": 30})
+def _mini_preset(**overrides):
+    return preset_with("smoke", {"corpus": {"n_people": 16, "n_cities": 4, "language_people": 16},
+                                 "teacher_steps": 40, "student_pretrain_steps": 12, "student_epochs": 2,
+                                 "preference_epochs": 1, "checkpoints": 2, "batch_size": 16, "max_new_tokens": 24,
+                                 "eval_limit": 30, "methods": ["sft", "kd"], **overrides})
 
 
 def test_mini_demo_runs_end_to_end_and_reuses_the_teacher(tmp_path):
@@ -34,8 +36,20 @@ def test_mini_demo_runs_end_to_end_and_reuses_the_teacher(tmp_path):
         run = tmp_path / "a" / "eval" / name
         assert json.loads((run / "run.json").read_text())["status"] == "complete"
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert {m["metric"] for m in metrics} == {"rougeL", "exact_match"}
+        assert {(m["suite"], m["metric"]) for m in metrics} == {
+            ("synthetic", "rougeL"), ("synthetic", "exact_match"),  # decoded answers
+            ("synthetic-ref", "token_accuracy"), ("synthetic-ref", "pair_accuracy")}  # teacher-forced readings
         assert any(m["subset"].startswith("bucket:") for m in metrics)
+    # data-scaled budgets and model selection, the same rule for both arms; steps and compute on the board
+    corpus_dir = Path(json.loads((tmp_path / "a" / "demo.json").read_text())["corpus_dir"])
+    n_rows = sum(1 for _ in open(corpus_dir / "student_train.jsonl"))
+    for name in ("sft-seed1", "kd-seed1"):
+        cost = json.loads((tmp_path / "a" / "train" / name / "cost.json").read_text())
+        assert cost["selected"] == "best" and cost["selected_checkpoint"]
+        assert cost["optimizer_steps"] == budget_steps(n_rows, 16, 2, 2)[0]
+    assert "## Training budget and compute" in board and re.search(r"^\| kd \| init \| \d+ / \d+ \|", board, re.M)
+    listed = json.loads((tmp_path / "a" / "demo.json").read_text())["runs"]
+    assert [(r["label"], r["seed"]) for r in listed] == [("teacher", 0), ("sft", 1), ("kd", 1)]
     second = run_demo(preset, out_dir=tmp_path / "b", cache_dir=tmp_path / "cache", progress=False)
     assert second.teacher_reused
     # deterministic for a fixed seed on one machine

@@ -17,6 +17,11 @@ from kdbench.validity import ALPHA, POWER, Contrast, ControlVerdict, contrast, f
 
 TEACHER_SEED = 0  # the teacher is trained once; its runs carry this seed in the tables
 TARGET_MDE = 2.0  # Rouge-L points: the papers' reported gains between methods are 1-3 points
+METRIC_SUITES = {"rougeL": "synthetic", "exact_match": "synthetic", "token_accuracy": "synthetic-ref",
+                 "pair_accuracy": "synthetic-ref"}
+METRIC_TITLES = {"rougeL": "Rouge-L", "exact_match": "exact match", "token_accuracy": "teacher-forced token accuracy",
+                 "pair_accuracy": "pair accuracy (right answer more likely than the plausible wrong one)"}
+READINGS = ("rougeL", "token_accuracy", "pair_accuracy")
 
 
 @dataclass
@@ -39,11 +44,11 @@ def load_arms(out: Path) -> list[ArmRuns]:
     return list(arms.values())
 
 
-def arm_scores(arm: ArmRuns, suite: str = "synthetic", metric: str = "rougeL",
-               subset: str = "all") -> dict[int, list[float]]:
+def arm_scores(arm: ArmRuns, metric: str = "rougeL", subset: str = "all") -> dict[int, list[float]]:
     """Training seed -> per-example scores (mean over generation seeds), examples in the test set's order."""
     from kdbench.report.collect import subset_members
 
+    suite = METRIC_SUITES[metric]
     out = {}
     for seed, runs in arm.seeds.items():
         scores = json.loads((Path(runs["eval"]) / "scores" / f"{suite}.json").read_text())
@@ -211,27 +216,52 @@ def ranking_markdown(arms: list[ArmRuns], metric: str = "rougeL") -> list[str]:
                    "teacher fwd tokens", "generated tokens", "wall s"], rows)
 
 
+def readings_markdown(arms: list[ArmRuns], metrics: tuple[str, ...] = READINGS) -> list[str]:
+    """Every arm's mean of each reading (over seeds) with its contrast with SFT (Holm across rows)."""
+    scores = {m: {a.label: arm_scores(a, metric=m) for a in arms} for m in metrics}
+    contrasts = {}
+    for m in metrics:
+        if "sft" in scores[m]:
+            others = [a.label for a in arms if a.label != "sft"]
+            found = holm_adjust([contrast(label, scores[m][label], "sft", scores[m]["sft"]) for label in others])
+            contrasts.update({(m, c.a): c for c in found})
+    rows = []
+    for arm in sorted(arms, key=lambda a: -_mean_over_seeds(scores[metrics[0]][a.label])):
+        row = [arm.label]
+        for m in metrics:
+            c = contrasts.get((m, arm.label))
+            row.append(f"{_mean_over_seeds(scores[m][arm.label]):.1f}" +
+                       (f" ({c.effect:+.1f}, p {fmt_p(c.p_holm)})" if c else ""))
+        rows.append(row)
+    return _table(["model"] + [f"{METRIC_TITLES[m]} (vs sft, Holm p)" for m in metrics], rows)
+
+
 def _mean_over_seeds(per_seed: dict[int, list[float]]) -> float:
     return sum(sum(v) / len(v) for v in per_seed.values()) / len(per_seed)
 
 
-def validity_markdown(out: Path, metric: str = "rougeL") -> str:
-    """The validity section of one run: ranking with compute, controls, minimum detectable effects."""
+def validity_markdown(out: Path, metrics: tuple[str, ...] = READINGS) -> str:
+    """The validity section of one run: ranking with compute, every reading, the controls and the minimum
+    detectable effects per reading."""
     arms = load_arms(out)
-    verdicts = control_verdicts(arms, metric)
-    pairs = pair_contrasts(arms, metric)
-    seeds = max(len(a.seeds) for a in _students(arms)) if _students(arms) else 0
-    lines = [f"# Benchmark validity ({metric})", "", "## Ranking", "", *ranking_markdown(arms, metric), ""]
-    if verdicts:
-        lines += ["## Controls", "", *controls_markdown(verdicts), "",
-                  "Positive controls must be significant (paired bootstrap over examples on the seed-averaged "
-                  f"differences, Holm across the controls, p < {ALPHA}) with the same sign in every training seed; "
-                  "negative controls must not be significantly better."]
-        lines.append("")
-    lines += ["## Minimum detectable effect", "", *mde_markdown(pairs), "",
-              f"MDE at {POWER:.0%} power, two-sided α = {ALPHA}, variance model examples × training seeds "
+    students = _students(arms)
+    seeds = max(len(a.seeds) for a in students) if students else 0
+    lines = ["# Benchmark validity", "", "## Ranking (Rouge-L)", "", *ranking_markdown(arms, metrics[0]), "",
+             "## Every reading", "", *readings_markdown(arms, metrics), ""]
+    for metric in metrics:
+        verdicts = control_verdicts(arms, metric)
+        if verdicts:
+            lines += [f"## Controls: {METRIC_TITLES[metric]}", "", *controls_markdown(verdicts), ""]
+    lines += ["Positive controls must be significant (paired bootstrap over examples on the seed-averaged "
+              f"differences, Holm across the controls of a reading, p < {ALPHA}) with the same sign in every "
+              "training seed; negative controls must not be significantly better (KD against a meaningless "
+              "teacher vs SFT) or must score below (DPO with swapped pairs vs DPO).", ""]
+    for metric in metrics:
+        lines += [f"## Minimum detectable effect: {METRIC_TITLES[metric]}", "", *mde_markdown(pair_contrasts(arms, metric)),
+                  ""]
+    lines += [f"MDE at {POWER:.0%} power, two-sided α = {ALPHA}, variance model examples × training seeds "
               f"(kdbench.validity): SE² = σ²_a/n + σ²_u/S + σ²_e/(nS), n examples, S = {seeds} training seeds. "
-              f"Target for SFT vs KD: ≤ {TARGET_MDE:g} points."]
+              f"Target for SFT vs KD: ≤ {TARGET_MDE:g} Rouge-L points."]
     return "\n".join(lines) + "\n"
 
 
