@@ -86,11 +86,11 @@ class Preset:
 # language world, noisy labels, data-scaled budgets with model selection, fair starts.
 SMOKE_WORLD = CorpusConfig(n_people=60, n_cities=12, label_noise=0.25, language_people=60)
 STANDARD_WORLD = CorpusConfig(n_people=100, n_cities=16, test_fraction=0.25, label_noise=0.25, language_people=100)
-MEASURED = dict(student_epochs=80.0, preference_epochs=10.0, preference_lr=1e-4, select="best", checkpoints=8)
+MEASURED = dict(student_epochs=60.0, preference_epochs=10.0, preference_lr=1e-4, select="best", checkpoints=8)
 
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(name="smoke", corpus=SMOKE_WORLD, student_pretrain_steps=600, **MEASURED,
-                    methods=["sft", "kd", "dsft", "dpo"]),
+                    methods=["sft", "kd", "dpo"]),
     "standard": Preset(
         name="standard", corpus=STANDARD_WORLD, teacher_steps=1500, student_pretrain_steps=1000, **MEASURED,
         methods=["sft", "kd", "rkl", "akl", "dsft", "dpo"], controls=["sft_all", "kd_permuted", "dpo_swapped"],

@@ -68,17 +68,52 @@ def test_unknown_preset_and_bad_override_are_clear_errors():
 
 @pytest.mark.slow
 def test_smoke_preset_teacher_beats_sft_and_passes_the_gate(tmp_path):
-    """The README's first command: the teacher's Rouge-L CI lies above the SFT student's, and the
-    committed regression baseline accepts the run."""
+    """The README's first command: the teacher's Rouge-L CI lies above the SFT student's, KD beats SFT
+    significantly on the same examples, and the committed regression baseline accepts the run."""
+    from kdbench.synthetic.assess import load_arms, arm_scores
+    from kdbench.validity import contrast
+
     result = run_demo("smoke", out_dir=tmp_path / "smoke", progress=False)
     board = result.leaderboard_md
     match = re.search(r"teacher vs sft rougeL 95% CIs: \[([\d.]+), ([\d.]+)\] vs \[([\d.]+), ([\d.]+)\] \((.*?)\)", board)
     assert match, board
     t_low, t_high, s_low, s_high = map(float, match.groups()[:4])
     assert t_low > s_high, board
+    arms = {a.label: a for a in load_arms(tmp_path / "smoke")}
+    for metric in ("rougeL", "token_accuracy"):
+        kd_vs_sft = contrast("kd", arm_scores(arms["kd"], metric), "sft", arm_scores(arms["sft"], metric))
+        assert kd_vs_sft.effect > 0 and kd_vs_sft.p < 0.05, (metric, kd_vs_sft.effect, kd_vs_sft.p)
+    assert "## Training budget and compute" in board
     passed, comparisons = check(REPO / "results" / "baseline", [tmp_path / "smoke" / "eval"])
     assert passed, [f"{c.name}: {c.baseline} -> {c.current}" for c in comparisons if c.status != "ok"]
     assert set(PRESETS) >= {"smoke", "standard"}
+
+
+@pytest.mark.slow
+def test_controls_and_sensitivity_are_reported_for_several_seeds(tmp_path):
+    """A miniature run with every control and two seeds writes validity.md: ranking with compute,
+    controls per seed, an MDE for every pair of students; DPO and its swapped control start from SFT."""
+    from kdbench.synthetic.assess import control_verdicts, load_arms
+
+    preset = _mini_preset(methods=["sft", "kd", "dpo"], controls=["sft_all", "kd_permuted", "dpo_swapped"],
+                          train_seeds=[1, 2])
+    run_demo(preset, out_dir=tmp_path / "mini", cache_dir=tmp_path / "cache", progress=False)
+    text = (tmp_path / "mini" / "validity.md").read_text()
+    for heading in ("## Ranking (Rouge-L)", "## Controls: Rouge-L", "## Controls: pair accuracy",
+                    "## Minimum detectable effect: Rouge-L"):
+        assert heading in text, text
+    names = [v.name for v in control_verdicts(load_arms(tmp_path / "mini"))]
+    assert "SFT on all labelled data beats SFT on the labelled subset" in names
+    assert "KD against a permuted teacher does not beat SFT" in names
+    assert "DPO with chosen and rejected swapped scores below DPO" in names
+    assert all(len(v.contrast.per_seed) == 2 for v in control_verdicts(load_arms(tmp_path / "mini")))
+    import yaml
+
+    for label in ("dpo", "dpo_swapped"):  # fair start: the SFT student of the same seed
+        config = yaml.safe_load((tmp_path / "mini" / "train" / f"{label}-seed2" / "config.yaml").read_text())
+        assert Path(config["student"]) == tmp_path / "mini" / "train" / "sft-seed2" / "model"
+    pairs = len(["|" for line in text.splitlines() if line.startswith("| ") and " − " in line.split("|")[1]])
+    assert pairs >= 3 * 5  # every pair of the 5 students, for each of the three readings' MDE tables
 
 
 @pytest.mark.slow
