@@ -31,11 +31,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3,4,5", help="training seeds (the baseline's spread)")
     parser.add_argument("--write", type=Path, default=None, help="baseline folder to write (e.g. results/baseline)")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--reuse", action="store_true", help="build from the finished demo folder --out, no training")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    result = run_demo(preset_with(args.preset, {"train_seeds": seeds}), out_dir=args.out, cache_dir=args.cache_dir,
-                      log=print, progress=False)
-    listed = json.loads((result.out_dir / "demo.json").read_text())["runs"]
+    if not args.reuse:
+        result = run_demo(preset_with(args.preset, {"train_seeds": seeds}), out_dir=args.out,
+                          cache_dir=args.cache_dir, log=print, progress=False)
+        print(f"demo: {result.timings.get('total_seconds')} s")
+    listed = json.loads((args.out / "demo.json").read_text())["runs"]
     teacher = [RunDir(Path(r["eval"])) for r in listed if r["label"] == "teacher"]
     groups = [teacher + [RunDir(Path(r["eval"])) for r in listed if r["seed"] == seed and r["label"] != "teacher"]
               for seed in seeds]
@@ -52,7 +55,7 @@ def main() -> None:
                             f"{'none' if b is None else f'{b:.2f}'}" for e, b in dropped]
     for line in baseline["left_out"]:
         print("left out:", line)
-    print(f"{len(kept)} entries kept, {len(dropped)} left out; timings {result.timings.get('total_seconds')} s")
+    print(f"{len(kept)} entries kept, {len(dropped)} left out")
     if args.write:
         path = write_baseline(args.write, baseline)
         print(f"wrote {path}")

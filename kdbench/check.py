@@ -121,21 +121,33 @@ def build_baseline(run_groups: list[list[RunDir]], *, k: float = DEFAULT_K, floo
         per_group_contrasts = [contrast_values(g, versus) for g in per_group]
         entries += [_entry(key, [g[key] for g in per_group_contrasts if key in g], k, contrast_floor, versus)
                     for key in sorted(set().union(*per_group_contrasts))]
+    group_means = [{key: sum(v) / len(v) for key, v in g.items()} for g in per_group]
+    means = {key: sum(g[key] for g in group_means if key in g) / sum(key in g for g in group_means)
+             for key in set().union(*per_group)}
+    gaps = [{"suite": suite, "metric": metric, "subset": subset, "reference": round(value, 4),
+             "versus": round(means[(versus, suite, metric, subset)], 4)}
+            for (label, suite, metric, subset), value in sorted(means.items())
+            if label == reference and versus and (versus, suite, metric, subset) in means]
     baseline = {"schema": 2, "tolerance_rule": f"max({k:g} * std over seeds, {floor:g}); paired contrasts: "
                                               f"max({k:g} * std over seeds, {contrast_floor:g}), failing both ways",
                 "bound_rule": f"tolerance <= {BOUND_FRACTION:g} x ({reference} - {versus}) on the same suite, "
                               f"metric and subset",
-                "n_seeds": len(run_groups), "versus": versus, "reference": reference, "note": note, "metrics": entries}
+                "n_seeds": len(run_groups), "versus": versus, "reference": reference, "note": note, "metrics": entries,
+                "gaps": gaps}
     return baseline
 
 
 def tolerance_bound(baseline: dict, entry: dict) -> float | None:
     """The largest tolerance ``entry`` may have: ``BOUND_FRACTION`` × (reference − versus) on its suite,
-    metric and subset, from the baseline's own means; None when either model is not in the baseline."""
+    metric and subset — from the baseline's ``gaps`` (the two models' means, kept even for subsets that are
+    not tracked), else from its entries; None when either model was not measured there."""
+    where = (entry["suite"], entry["metric"], entry["subset"])
+    for gap in baseline.get("gaps", []):
+        if (gap["suite"], gap["metric"], gap["subset"]) == where:
+            return BOUND_FRACTION * (gap["reference"] - gap["versus"])
     reference, versus = baseline.get("reference", DEFAULT_REFERENCE), baseline.get("versus") or DEFAULT_VERSUS
     means = {(e["label"], e["suite"], e["metric"], e["subset"]): e["mean"] for e in baseline["metrics"]
              if "versus" not in e}
-    where = (entry["suite"], entry["metric"], entry["subset"])
     if (reference, *where) not in means or (versus, *where) not in means:
         return None
     return BOUND_FRACTION * (means[(reference, *where)] - means[(versus, *where)])

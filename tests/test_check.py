@@ -160,6 +160,7 @@ def test_committed_baseline_has_no_tolerance_wider_than_its_bound():
         bound = tolerance_bound(data, entry)
         assert bound is not None, f"no teacher and sft rows to bound {entry}"
         if not entry["tolerance"] <= bound:
-            too_wide.append(f"{entry['label']}-{entry.get('versus')}/{entry['metric']}[{entry['subset']}]: "
+            who = entry["label"] + (f"-{entry['versus']}" if entry.get("versus") else "")
+            too_wide.append(f"{who}/{entry['suite']}/{entry['metric']}[{entry['subset']}]: "
                             f"{entry['tolerance']} > {bound:.2f}")
     assert not too_wide, too_wide
