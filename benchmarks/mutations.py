@@ -87,7 +87,7 @@ def copy_code(destination: Path) -> Path:
 def run_one(name: str, work: Path, preset: str, baseline: Path, overrides: list[str]) -> dict:
     from kdbench.check import check
 
-    root = work / name
+    root = (work / name).resolve()
     shutil.rmtree(root, ignore_errors=True)
     code = copy_code(root / "src")
     if name != "none":

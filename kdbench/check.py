@@ -159,16 +159,13 @@ def write_baseline(path: str | Path, baseline: dict) -> Path:
 
 
 def load_baseline(path: str | Path) -> dict:
-    import json
-
     path = Path(path)
     file = path / BASELINE_FILE if path.is_dir() else path
     if not file.is_file():
         raise DataError(f"No baseline at {file}; pass the folder holding {BASELINE_FILE} (e.g. results/baseline).")
-    try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"Baseline {file} is not valid JSON ({err.msg}); restore it from git.") from None
+    from kdbench.textfile import read_json
+
+    return read_json(file)
 
 
 def compare(baseline: dict, runs: list[RunDir]) -> list[Comparison]:

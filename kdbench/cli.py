@@ -7,14 +7,76 @@ libraries are imported inside the commands so that ``kdbench --help`` stays fast
 
 from __future__ import annotations
 
-import functools
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from kdbench.errors import KdbenchError
+
+# Typer may vendor its own click: take the usage-error classes from Typer's public BadParameter.
+UsageError = typer.BadParameter.__mro__[1]
+NoArgsIsHelpError = getattr(sys.modules[UsageError.__module__], "NoArgsIsHelpError", ())
+
+
+class ErrorBoundary(TyperGroup):
+    """The root command group: every ``kdbench`` command (and every ``kdbench judge`` subcommand) runs
+    inside :meth:`invoke`, so no command can forget the rule of the house.
+
+    * a :class:`~kdbench.errors.KdbenchError` (bad input the user can fix) prints its one sentence and
+      exits with code 2; so does a malformed command line (an unknown option, a value of the wrong type);
+    * Ctrl-C prints a resume hint and exits with 130;
+    * whatever stops a command (those, or an unexpected exception, which keeps its traceback: it is a
+      bug to report) first marks every run the command opened and did not finish as ``failed`` (with
+      the sentence) or ``interrupted`` (:func:`kdbench.store.fail_open_runs`), never ``running``.
+    """
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except UsageError as err:
+            _usage_error(err)
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KdbenchError as err:
+            _fail_open_runs(str(err))
+            _say_error(str(err))
+            raise typer.Exit(code=err.exit_code) from None
+        except UsageError as err:
+            _usage_error(err)
+        except KeyboardInterrupt:
+            _fail_open_runs("interrupted", status="interrupted")
+            _console(stderr=True).print("interrupted: finished work is saved; rerun the same command to resume.")
+            raise typer.Exit(code=130) from None
+        except (typer.Exit, typer.Abort, SystemExit) as stop:
+            code = getattr(stop, "exit_code", getattr(stop, "code", 1))
+            if code not in (0, None):
+                _fail_open_runs(f"the command exited with code {code}")
+            raise
+        except BaseException as err:  # a bug: keep its traceback, but leave no run "running"
+            _fail_open_runs(f"unexpected {type(err).__name__}: {err}")
+            raise
+
+
+def _usage_error(err) -> None:
+    """A malformed command line as one sentence (Typer's boxed usage message spans many lines)."""
+    if isinstance(err, NoArgsIsHelpError):
+        raise err  # `kdbench judge` alone prints its help, as intended
+    where = err.ctx.command_path if err.ctx is not None else "kdbench"
+    message = err.format_message().rstrip(".")
+    _say_error(f"{message}; see `{where} --help`.")
+    raise typer.Exit(code=2) from None
+
+
+def _fail_open_runs(reason: str, status: str = "failed") -> None:
+    store = sys.modules.get("kdbench.store")  # no run can be open unless the store was imported
+    if store is not None:
+        store.fail_open_runs(reason, status=status)
+
 
 app = typer.Typer(
     name="kdbench",
@@ -22,6 +84,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=ErrorBoundary,
 )
 cache_app = typer.Typer(help="The artifact cache: where it is, what it holds, clear it.", no_args_is_help=True)
 data_app = typer.Typer(help="Data utilities (contamination check).", no_args_is_help=True)
@@ -33,6 +96,8 @@ app.add_typer(student_app, name="student")
 
 
 def _register_judge() -> None:
+    """``kdbench judge ...``: a sub-group of the root group, so its commands run inside :class:`ErrorBoundary`
+    like every other command."""
     from kdbench.cli_judge import app as judge_app
 
     app.add_typer(judge_app, name="judge")
@@ -45,24 +110,14 @@ def _console(stderr: bool = False):
 
 
 def _say(message: str) -> None:
-    _console(stderr=True).print(message)
+    _console(stderr=True).print(message, markup=False)
 
 
-def handles_errors(fn: Callable) -> Callable:
-    """Turn user errors into one sentence and exit code 2; Ctrl-C into a resume hint."""
+def _say_error(sentence: str) -> None:
+    """The one line a stopped command prints: ``error: <sentence>`` on stderr (red on a terminal)."""
+    from rich.markup import escape
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except KdbenchError as err:
-            _console(stderr=True).print(f"[bold red]error:[/bold red] {err}")
-            raise typer.Exit(code=err.exit_code) from None
-        except KeyboardInterrupt:
-            _console(stderr=True).print("interrupted: finished work is saved; rerun the same command to resume.")
-            raise typer.Exit(code=130) from None
-
-    return wrapper
+    _console(stderr=True).print(f"[bold red]error:[/bold red] {escape(sentence)}")
 
 
 def _quiet_libraries() -> None:
@@ -94,7 +149,6 @@ def _overrides_to_dict(overrides: list[str] | None) -> dict:
 
 
 @app.command()
-@handles_errors
 def train(
     method: str = typer.Argument(..., help="Method recipe (see `kdbench list methods`)."),
     student: Optional[str] = typer.Option(None, "--student", help="Student model directory or Hugging Face id."),
@@ -103,6 +157,7 @@ def train(
     valid_data: Optional[str] = typer.Option(None, "--valid-data", help="Validation data (default: hold out 5%)."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Folder for run directories (default: runs)."),
     run_name: Optional[str] = typer.Option(None, "--run-name", help="Run directory name; rerunning it resumes."),
+    continue_from: Optional[str] = typer.Option(None, "--continue-from", help="Start this new run from a checkpoint of an earlier run (RUN/checkpoints/checkpoint-N), e.g. the last sound one of a diverged run."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Training seed."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file of TrainConfig settings."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting: --set learning_rate=1e-4, --set params.kd_ratio=0.3."),
@@ -118,7 +173,7 @@ def train(
 
     values = load_yaml(config)
     flags = {"student": student, "teacher": teacher, "data": data, "valid_data": valid_data, "output_dir": output_dir,
-             "run_name": run_name, "seed": seed}
+             "run_name": run_name, "seed": seed, "continue_from": continue_from}
     values.update({k: v for k, v in flags.items() if v is not None})
     values["method"] = method
     from kdbench.config import apply_overrides
@@ -151,7 +206,6 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 @app.command("eval")
-@handles_errors
 def eval_(
     suite: str = typer.Option(..., "--suite", help="Suite name, several comma-separated, or all (the five reference suites; see `kdbench list suites`)."),
     model: str = typer.Option(..., "--model", help="Model directory or Hugging Face id."),
@@ -165,18 +219,31 @@ def eval_(
     label: Optional[str] = typer.Option(None, "--label", help="Name of this model in leaderboards."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Prompts per generation batch (or harness batch size)."),
     prompt_style: Optional[str] = typer.Option(None, "--prompt-style", help="Prompt template: alpaca, chat (the model's chat template) or compact (default: the suite's)."),
+    include_path: List[Path] = typer.Option([], "--include-path", help="lm_eval suites: a folder of local lm-eval task YAML files (repeatable), as lm-eval's own --include_path."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting: --set decoding.no_repeat_ngram_size=6."),
 ):
-    """Evaluate a model on a suite (reference-based: Rouge-L/EM; lm_eval: Open LLM Leaderboard tasks)."""
+    """Evaluate a model on a suite (reference-based: Rouge-L/EM; lm_eval: Open LLM Leaderboard tasks, or a suite
+    file of your own: --suite my_suite.yaml --include-path my_tasks/)."""
     from kdbench import registry
+    from kdbench.harness_suite import is_suite_file, read_suite_file
 
+    if batch_size is not None and batch_size < 1:
+        raise KdbenchError(f"--batch-size must be at least 1, not {batch_size}.")
+    if limit is not None and limit < 1:
+        raise KdbenchError(f"--limit must be a positive number of examples, not {limit}.")
+    seed_list = _int_list(seeds, "--seeds") if seeds else None
     several = suite == "all" or "," in suite
     _quiet_libraries()
     if not several:
-        entry = registry.get("tasks", suite)
-        if entry.body.get("type") == "lm_eval":
-            _eval_harness(entry.name, model, limit, batch_size or 8, output_dir, run_name, label)
+        body = read_suite_file(suite) if is_suite_file(suite) else registry.get("tasks", suite).body
+        if body.get("type") == "lm_eval":
+            _eval_harness(suite, model, limit, batch_size or 8, output_dir, run_name, label, include_path)
             return
+        if is_suite_file(suite):
+            raise KdbenchError(f"{suite} is a reference-based suite file; put it in a tasks/ folder of a registry "
+                               "folder (KDBENCH_REGISTRY_PATH) and pass its name, as for any suite.")
+    if include_path:
+        raise KdbenchError("--include-path adds lm-eval task folders; it only applies to lm_eval suites.")
     from kdbench.config import apply_overrides, build
     from kdbench.evaluate import EvalConfig, evaluate, evaluate_many
     from kdbench.report import leaderboard_markdown
@@ -184,9 +251,9 @@ def eval_(
     values: dict = {"suite": suite, "model": model, "data_path": data, "greedy": greedy, "limit": limit,
                     "buckets": buckets, "output_dir": output_dir, "run_name": run_name, "label": label,
                     "prompt_style": prompt_style}
-    if seeds:
-        values["seeds"] = _int_list(seeds, "--seeds")
-    if batch_size:
+    if seed_list:
+        values["seeds"] = seed_list
+    if batch_size is not None:
         values["decoding"] = {"batch_size": batch_size}
     values = apply_overrides({k: v for k, v in values.items() if v is not None}, set_)
     config = build(EvalConfig, values)
@@ -199,20 +266,14 @@ def eval_(
     typer.echo(f"run: {result.run.path}")
 
 
-def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: str, run_name, label) -> None:
-    from kdbench.harness import run_harness
-    from kdbench.models import resolve_model_path
-    from kdbench.store import RunDir
+def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: str, run_name, label,
+                  include_path: list[Path]) -> None:
+    from kdbench.harness import evaluate_harness
 
-    path = resolve_model_path(model)
-    label = label or Path(model).name
-    run = RunDir.create(output_dir, run_name or f"eval-{suite}-{label}", kind="eval",
-                        config={"suite": suite, "model": model, "limit": limit, "batch_size": batch_size, "label": label},
-                        command=sys.argv)
-    result = run_harness(path, suite=suite, limit=limit, batch_size=batch_size, log=_say)
-    run.write_metrics(result.to_metric_records(run, suite), replace_suite=suite)
-    run.finish("complete", suite=suite, label=label, harness=result.label)
-    for record in result.to_metric_records(run, suite):
+    run, result = evaluate_harness(model, suite, output_dir=output_dir, run_name=run_name, label=label, limit=limit,
+                                   batch_size=batch_size, include_path=[str(p) for p in include_path] or None,
+                                   log=_say, command=sys.argv)
+    for record in result.to_metric_records(run, result.suite.name):
         typer.echo(f"{record['subset']:<28} {record['metric']:<24} {record['value']:.4f}")
     typer.echo(f"{result.label}; run: {run.path}")
 
@@ -223,7 +284,6 @@ def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: st
 
 
 @app.command()
-@handles_errors
 def demo(
     preset: str = typer.Option("smoke", "--preset", help="smoke (minutes), standard (larger, several seeds), full; smollm2-quick / smollm2: "
                                                   "the real SmolLM2-135M-Instruct teacher (docs/smollm2_example.md)."),
@@ -240,10 +300,11 @@ def demo(
     typer.echo(result.leaderboard_md)
     typer.echo(f"leaderboard: {result.out_dir / 'leaderboard.md'}  (total {result.timings['total_seconds']:.0f}s, "
                f"teacher {'cached' if result.teacher_reused else 'trained'})")
+    if result.report_html is not None:
+        typer.echo(f"report: {result.report_html}")
 
 
 @app.command()
-@handles_errors
 def check(
     baseline: Path = typer.Option(Path("results/baseline"), "--baseline", help="Baseline folder (holds baseline.json)."),
     runs: List[Path] = typer.Option(..., "--runs", help="Run directory or a folder of runs (repeatable)."),
@@ -276,9 +337,8 @@ def check(
 
 
 @app.command()
-@handles_errors
 def report(
-    run_dirs: List[Path] = typer.Argument(..., help="Run directories, folders of runs, or `kdbench judge --out` folders."),
+    run_dirs: List[Path] = typer.Argument(..., help="Run directories (train, eval and judge runs) or folders holding them."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write leaderboard.md, report.html, metrics.csv and plots/*.png here."),
     format_: str = typer.Option("md,html,csv", "--format", help="Comma-separated formats to write: md, html, csv."),
     compare_papers: bool = typer.Option(False, "--compare-papers", help="Add published numbers of the same methods beside (never inside) the rankings."),
@@ -287,7 +347,15 @@ def report(
 ):
     """Leaderboards with CIs and Holm-corrected paired tests, breakdowns, cost and plots; Markdown, HTML, CSV."""
     from kdbench.report import build_report
+    from kdbench.store import find_run_dirs
 
+    if out is not None and out.exists() and not out.is_dir():
+        raise KdbenchError(f"--out {out} is a file; give a folder for leaderboard.md, report.html and metrics.csv.")
+    unfinished = [(run, run.info().get("status", "unknown")) for run in find_run_dirs(run_dirs) if not run.complete]
+    if unfinished:
+        shown = ", ".join(f"{run.path} ({status})" for run, status in unfinished[:3])
+        _say(f"warning: {len(unfinished)} run(s) did not finish and may lack metrics: {shown}"
+             f"{' ...' if len(unfinished) > 3 else ''}; rerun their commands to complete them.")
     result = build_report(run_dirs, out=out, formats=format_.split(","), compare_papers=compare_papers,
                           baseline_label=baseline_label, suite=suite)
     typer.echo(result.markdown)
@@ -304,7 +372,6 @@ _KIND_NAMES = {"methods": "trainers", "suites": "tasks", "judges": "judges"}
 
 
 @app.command("list")
-@handles_errors
 def list_(what: Optional[str] = typer.Argument(None, help="methods, suites or judges (default: all three).")):
     """List the registered methods, suites and judges, one line each."""
     from kdbench import registry
@@ -323,16 +390,14 @@ def list_(what: Optional[str] = typer.Argument(None, help="methods, suites or ju
 
 
 @cache_app.command("where")
-@handles_errors
 def cache_where():
     """Print the cache folder."""
-    from kdbench.store import default_cache_dir
+    from kdbench.store import ArtifactStore
 
-    typer.echo(str(default_cache_dir()))
+    typer.echo(str(ArtifactStore().root))
 
 
 @cache_app.command("list")
-@handles_errors
 def cache_list(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder (default: kdbench cache where).")):
     """List the complete artifacts in the cache (kind, key, size, when built)."""
     from kdbench.store import ArtifactStore
@@ -348,7 +413,6 @@ def cache_list(cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", hel
 
 
 @cache_app.command("clear")
-@handles_errors
 def cache_clear(
     kind: Optional[str] = typer.Option(None, "--kind", help="Only artifacts of this kind (e.g. demo-teacher)."),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Cache folder."),
@@ -358,13 +422,13 @@ def cache_clear(
     from kdbench.store import ArtifactStore
 
     store = ArtifactStore(cache_dir)
+    store.check_kind(kind)
     if not yes and not typer.confirm(f"Delete {'all' if not kind else kind} artifacts under {store.root}?"):
         raise typer.Exit(code=1)
     typer.echo(f"removed {store.clear(kind)} artifact(s) from {store.root}")
 
 
 @data_app.command("overlap")
-@handles_errors
 def data_overlap(
     train_path: Path = typer.Argument(..., help="Training data (JSONL or plain text)."),
     suite: str = typer.Argument(..., help="Evaluation suite name."),
@@ -385,7 +449,6 @@ def data_overlap(
 
 
 @student_app.command("derive")
-@handles_errors
 def student_derive(
     teacher: str = typer.Argument(..., help="Teacher: a model directory, a .gguf file or an alias (smollm2-135m-instruct)."),
     out: Path = typer.Argument(..., help="Folder for the student checkpoint."),

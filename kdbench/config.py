@@ -163,8 +163,10 @@ def load_yaml(path: str | Path | None) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file not found: {path}; check the path.")
+    from kdbench.textfile import read_text
+
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"Config file {path} is not valid YAML ({str(err).splitlines()[0]}); fix it.") from None
     if not isinstance(data, dict):

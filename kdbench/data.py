@@ -7,7 +7,6 @@ A training row has ``instruction``, optional ``input`` and ``output`` (MiniLLM /
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,10 @@ class Example:
 
 
 def read_rows(path: str | Path) -> list[dict]:
-    """Rows of a JSONL, JSON (list) or Parquet file, each a dict; clear errors for bad files."""
+    """Rows of a JSONL, JSON (list) or Parquet file, each a dict; clear errors for bad files (read through
+    :mod:`kdbench.textfile`: a BOM, CRLF line ends and non-UTF-8 bytes are handled there)."""
+    from kdbench.textfile import read_json
+
     path = Path(path)
     if not path.exists():
         raise DataError(f"Data file not found: {path}; check the path.")
@@ -68,34 +70,24 @@ def read_rows(path: str | Path) -> list[dict]:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError("Reading Parquet needs pyarrow: pip install pyarrow.") from None
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}); fix the file.") from None
-        if not isinstance(data, list):
+            return pq.read_table(path).to_pylist()
+        except Exception as err:  # pyarrow raises its own error types for a damaged file
+            raise DataError(f"{path} is not a readable Parquet file ({type(err).__name__}); re-export it.") from None
+    if path.suffix == ".json":
+        data = read_json(path)
+        if not isinstance(data, list) or not all(isinstance(row, dict) for row in data):
             raise DataError(f"{path} must hold a JSON list of objects.")
         return data
-    return [row for _, row in iter_jsonl_records(path, text.splitlines())]
+    return [row for _, row in iter_jsonl_records(path)]
 
 
-def iter_jsonl_records(path: Path, lines=None):
-    """(line number, record) for each non-blank line of a JSONL file; a line that is not a JSON
-    object is a :class:`DataError` naming the file and line."""
-    if lines is None:
-        lines = path.open(encoding="utf-8")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}, line {number} is not valid JSON ({err.msg}); fix or remove that line.") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}, line {number} is not a JSON object; each line must be one record.")
-        yield number, row
+def iter_jsonl_records(path: str | Path):
+    """(line number, record) for each non-blank line of a JSONL file (:func:`kdbench.textfile.iter_jsonl`):
+    a line that is not a JSON object, or not UTF-8, is a :class:`DataError` naming the file and line."""
+    from kdbench.textfile import iter_jsonl
+
+    return iter_jsonl(path)
 
 
 def load_examples(path: str | Path, *, require_output: bool = True) -> list[Example]:
@@ -182,7 +174,8 @@ class SFTDataset:
 
     @property
     def n_response_tokens(self) -> int:
-        return sum(sum(1 for label in item.labels if label != -100) for item in self.items)
+        """Response tokens a step trains on: labels after the first position (nothing predicts token 0)."""
+        return sum(sum(1 for label in item.labels[1:] if label != -100) for item in self.items)
 
 
 def build_dataset(examples: list[Example], tokenizer, *, style: str, max_prompt_length: int, max_length: int) -> SFTDataset:

@@ -8,18 +8,22 @@ evaluates everything and prints a leaderboard, with no download.
    it from the same initialisation through the same engine as real models (``kdbench.train``).
 4. Teacher and students are evaluated on the test split (Rouge-L, exact match, per length bucket
    and category, bootstrap CIs) and ranked in a Markdown leaderboard (``kdbench.report``).
+5. Each student is judged against the teacher on the same test prompts with the offline exact-match
+   judge (:func:`kdbench.judge`, judge runs under ``judge/``), and ``report.html`` (tables and figures
+   of every run) is written next to ``leaderboard.md``.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from kdbench.config import option, to_dict
 from kdbench.errors import ConfigError
+from kdbench.demo_report import DemoResult, judge_against_teacher, write_report_html
 from kdbench.store import ArtifactStore, atomic_write_json, atomic_write_text
 from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
 
@@ -101,14 +105,6 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(name="full", corpus=SMOKE_WORLD, student_pretrain_steps=600, **MEASURED, methods=["*"],
                    multiple_choice=True, full_report=True),
 }
-
-
-@dataclass
-class DemoResult:
-    out_dir: Path
-    leaderboard_md: str
-    timings: dict = field(default_factory=dict)
-    teacher_reused: bool = False
 
 
 def build_teacher(preset: Preset, corpus_dir: Path, store: ArtifactStore, log: Callable[[str], None]) -> tuple[Path, bool, float]:
@@ -262,15 +258,24 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
         t0 = time.time()
         score_multiple_choice(corpus_dir, to_evaluate, out, log=say)
         timings["multiple_choice_seconds"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    judge_against_teacher(out, [(label, f"{label}-seed{seed}") for label, seed, _ in trained], "exact", log=say)
+    timings["judge_seconds"] = round(time.time() - t0, 1)
     timings["total_seconds"] = round(time.time() - started, 1)
 
     if preset.full_report:
         from kdbench.report import build_report
 
         t0 = time.time()
-        build_report([out / "eval", out / "train"], out=out / "report", title=f"kdbench demo --preset {preset.name}")
+        from kdbench.demo_report import demo_run_folders
+
+        build_report(demo_run_folders(out), out=out / "report", title=f"kdbench demo --preset {preset.name}")
         timings["report_seconds"] = round(time.time() - t0, 1)
-        say(f"report: {out / 'report'}")
+        say(f"full report: {out / 'report'}")
+    t0 = time.time()
+    report_html = write_report_html(out, f"kdbench demo --preset {preset.name}")
+    timings["report_html_seconds"] = round(time.time() - t0, 1)
     by_label = {a.label: a for a in arms}
     listed = [{"label": "teacher", "seed": 0, "method": "sft", "start": "-", "control": None, "train": None,
                "eval": str(out / "eval" / "teacher")}]
@@ -279,7 +284,7 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
                 "eval": str(out / "eval" / f"{label}-seed{seed}")} for label, seed, _ in trained]
     atomic_write_json(out / "demo.json", {"preset": to_dict(preset), "timings": timings, "teacher_reused": reused,
                                           "corpus_dir": str(corpus_dir), "teacher_dir": str(teacher_dir),
-                                          "runs": listed})
+                                          "report_html": str(report_html), "runs": listed})
     runs = find_run_dirs([out / "eval"])
     markdown = leaderboard_markdown(runs, title=f"kdbench demo --preset {preset.name}", baseline_label="sft",
                                     reference_label="teacher",
@@ -290,7 +295,7 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
     if preset.controls or len(preset.train_seeds) > 1:
         atomic_write_text(out / "validity.md", validity_markdown(out))
         say(f"validity: {out / 'validity.md'}")
-    return DemoResult(out, markdown, timings, reused)
+    return DemoResult(out, markdown, timings, reused, report_html)
 
 
 def _methods(preset: Preset) -> list[str]:
@@ -312,7 +317,7 @@ def score_multiple_choice(corpus_dir: Path, models: list[tuple[str, int | None, 
                           log: Callable[[str], None] | None = None) -> None:
     """Score each model on the world's multiple-choice questions through lm-eval; the records go into
     the model's eval run (suite ``synthetic-mc``) beside its Rouge-L."""
-    from kdbench.harness import local_multiple_choice_task, run_harness
+    from kdbench.harness import harness_into_run, local_multiple_choice_task
     from kdbench.store import RunDir
     from kdbench.synthetic.corpus import load_corpus_rows
 
@@ -320,8 +325,7 @@ def score_multiple_choice(corpus_dir: Path, models: list[tuple[str, int | None, 
                                          out / "mc_task", prompt_template="instruction : {{question}} response :")
     for label, seed, model_dir in models:
         run = RunDir(out / "eval" / (label if seed is None else f"{label}-seed{seed}"))
-        result = run_harness(str(model_dir), suite=MC_SUITE, include_path=include, batch_size=32, log=log)
-        run.write_metrics(result.to_metric_records(run, MC_SUITE["name"]), replace_suite=MC_SUITE["name"])
+        harness_into_run(run, str(model_dir), suite=MC_SUITE, include_path=include, batch_size=32, log=log)
 
 
 def preset_names() -> list[str]:

@@ -51,6 +51,7 @@ class EvalConfig:
             raise ConfigError("Give at least one sampling seed, or use greedy decoding.")
         if self.n_bootstrap < 100:
             raise ConfigError("Setting n_bootstrap must be at least 100.")
+        _parse_buckets(self.buckets, None)  # a malformed --buckets fails here, before any model is loaded
 
 
 @dataclass
@@ -72,9 +73,12 @@ def _parse_buckets(text: str | None, default) -> tuple | str:
     if text == "auto":
         return "auto"
     try:
-        return tuple(float(x) for x in text.split(","))
+        edges = tuple(float(x) for x in text.split(","))
     except ValueError:
-        raise ConfigError(f"Buckets {text!r} must be comma-separated numbers (e.g. 30,70) or 'auto'.") from None
+        raise ConfigError(f"--buckets {text!r} must be comma-separated numbers (e.g. 30,70) or 'auto'.") from None
+    if any(e <= 0 for e in edges) or list(edges) != sorted(set(edges)):
+        raise ConfigError(f"--buckets {text!r} must be increasing positive word counts, e.g. 30,70.")
+    return edges
 
 
 # The five reference suites of PROTOCOLS.md §1, in the order the papers' tables list them.
@@ -212,6 +216,7 @@ def evaluate_many(suites: str | list[str], config: EvalConfig, *, model=None, to
             run.log(message)
 
     from kdbench.generate import HFBackend
+    from kdbench.scoring import score
 
     backend = HFBackend(model, tokenizer)
     results: dict[str, EvalResult] = {}
@@ -240,6 +245,7 @@ def _generate_suite(run: RunDir, plan: _SuitePlan, seeds: list, backend, label: 
     """Generations (seed -> example id -> text) of one suite: those on disk are kept as they are, the
     rest generated and appended batch by batch (fsync) to ``generations/<suite>/seed<k>.jsonl``."""
     ids = [e.id for e in plan.examples]
+    by_id = {e.id: e for e in plan.examples}
     outputs: dict[str, dict[str, str]] = {}
     for seed in seeds:
         path = run.generations_path(plan.name, seed)
@@ -252,9 +258,10 @@ def _generate_suite(run: RunDir, plan: _SuitePlan, seeds: list, backend, label: 
             decoding = plan.decoding if seed != "greedy" else DecodingConfig(**{**to_dict(plan.decoding), "greedy": True})
 
             def write(batch, seed=seed, path=path):
+                # each generation carries its question and references, so judging reads the run alone
                 append_jsonl(path, [{"id": g.id, "seed": seed, "output": g.text, "new_tokens": g.new_tokens,
                                      "prompt_tokens": g.prompt_tokens, "prompt_truncated": g.prompt_truncated,
-                                     "finished": g.finished} for g in batch])
+                                     "finished": g.finished, **judging_fields(by_id[g.id])} for g in batch])
 
             with _progress(progress, f"{label} {plan.name} seed {seed}", len(todo)) as advance:
                 backend.generate([plan.prompts[i] for i in todo], [ids[i] for i in todo], decoding,
@@ -262,6 +269,15 @@ def _generate_suite(run: RunDir, plan: _SuitePlan, seeds: list, backend, label: 
             done = {r["id"]: r for r in read_jsonl(path)}
         outputs[str(seed)] = {example_id: done[example_id]["output"] for example_id in ids}
     return outputs
+
+
+def judging_fields(example) -> dict:
+    """What a judge needs besides the output: the instruction and input as the user wrote them, the
+    question shown to a judge (instruction, then the input after a blank line when there is one), the
+    references and the category."""
+    question = example.instruction + (f"\n\n{example.input}" if example.input else "")
+    return {"instruction": example.instruction, "input": example.input, "question": question,
+            "references": list(example.references), "category": example.category}
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -354,56 +370,6 @@ def template_warning(trained_with: str | None, style: str) -> str | None:
     return None
 
 
-def score(run: RunDir, suite: str, examples, outputs: dict[str, dict[str, str]], spec, edges, *,
-          n_bootstrap: int = 1000) -> tuple[list[dict], dict]:
-    """Metric records for generations ``outputs`` (seed -> example id -> text); also writes
-    ``scores/<suite>.json`` with every per-example score (for paired tests in reports)."""
-    from kdbench.metrics import bootstrap_ci, exact_match_scores, length_buckets, mean_std, rouge_l_scores
-
-    references = [e.references for e in examples]
-    ids = [e.id for e in examples]
-    buckets = length_buckets(references, edges)
-    categories = [e.category for e in examples]
-    metric_fns = {"rougeL": rouge_l_scores, "exact_match": exact_match_scores}
-    per_example: dict[str, dict[str, list[float]]] = {}
-    records: list[dict] = []
-    for metric, fn in metric_fns.items():
-        per_seed = {}
-        for seed, texts in outputs.items():
-            values = [100.0 * v for v in fn([texts[i] for i in ids], references)]
-            per_seed[seed] = values
-            records.append(run.metric_record(suite, metric, _mean(values), seed=seed, n=len(values)))
-            for group_name, labels in (("bucket", buckets), ("category", categories)):
-                for label in dict.fromkeys(x for x in labels if x is not None):
-                    subset = [v for v, g in zip(values, labels) if g == label]
-                    records.append(run.metric_record(suite, metric, _mean(subset), seed=seed,
-                                                     subset=f"{group_name}:{label}", n=len(subset)))
-        per_example[metric] = per_seed
-        # across seeds: mean ± sample std of the per-seed means; CI over examples of the seed-averaged score
-        example_means = [_mean([per_seed[s][i] for s in per_seed]) for i in range(len(ids))]
-        seed_means = [_mean(v) for v in per_seed.values()]
-        mean, std = mean_std(seed_means)
-        low, high = bootstrap_ci(example_means, n_resamples=n_bootstrap)
-        records.append(run.metric_record(suite, metric, mean, seed="mean", n=len(ids), std=std, ci_low=low,
-                                         ci_high=high, n_seeds=len(seed_means)))
-        for group_name, labels in (("bucket", buckets), ("category", categories)):
-            for label in dict.fromkeys(x for x in labels if x is not None):
-                members = [i for i, g in enumerate(labels) if g == label]
-                group_seed_means = [_mean([per_seed[s][i] for i in members]) for s in per_seed]
-                g_mean, g_std = mean_std(group_seed_means)
-                g_low, g_high = bootstrap_ci([example_means[i] for i in members], n_resamples=n_bootstrap)
-                records.append(run.metric_record(suite, metric, g_mean, seed="mean", subset=f"{group_name}:{label}",
-                                                 n=len(members), std=g_std, ci_low=g_low, ci_high=g_high,
-                                                 n_seeds=len(group_seed_means)))
-    atomic_write_json(run.path / "scores" / f"{suite}.json",
-                      {"ids": ids, "buckets": buckets, "categories": categories, "scores": per_example})
-    return records, per_example
-
-
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
-
-
 def _suite_decoding(config: EvalConfig, body: dict) -> DecodingConfig:
     """The suite's decoding defaults (e.g. shorter limits for the embedded benchmark) under the user's."""
     defaults = to_dict(DecodingConfig())
@@ -414,13 +380,6 @@ def _suite_decoding(config: EvalConfig, body: dict) -> DecodingConfig:
             merged[key] = value
     merged["greedy"] = config.greedy or chosen["greedy"]
     return DecodingConfig(**merged)
-
-
-def _warn_template(model, tokenizer, style: str, say) -> None:
-    """Warn when the prompt template differs from the one the model was trained with (if recorded)."""
-    message = template_warning(trained_prompt_style(model), style)
-    if message:
-        say(message)
 
 
 class _progress:

@@ -63,6 +63,7 @@ class Generation:
     prompt_tokens: int
     prompt_truncated: bool
     finished: bool  # ended with EOS (not cut by max_new_tokens)
+    token_ids: list[int] | None = None  # the new tokens (EOS / stop token excluded), for callers that decode
 
 
 class Backend(Protocol):
@@ -125,10 +126,16 @@ class HFBackend:
             parameters = {}
         self._keep_last_logits = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
-    def encode(self, prompts: list[str], max_prompt_length: int) -> list[tuple[list[int], bool]]:
+    def encode(self, prompts: list[str], max_prompt_length: int,
+               add_special_tokens: bool | None = None) -> list[tuple[list[int], bool]]:
         """(prompt token ids, truncated?) per prompt: BOS prepended when the tokenizer adds one (unless
         the text already starts with it, as chat templates' text does), then cut from the left to
-        ``max_prompt_length`` tokens so that the end of the prompt (the response cue) is always kept."""
+        ``max_prompt_length`` tokens so that the end of the prompt (the response cue) is always kept.
+        ``add_special_tokens=True`` instead tokenizes as ``tokenizer(prompts)`` does by default (whatever
+        special tokens its post-processor adds; FastChat's gen_model_answer.py)."""
+        if add_special_tokens:
+            encoded = self.tokenizer(prompts)["input_ids"]
+            return [(list(ids)[-max_prompt_length:], len(ids) > max_prompt_length) for ids in encoded]
         encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         bos = self.tokenizer.bos_token_id
         add_bos = bos is not None and getattr(self.tokenizer, "add_bos_token", False)
@@ -142,23 +149,30 @@ class HFBackend:
 
     def generate(self, prompts: list[str], ids: list[str], decoding: DecodingConfig, seed: int | None = None,
                  on_batch: Callable[[list[Generation]], None] | None = None,
-                 progress: Callable[[int], None] | None = None) -> list[Generation]:
-        """Generate for every prompt; ``on_batch`` receives each finished batch (for appending to disk)."""
+                 progress: Callable[[int], None] | None = None, *, generators: dict | None = None,
+                 stop_token_ids: list[int] | None = None, add_special_tokens: bool | None = None) -> list[Generation]:
+        """Generate for every prompt; ``on_batch`` receives each finished batch (for appending to disk).
+
+        ``generators`` (example id -> ``torch.Generator``) replaces the per-(seed, id) generators when a caller
+        owns the sampling stream (MT-Bench carries one question's generator from turn 1 into turn 2);
+        ``stop_token_ids`` end a row like EOS does; ``add_special_tokens`` see :meth:`encode`."""
         if len(prompts) != len(ids):
             raise ValueError("prompts and ids must have the same length")
-        encoded = self.encode(prompts, decoding.max_prompt_length)
+        encoded = self.encode(prompts, decoding.max_prompt_length, add_special_tokens)
         # longest first: similar lengths share a batch (less padding); outputs do not depend on batching
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i][0]))
         results: dict[int, Generation] = {}
         for start in range(0, len(order), decoding.batch_size):
             chunk = order[start:start + decoding.batch_size]
-            batch = self._generate_batch([encoded[i][0] for i in chunk], [ids[i] for i in chunk], decoding, seed)
+            batch = self._generate_batch([encoded[i][0] for i in chunk], [ids[i] for i in chunk], decoding, seed,
+                                         generators=[generators[ids[i]] for i in chunk] if generators else None,
+                                         stop_token_ids=stop_token_ids)
             done = []
             for position, index in enumerate(chunk):
                 token_ids, finished = batch[position]
                 text = self._decode(token_ids)
                 generation = Generation(ids[index], text, len(token_ids), len(encoded[index][0]), encoded[index][1],
-                                        finished)
+                                        finished, list(token_ids))
                 results[index] = generation
                 done.append(generation)
             if on_batch:
@@ -190,7 +204,8 @@ class HFBackend:
         return warpers
 
     def _generate_batch(self, prompt_ids: list[list[int]], ids: list[str], decoding: DecodingConfig,
-                        seed: int | None) -> list[tuple[list[int], bool]]:
+                        seed: int | None, *, generators: list | None = None,
+                        stop_token_ids: list[int] | None = None) -> list[tuple[list[int], bool]]:
         """New tokens (EOS excluded) and whether EOS ended them, per prompt.
 
         ``prompt_ids``: B lists of token ids, left-padded here into ``[B, longest]``. Each step feeds
@@ -212,12 +227,11 @@ class HFBackend:
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
 
         warpers = self._warpers(decoding)
-        generators = None
-        if not decoding.greedy:
+        if not decoding.greedy and generators is None:
             generators = [torch.Generator().manual_seed(example_seed(seed or 0, i)) for i in ids]
         blockers = ([NGramBlocker(decoding.no_repeat_ngram_size, p) for p in prompt_ids]
                     if decoding.no_repeat_ngram_size > 0 else None)
-        eos_set = set(self.eos_ids)
+        eos_set = set(self.eos_ids) | set(stop_token_ids or ())
 
         # a model with learned absolute positions (GPT-2) cannot go past its last position: stop there
         # (the answer then counts as unfinished, like one cut by max_new_tokens)

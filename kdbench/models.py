@@ -75,6 +75,7 @@ def resolve_model_path(name: str | os.PathLike) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; pass a directory written by save_pretrained() or a hub id.")
+        verify_weight_files(path)
         return str(path)
     if path.exists():
         raise ModelError(f"Model path {path} is a file; pass the model's directory instead (or a .gguf file).")
@@ -84,14 +85,62 @@ def resolve_model_path(name: str | os.PathLike) -> str:
                      f"a .gguf file or one of: {', '.join(GGUF_ALIASES)}.")
 
 
+# Files one of which a local model folder must hold for its tokenizer to load (fast, BPE, SentencePiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tiktoken.model", "vocab.model")
+_PROBE_TEXT = "Hello world, 1 2 3."
+
+
+def verify_weight_files(path: Path) -> None:
+    """Refuse a model folder whose weights are missing, truncated or not weights, before anything is
+    loaded or written: each ``*.safetensors`` file's header must parse and cover the file's tensors, and
+    every shard a ``*.index.json`` names must exist. (A damaged ``pytorch_model.bin`` is caught when
+    :func:`load_model` reads it.)"""
+    for index_file in sorted(path.glob("*.index.json")):
+        from kdbench.textfile import read_json
+
+        index = read_json(index_file)
+        shards = sorted(set((index.get("weight_map") or {}).values())) if isinstance(index, dict) else []
+        missing = [shard for shard in shards if not (path / shard).is_file()]
+        if missing:
+            raise ModelError(f"{path} lacks the weight shard {missing[0]} that {index_file.name} names; "
+                             "download or copy the complete model folder.")
+    for weights in sorted(path.glob("*.safetensors")):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except ImportError:  # pragma: no cover - safetensors comes with transformers
+            return
+        except Exception as err:  # SafetensorError and friends: a damaged file, whatever the library calls it
+            raise ModelError(f"The weights file {weights} is damaged or truncated ({_first_line(err)}); "
+                             "re-download or re-save the model.") from None
+
+
 def load_tokenizer(name: str | os.PathLike, *, revision: str | None = None):
+    """The tokenizer of a model folder or hub id. A folder without tokenizer files, or a tokenizer that
+    turns text into no tokens, is a :class:`ModelError` (transformers would otherwise build an empty
+    tokenizer and training would silently learn nothing)."""
     from transformers import AutoTokenizer
 
     source = resolve_model_path(name)
+    folder = Path(source)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{folder} has no tokenizer files (one of {', '.join(TOKENIZER_FILES[:4])}, ...); save the "
+                         "tokenizer next to the model with tokenizer.save_pretrained(DIR), or copy its files there.")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # OSError, ValueError, or a parser's own error for a damaged tokenizer file
         raise ModelError(f"Could not load a tokenizer from {source} ({_first_line(err)}); check the path or id.") from None
+    try:
+        probe = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    except Exception as err:
+        raise ModelError(f"The tokenizer of {source} cannot encode text ({_first_line(err)}); "
+                         "check its tokenizer files.") from None
+    if len(tokenizer) < 2 or not probe:
+        raise ModelError(f"The tokenizer of {source} turns text into no tokens ({len(tokenizer)} in its vocabulary); "
+                         "save the model's real tokenizer next to it with tokenizer.save_pretrained(DIR).")
     if tokenizer.pad_token is None:
         # decoder-only models often ship without a pad token; reuse EOS for padding (masked out anyway)
         tokenizer.pad_token = tokenizer.eos_token
@@ -111,6 +160,9 @@ def load_model(name: str | os.PathLike, *, revision: str | None = None, dtype: s
         model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise ModelError(f"Could not load a model from {source} ({_first_line(err)}); check the path or id.") from None
+    except Exception as err:  # a damaged weights file (unpickling / zip / safetensors errors)
+        raise ModelError(f"Could not read the weights of {source} ({type(err).__name__}: {_first_line(err)}); "
+                         "they may be damaged or truncated: re-download or re-save the model.") from None
     if not trainable:
         model.eval()
         model.requires_grad_(False)

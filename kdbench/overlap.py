@@ -14,7 +14,6 @@ A hash collision can only over-report overlap, with probability about (number of
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kdbench.errors import DataError
+from kdbench.errors import ConfigError, DataError
 
 _WORD = re.compile(r"\w+")
 # odd 64-bit multiplier for the polynomial n-gram hash (arithmetic wraps modulo 2^64)
@@ -153,25 +152,24 @@ def _strings_in(value) -> Iterator[str]:
 def iter_train_texts(train_path: str | os.PathLike) -> Iterator[str]:
     """Texts of a training file, streamed: every string field of each JSONL row, or each line of a text file.
 
-    ``.jsonl`` / ``.json`` lines are parsed as JSON (bad JSON raises DataError with the line);
-    any other extension is read as plain text, one document per line.
+    ``.jsonl`` lines and a ``.json`` document are parsed as JSON (bad JSON raises DataError with the
+    line); any other extension is read as plain text, one document per line (:mod:`kdbench.textfile`).
     """
+    from kdbench.textfile import iter_jsonl, iter_lines, read_json
+
     path = Path(train_path)
     if not path.is_file():
         raise DataError(f"Training file {path} does not exist; give the JSONL or text file the student was trained on.")
-    is_json = path.suffix.lower() in (".jsonl", ".json")
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            if not is_json:
-                yield line
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {line_number}: not valid JSON ({err.msg}); fix or remove that line.") from None
+    suffix = path.suffix.lower()
+    if suffix == ".json":  # one JSON document (a list of rows, usually)
+        yield from _strings_in(read_json(path))
+    elif suffix == ".jsonl":
+        for _, row in iter_jsonl(path):
             yield from _strings_in(row)
+    else:
+        for _, line, _ in iter_lines(path):
+            if line.strip():
+                yield line
 
 
 def overlap_report(
@@ -191,6 +189,8 @@ def overlap_report(
     """
     from kdbench.suites import load_suite
 
+    if n < 1:
+        raise ConfigError(f"--n must be an n-gram size of at least 1, not {n} (13 is GPT-3's choice).")
     examples = load_suite(suite, data_path)
     index = NgramIndex(iter_train_texts(train_path), n)
     rows = ngram_overlap(index, examples, n)

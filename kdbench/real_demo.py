@@ -22,7 +22,8 @@ engine, evaluation and report code as real experiments:
 5. **Evaluation** of the teacher, the pruned student before training and every method: Rouge-L with 95%
    bootstrap CIs on the Dolly subset and the Vicuna questions (greedy, chat template), the share of the
    teacher-student gap each method recovers, and the win rate ω against the teacher with the offline
-   Rouge-L proxy judge (deterministic; not an LLM judgment).
+   Rouge-L proxy judge (deterministic; not an LLM judgment), written as judge runs under ``judge/``
+   through :func:`kdbench.judge`, like any judged evaluation; ``report.html`` shows every run.
 
 Timing of every stage goes into ``demo.json``; see docs/smollm2_example.md for a measured run.
 """
@@ -284,29 +285,20 @@ def evaluate_model(label: str, model_dir: str, preset: RealPreset, data_dir: Pat
     return time.time() - started
 
 
-def _answers(out: Path, label: str, suite: str, examples: dict) -> list[dict]:
-    """One eval run's greedy answers as ``[{id, instruction, output, references}]`` for the pairwise judge."""
-    from kdbench.store import read_jsonl
+def win_rates(labels: list[str], out: Path, preset: RealPreset, say=None) -> dict:
+    """ω of each model against the teacher on each suite with the offline Rouge-L proxy judge: one judge run
+    ``judge/<label>-<suite>-vs-teacher`` each (:func:`kdbench.demo.judge_against_teacher`); returns
+    ``{label: {suite: {omega, wins, ties, losses, failed, n}}}`` read back from those runs' records."""
+    from kdbench.demo_report import judge_against_teacher
 
-    rows = read_jsonl(RunDir(out / "eval" / f"{label}-{suite}").generations_path(suite, "greedy"))
-    return [{"id": row["id"], "instruction": examples[row["id"]].prompt, "output": row["output"],
-             "references": list(examples[row["id"]].references)} for row in rows]
-
-
-def win_rates(labels: list[str], out: Path, preset: RealPreset, data_dir: Path) -> dict:
-    """ω of each model against the teacher on each suite with the offline Rouge-L proxy judge."""
-    from kdbench.judging import pairwise
-    from kdbench.judging.offline import OfflineJudge
-    from kdbench.suites import load_suite
-
-    judge = OfflineJudge(mode="rouge", tie_margin=preset.judge_tie_margin)
     results: dict = {}
-    for suite, limit in (("dolly", preset.eval_dolly), ("vicuna", preset.eval_vicuna)):
-        examples = {e.id: e for e in load_suite(suite, data_dir, limit=limit)}
-        teacher = _answers(out, "teacher", suite, examples)
-        for label in labels:
-            pairs = pairwise.pair_up(_answers(out, label, suite, examples), teacher)
-            results.setdefault(label, {})[suite] = pairwise.summarize(pairwise.judge_offline(judge, pairs))
+    for suite in ("dolly", "vicuna"):
+        outcomes = judge_against_teacher(out, [(label, f"{label}-{suite}") for label in labels], "rouge", suite=suite,
+                                         teacher_run=f"teacher-{suite}", tie_margin=preset.judge_tie_margin, log=say)
+        for label, outcome in zip(labels, outcomes):
+            summary = outcome.summary
+            results.setdefault(label, {})[suite] = {key: summary[key] for key in
+                                                    ("omega", "wins", "ties", "losses", "failed", "n")}
     return results
 
 
@@ -350,7 +342,7 @@ def summary_markdown(labels: list[str], out: Path, omega: dict, tie_margin: floa
 def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
                   log: Callable[[str], None] | None = None, progress: bool = True):
     """Run a SmolLM2 preset end to end; returns a :class:`kdbench.demo.DemoResult`."""
-    from kdbench.demo import DemoResult
+    from kdbench.demo_report import DemoResult
     from kdbench.models import resolve_model_path
     from kdbench.report import leaderboard_markdown
     from kdbench.store import find_run_dirs
@@ -422,7 +414,7 @@ def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cach
         say(f"evaluated {label} in {seconds:.0f}s")
 
     labels = [label for label, _ in to_evaluate if label != "teacher"]
-    omega = win_rates(labels, out, preset, data_dir)
+    omega = win_rates(labels, out, preset, say)
     timings["total_seconds"] = round(time.time() - started, 1)
     note = (f"first {preset.eval_dolly} rows of MiniLLM's Dolly test file and first {preset.eval_vicuna} Vicuna "
             f"questions; greedy, chat template, max {preset.max_new_tokens} new tokens; pruned student = "
@@ -431,11 +423,15 @@ def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cach
                                  baseline_label="student-before", reference_label="teacher", data_note=note)
     markdown = board.rstrip() + "\n\n" + summary_markdown(labels, out, omega, preset.judge_tie_margin)
     atomic_write_text(out / "leaderboard.md", markdown)
+    from kdbench.demo_report import write_report_html
+
+    report_html = write_report_html(out, f"kdbench demo --preset {preset.name}")
     atomic_write_json(out / "demo.json", {"preset": to_dict(preset), "timings": timings, "data_dir": str(data_dir),
                                           "teacher_dir": teacher_dir, "student_dir": str(student_dir),
                                           "training_prompts": proof, "teacher_responses": train_facts,
-                                          "win_rates": omega})
-    return DemoResult(out, markdown, timings, teacher_reused=True)  # pretrained: never trained here
+                                          "win_rates": omega, "judge_runs": str(out / "judge"),
+                                          "report_html": str(report_html)})
+    return DemoResult(out, markdown, timings, teacher_reused=True, report_html=report_html)  # pretrained
 
 
 __all__ = ["REAL_PRESETS", "RealPreset", "run_real_demo", "training_prompts", "default_data_dir"]

@@ -7,6 +7,12 @@ folders, each holding ``trainers/`` / ``tasks/`` / ``judges/`` subfolders) adds 
 a user entry with the same name overrides the built-in one.
 
 Adding a method is one loss function plus one recipe file; adding a suite is one task file.
+
+Every file of a kind with a schema (:data:`kdbench.registry_schemas.SCHEMAS`: ``tasks`` and ``judges``)
+is validated when the kind is loaded: an unknown key, a missing required key or a value of the wrong
+type is one :class:`~kdbench.errors.ConfigError` sentence naming the file and the key. The mechanism
+(:class:`~kdbench.schema.Schema`, :class:`~kdbench.schema.Key`) lives in :mod:`kdbench.schema`, so a
+new kind only adds its schema to that table.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from kdbench.errors import ConfigError
+from kdbench.registry_schemas import SCHEMAS
+from kdbench.schema import FileSchema, Key, Schema  # noqa: F401 - the schema mechanism, re-exported
 
 KINDS = ("trainers", "tasks", "judges")
 _SINGULAR = {"trainers": "method", "tasks": "suite", "judges": "judge"}
@@ -48,36 +56,52 @@ def registry_roots() -> list[Path]:
     return roots
 
 
-@lru_cache(maxsize=None)
-def _load(kind: str, roots: tuple[Path, ...]) -> dict[str, Entry]:
+def _files(kind: str, roots: tuple[Path, ...]) -> tuple[tuple[Path, int, int], ...]:
+    """The kind's files with their modification time and size (the cache key: an edited file is reread)."""
+    found = []
+    for root in roots:
+        folder = root / kind
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.yaml")):
+                stat = path.stat()
+                found.append((path, stat.st_mtime_ns, stat.st_size))
+    return tuple(found)
+
+
+@lru_cache(maxsize=64)
+def _load(kind: str, files: tuple[tuple[Path, int, int], ...]) -> dict[str, Entry]:
     import yaml
 
     entries: dict[str, Entry] = {}
-    for root in roots:
-        folder = root / kind
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.glob("*.yaml")):
-            try:
-                body = yaml.safe_load(path.read_text()) or {}
-            except yaml.YAMLError as err:
-                raise ConfigError(f"Registry file {path} is not valid YAML ({err}); fix it or remove it.") from None
-            name = body.get("name", path.stem)
-            entries[name] = Entry(kind, name, str(body.get("description", "")).strip(), path, body)
-            # a recipe may declare named aliases with parameter overrides (one file, several methods)
-            for alias, spec in (body.get("aliases") or {}).items():
-                spec = spec or {}
-                entries[alias] = Entry(kind, alias, str(spec.get("description", "")).strip(), path,
-                                       {**body, "name": alias, "params": {**(body.get("params") or {}),
-                                                                          **(spec.get("params") or {})}},
-                                       alias_of=name)
+    schema = SCHEMAS.get(kind)
+    for path, _, _ in files:
+        try:
+            body = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"Registry file {path} is not valid YAML ({reason}); fix it or remove it.") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"Registry file {path} cannot be read ({type(err).__name__}); fix it or remove it.") from None
+        if not isinstance(body, dict):
+            raise ConfigError(f"Registry file {path} must hold a mapping of keys; fix it or remove it.")
+        if schema is not None:
+            schema.validate(body, path)
+        name = body.get("name", path.stem)
+        entries[name] = Entry(kind, name, str(body.get("description", "")).strip(), path, body)
+        # a recipe may declare named aliases with parameter overrides (one file, several methods)
+        for alias, spec in (body.get("aliases") or {}).items():
+            spec = spec or {}
+            entries[alias] = Entry(kind, alias, str(spec.get("description", "")).strip(), path,
+                                   {**body, "name": alias, "params": {**(body.get("params") or {}),
+                                                                      **(spec.get("params") or {})}},
+                                   alias_of=name)
     return entries
 
 
 def entries(kind: str) -> dict[str, Entry]:
     if kind not in KINDS:
         raise ValueError(f"unknown registry kind {kind!r}")
-    return _load(kind, tuple(registry_roots()))
+    return _load(kind, _files(kind, tuple(registry_roots())))
 
 
 def get(kind: str, name: str) -> Entry:

@@ -19,6 +19,7 @@ schema-versioned long format, generations and a log.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as _dt
 import fcntl
@@ -47,7 +48,6 @@ COMPLETE_MARKER = "COMPLETE.json"
 # Crash-safe file primitives
 # ---------------------------------------------------------------------------------------------
 
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -55,7 +55,6 @@ def _fsync_dir(path: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` so that readers see either the old file or all of the new one."""
@@ -76,14 +75,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     _fsync_dir(path.parent)
     return path
 
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
-
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
@@ -93,7 +89,6 @@ def _json_default(obj: Any) -> Any:
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
 
 def append_jsonl(path: str | os.PathLike, records: dict | Iterable[dict]) -> None:
     """Append one record (or several) as JSON lines, flushed and fsynced before returning."""
@@ -109,7 +104,6 @@ def append_jsonl(path: str | os.PathLike, records: dict | Iterable[dict]) -> Non
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
-
 
 def _drop_torn_tail(path: Path) -> None:
     """Cut an unterminated last line (an append killed midway) so the next record starts on its own line."""
@@ -136,44 +130,33 @@ def _drop_torn_tail(path: Path) -> None:
     except FileNotFoundError:
         return
 
-
 def read_jsonl(path: str | os.PathLike, *, strict: bool = False) -> list[dict]:
-    """Read JSON lines written by :func:`append_jsonl`.
+    """Read JSON lines written by :func:`append_jsonl` (or given by a user, through
+    :func:`kdbench.textfile.iter_lines`: BOM, CRLF and non-UTF-8 bytes handled there).
 
     A final line without its newline is a record whose write was interrupted: it is ignored
     (``strict=False``, the default for kdbench's own files). With ``strict=True`` (user data),
     every non-empty line must parse, and an error names the file and line.
     """
+    from kdbench.textfile import iter_lines, parse_json_line
+
     path = Path(path)
     if not path.exists():
         if strict:
             raise DataError(f"File not found: {path}; check the path and try again.")
         return []
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]
     records = []
-    for number, line in enumerate(complete, start=1):
+    for number, line, terminated in iter_lines(path):
         if not line.strip():
             continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            if strict:
-                raise DataError(
-                    f"{path}, line {number} is not valid JSON ({err.msg}); fix or remove that line."
-                ) from None
-            # a torn write in the middle of our own file cannot happen with append_jsonl; skip it
-            continue
-    if tail.strip() and strict:
-        try:
-            records.append(json.loads(tail))
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}, line {len(lines)} is not valid JSON ({err.msg}); fix or remove that line."
-            ) from None
+        if strict:
+            records.append(parse_json_line(path, number, line))
+        elif terminated:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn write in the middle of our own file cannot happen with append_jsonl; skip it
     return records
-
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
@@ -187,20 +170,16 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
-
 # ---------------------------------------------------------------------------------------------
 # Hashing
 # ---------------------------------------------------------------------------------------------
 
-
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
-
 
 def hash_obj(obj: Any) -> str:
     """sha256 of the canonical JSON of ``obj``."""
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
-
 
 def hash_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
     digest = hashlib.sha256()
@@ -208,7 +187,6 @@ def hash_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
-
 
 def hash_tree(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) -> str:
     """sha256 over the relative names and contents of the files below ``path`` (sorted)."""
@@ -225,11 +203,9 @@ def hash_tree(path: str | os.PathLike, suffixes: tuple[str, ...] | None = None) 
         digest.update(hash_file(file).encode())
     return digest.hexdigest()
 
-
 # ---------------------------------------------------------------------------------------------
 # Content-addressed artifacts
 # ---------------------------------------------------------------------------------------------
-
 
 def default_cache_dir() -> Path:
     """``$KDBENCH_CACHE`` if set, else ``$XDG_CACHE_HOME/kdbench`` or ``~/.cache/kdbench``."""
@@ -238,12 +214,10 @@ def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "kdbench"
 
-
 def kdbench_version() -> str:
-    from kdbench import __version__
+    from kdbench.version import __version__
 
     return __version__
-
 
 @dataclass(frozen=True)
 class Artifact:
@@ -255,7 +229,6 @@ class Artifact:
     meta: dict
     reused: bool
 
-
 class ArtifactStore:
     """Directories keyed by the hash of their inputs; complete only once the marker is written.
 
@@ -266,7 +239,14 @@ class ArtifactStore:
     """
 
     def __init__(self, root: str | os.PathLike | None = None):
-        self.root = Path(root) if root is not None else default_cache_dir()
+        self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            from kdbench.errors import ConfigError
+
+            origin = "the cache folder" if root is not None else (
+                "KDBENCH_CACHE" if os.environ.get("KDBENCH_CACHE") else "the default cache folder")
+            raise ConfigError(f"{origin} {self.root} is a file; point {origin if root is None else '--cache-dir'} "
+                              "to a folder (it is created if missing).")
 
     def key(self, kind: str, inputs: dict) -> str:
         return hash_obj({"kind": kind, "inputs": inputs, "kdbench": kdbench_version()})[:24]
@@ -338,8 +318,24 @@ class ArtifactStore:
             found.append(Artifact(marker.parent, marker.parent.name, marker.parent.parent.name, meta, True))
         return found
 
+    def kinds(self) -> list[str]:
+        """The artifact kinds present in the cache (its sub-folders)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def check_kind(self, kind: str | None) -> None:
+        """A ``kind`` to clear must be one present in the cache (never a path such as ``..``)."""
+        if kind is not None and kind not in self.kinds():
+            from kdbench.errors import ConfigError
+
+            raise ConfigError(f"The cache {self.root} has no artifacts of kind {kind!r}; kinds present: "
+                              f"{', '.join(self.kinds()) or '(none)'} (see kdbench cache list).")
+
     def clear(self, kind: str | None = None) -> int:
-        """Delete every artifact (of ``kind``); returns how many complete ones were removed."""
+        """Delete every artifact (of ``kind``, which must be a kind present); returns how many complete
+        ones were removed."""
+        self.check_kind(kind)
         removed = 0
         targets = [self.root / kind] if kind else [p for p in self.root.glob("*") if p.is_dir()]
         for folder in targets:
@@ -348,7 +344,6 @@ class ArtifactStore:
             removed += sum(1 for _ in folder.glob(f"*/{COMPLETE_MARKER}"))
             shutil.rmtree(folder)
         return removed
-
 
 # ---------------------------------------------------------------------------------------------
 # Run directories
@@ -371,10 +366,8 @@ _ENV_VALUE_ALLOWLIST = (
 )
 _ENV_PRESENCE_ONLY = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "KDBENCH_JUDGE_API_KEY", "HF_TOKEN")
 
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
 
 def package_versions(names: Iterable[str] = ("kdbench", "torch", "transformers", "accelerate", "tokenizers",
                                             "datasets", "rouge-score", "lm-eval", "openai", "numpy")) -> dict:
@@ -388,7 +381,6 @@ def package_versions(names: Iterable[str] = ("kdbench", "torch", "transformers",
             continue
     return versions
 
-
 def git_revision(start: str | os.PathLike | None = None) -> str | None:
     """The git commit of the kdbench source tree (with ``-dirty`` when modified), if it is a checkout."""
     here = Path(start) if start else Path(__file__).resolve().parent
@@ -401,7 +393,6 @@ def git_revision(start: str | os.PathLike | None = None) -> str | None:
         return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
 
 def environment_summary() -> dict:
     """Machine and process facts a reader needs to interpret timings; never secret values."""
@@ -425,13 +416,41 @@ def environment_summary() -> dict:
         pass
     return summary
 
+# Per run kind, the settings a rerun may change without changing what the run computes (where files go,
+# logging, batch sizes of generation). Any other difference refuses the rerun, so a resumed run never
+# mixes two configurations and its config.yaml is never rewritten to values it did not use. (Eval runs
+# compare the settings that decide their generations instead: kdbench.evaluate.)
+RERUN_MAY_CHANGE: dict[str, tuple[str, ...]] = {
+    "train": ("output_dir", "run_name", "cache_dir", "report_to", "logging_steps", "save_total_limit",
+              "generation_batch_size"),
+}
+
+
+def changed_settings(before: dict, now: dict, *, ignore: Iterable[str] = (), prefix: str = "") -> list[str]:
+    """``"name X then, Y now"`` for every setting that differs between two configs (nested sections as
+    ``params.kd_ratio``); a setting absent on one side and None on the other is not a difference."""
+    now = json.loads(json.dumps(now, default=_json_default))  # the types a config file gives back
+    ignore = set(ignore)
+    changes = []
+    for key in sorted(set(before) | set(now), key=str):
+        if not prefix and key in ignore:
+            continue
+        old, new = before.get(key), now.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += changed_settings(old, new, prefix=f"{prefix}{key}.")
+        elif old != new and not (isinstance(old, (int, float)) and isinstance(new, (int, float))
+                                 and not isinstance(old, bool) and float(old) == float(new)):
+            changes.append(f"{prefix}{key} {old!r} then, {new!r} now")
+    return changes
+
 
 class RunDir:
     """One run's directory.
 
     Layout::
 
-        run.json            identity, command, status ("running" -> "complete"/"failed"), timings
+        run.json            identity, command, status ("running" -> "complete", "failed" or "interrupted";
+                            a failed run also records the error sentence), timings
         config.yaml         the resolved configuration
         env.json            package versions, git revision, allowlisted environment summary
         metrics.jsonl       long-format metrics, one record per run x suite x metric x seed x subset
@@ -449,6 +468,14 @@ class RunDir:
                exist_ok: bool = True) -> "RunDir":
         """Create (or reopen, for resuming) the run directory ``root/name``."""
         run = cls(Path(root) / name)
+        if kind in RERUN_MAY_CHANGE and (run.path / "run.json").is_file() and (run.path / "config.yaml").is_file():
+            changed = changed_settings(run.config(), config, ignore=RERUN_MAY_CHANGE[kind])
+            if changed:
+                from kdbench.errors import ConfigError
+
+                raise ConfigError(
+                    f"Run {run.path} was started with other settings ({'; '.join(changed)}); rerun without those "
+                    "changes to resume it, or give a new --run-name to start a new run with them.")
         run.path.mkdir(parents=True, exist_ok=exist_ok)
         previous = run.info() if (run.path / "run.json").exists() else {}
         info = {
@@ -461,6 +488,8 @@ class RunDir:
             "command": command if command is not None else previous.get("command"),
         }
         atomic_write_json(run.path / "run.json", info)
+        if info["status"] == "running":
+            _OPEN_RUNS[run.path.resolve()] = run
         run.write_config(config)
         atomic_write_json(
             run.path / "env.json",
@@ -490,9 +519,14 @@ class RunDir:
         return yaml.safe_load(path.read_text()) if path.exists() else {}
 
     def finish(self, status: str = "complete", **extra: Any) -> None:
+        """Record the run's end: ``complete``, ``failed`` (with ``error=`` the sentence shown) or
+        ``interrupted``. A later run of the same command resumes a failed or interrupted run."""
         info = self.info()
+        if status == "complete":
+            info.pop("error", None)
         info.update(status=status, finished=_now(), **extra)
         atomic_write_json(self.path / "run.json", info)
+        _OPEN_RUNS.pop(self.path.resolve(), None)
 
     @property
     def complete(self) -> bool:
@@ -532,6 +566,32 @@ class RunDir:
     def log(self, message: str) -> None:
         with open(self.path / "log.txt", "a", encoding="utf-8") as handle:
             handle.write(f"{_now()} {message}\n")
+
+# Runs this process opened (status "running") and has not finished yet: when a command stops with an
+# error, :func:`fail_open_runs` marks each of them, so no run is left "running" by a command that ended.
+_OPEN_RUNS: dict[Path, RunDir] = {}
+
+def fail_open_runs(reason: str, *, status: str = "failed") -> list[RunDir]:
+    """Mark every run this process opened and did not finish as ``status`` (``failed``, with ``reason`` as
+    its ``error``, or ``interrupted``); returns them. The one place a stopped command's runs are marked:
+    the CLI's error boundary calls it, and so does an exit of the interpreter (library use)."""
+    marked = []
+    for run in list(_OPEN_RUNS.values()):
+        try:
+            if run.info().get("status") == "running":
+                run.finish(status, **({"error": reason} if status == "failed" else {}))
+                marked.append(run)
+        except OSError:  # the folder is gone (a temporary directory already removed)
+            pass
+        _OPEN_RUNS.pop(run.path.resolve(), None)
+    return marked
+
+
+def _fail_open_runs_at_exit() -> None:
+    fail_open_runs("the process ended before the run finished")
+
+
+atexit.register(_fail_open_runs_at_exit)
 
 
 def find_run_dirs(paths: Iterable[str | os.PathLike]) -> list[RunDir]:

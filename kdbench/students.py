@@ -163,6 +163,7 @@ def derive_student(teacher_dir: str | os.PathLike, out_dir: str | os.PathLike, *
 
     out_dir = Path(out_dir)
     teacher_path = resolve_model_path(teacher_dir)
+    tokenizer = load_tokenizer(teacher_path)  # a folder without tokenizer files fails before any work
     teacher = load_model(teacher_path, trainable=False)
     model_type = teacher.config.model_type
     if model_type not in _LAYER_PREFIX:
@@ -190,7 +191,6 @@ def derive_student(teacher_dir: str | os.PathLike, out_dir: str | os.PathLike, *
     student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     copied = 0 if from_scratch else copy_teacher_weights(teacher, student, kept_layers)
     student.generation_config = teacher.generation_config
-    tokenizer = load_tokenizer(teacher_path)
 
     student_dims = _dims(student.config)
     record = {

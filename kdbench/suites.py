@@ -178,26 +178,25 @@ def load_examples_file(
     examples: list[Example] = []
     from kdbench.data import iter_jsonl_records
 
-    with path.open(encoding="utf-8") as handle:
-        for line_number, row in iter_jsonl_records(path, handle):
-            if limit is not None and len(examples) >= limit:
-                break
-            if "instances" in row and "output" not in row:
-                examples.extend(_self_instruct_raw_examples(row, path, line_number))
-                continue
-            instruction = _text_field(row, "instruction", path, line_number, required=True)
-            if "output" not in row:
-                raise DataError(f"{path}, line {line_number}: the row has no 'output' field; every row needs one.")
-            category = row.get(category_field) if category_field else None
-            examples.append(
-                Example(
-                    id=f"{prefix}-{len(examples)}",
-                    instruction=instruction,
-                    input=_text_field(row, "input", path, line_number, required=False),
-                    references=_references(row["output"], path, line_number),
-                    category=None if category is None else str(category),
-                )
+    for line_number, row in iter_jsonl_records(path):
+        if limit is not None and len(examples) >= limit:
+            break
+        if "instances" in row and "output" not in row:
+            examples.extend(_self_instruct_raw_examples(row, path, line_number))
+            continue
+        instruction = _text_field(row, "instruction", path, line_number, required=True)
+        if "output" not in row:
+            raise DataError(f"{path}, line {line_number}: the row has no 'output' field; every row needs one.")
+        category = row.get(category_field) if category_field else None
+        examples.append(
+            Example(
+                id=f"{prefix}-{len(examples)}",
+                instruction=instruction,
+                input=_text_field(row, "input", path, line_number, required=False),
+                references=_references(row["output"], path, line_number),
+                category=None if category is None else str(category),
             )
+        )
     return examples[:limit] if limit is not None else examples
 
 
@@ -243,8 +242,8 @@ def resolve_data_file(spec: SuiteSpec, data_path: str | os.PathLike | None = Non
         if data_path.is_file():
             return data_path
         if data_path.is_dir():
-            return _find_in_folder(spec, data_path, origin="--data-path", snapshot=True)
-        raise DataError(f"Data path {data_path} does not exist; give a JSONL file or a folder holding the {spec.name} data.")
+            return _find_in_folder(spec, data_path, origin="--data", snapshot=True)
+        raise DataError(f"--data {data_path} does not exist; give a JSONL file or a folder holding the {spec.name} data.")
     env_folder = os.environ.get(DATA_ENV_VAR)
     if env_folder:
         folder = Path(env_folder).expanduser()
@@ -272,13 +271,13 @@ def _download_from_hub(spec: SuiteSpec) -> Path:
     """
     if not spec.hf_dataset or not spec.hf_file:
         raise DataError(
-            f"Suite {spec.name} has no Hugging Face source; pass --data-path or set {DATA_ENV_VAR}."
+            f"Suite {spec.name} has no Hugging Face source; pass --data or set {DATA_ENV_VAR}."
         )
     try:
         from huggingface_hub import hf_hub_download
     except ImportError:  # pragma: no cover - huggingface_hub comes with transformers/datasets
         raise DataError(
-            f"huggingface_hub is not installed; install it or pass --data-path / set {DATA_ENV_VAR} for suite {spec.name}."
+            f"huggingface_hub is not installed; install it or pass --data / set {DATA_ENV_VAR} for suite {spec.name}."
         ) from None
     try:
         local = hf_hub_download(
@@ -287,7 +286,7 @@ def _download_from_hub(spec: SuiteSpec) -> Path:
     except Exception as err:  # network, auth, missing revision: all user-fixable
         raise DataError(
             f"Could not download {spec.hf_file} of {spec.hf_dataset}@{spec.revision} for suite {spec.name} "
-            f"({type(err).__name__}); connect to the internet once, or pass --data-path / set {DATA_ENV_VAR}."
+            f"({type(err).__name__}); connect to the internet once, or pass --data / set {DATA_ENV_VAR}."
         ) from None
     return Path(local)
 

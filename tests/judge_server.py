@@ -4,8 +4,9 @@ Real HTTP on 127.0.0.1 (stdlib ``ThreadingHTTPServer``, HTTP/1.1 keep-alive), so
 client is exercised end to end. Faults are injected per prompt and attempt by a ``faults(prompt_id,
 attempt) -> str | None`` function: ``"429"`` (with ``Retry-After``), ``"500"``, ``"timeout"`` (the server
 sleeps past the client's timeout), ``"drop"`` (the connection is closed without a response) and
-``"garbage"`` (a 200 whose verdict cannot be parsed). A ``responder(messages, params) -> (content,
-top_logprobs)`` produces the verdicts.
+``"garbage"`` (a 200 whose verdict cannot be parsed), ``"badjson"`` (a 200 whose body is not JSON) and
+``"truncated"`` (a 200 whose body stops halfway: the connection closes before Content-Length bytes). A
+``responder(messages, params) -> (content, top_logprobs)`` produces the verdicts.
 
 Run as a script (``python tests/judge_server.py --port 0 --latency-ms 100``) it prints its URL and serves
 until killed.
@@ -123,6 +124,11 @@ class FakeJudgeServer:
                         self.close_connection = True
                         self.connection.shutdown(2)
                         return None
+                    if fault == "badjson":
+                        return self._raw(200, b'{"id": "chatcmpl-x", "choices": [{"index": 0, "message": <html>')
+                    if fault == "truncated":
+                        return self._raw(200, b'{"id": "chatcmpl-x", "object": "chat.completion", "choi',
+                                         declared_length=400)
                     params = {k: v for k, v in body.items() if k not in ("messages", "model")}
                     if fault == "garbage":
                         content, top = "I cannot decide, both are nice.", None
@@ -149,6 +155,22 @@ class FakeJudgeServer:
                     with owner._lock:
                         owner._in_flight -= 1
 
+            def _raw(self, status: int, data: bytes, declared_length: int | None = None):
+                """A response body as given; with ``declared_length`` the header promises more bytes than are
+                sent and the connection is closed (a body cut off in transit)."""
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(declared_length or len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    if declared_length:
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    pass
+
             def _json(self, status: int, payload: dict, headers: dict | None = None):
                 data = json.dumps(payload).encode()
                 try:
@@ -162,7 +184,16 @@ class FakeJudgeServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        class QuietServer(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):
+                # a connection the test cut on purpose ("drop", "truncated") fails to flush afterwards: expected,
+                # and never printed into the stderr of whatever test runs next
+                import sys
+
+                if not isinstance(sys.exc_info()[1], OSError):
+                    super().handle_error(request, client_address)
+
+        self._server = QuietServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()

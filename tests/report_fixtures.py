@@ -158,32 +158,39 @@ def build_oll_run(root: Path, label: str, arc: float) -> RunDir:
 
 
 def build_judge_results(root: Path, student_run: Path, teacher_run: Path) -> None:
-    """An MT-Bench and a pairwise ``kdbench judge --out`` folder, summarized by the real judging code."""
+    """An MT-Bench, a pairwise and an AlpacaEval judge run directory, written and summarized by the real
+    judging code (kdbench.judging.runs, the protocols' summaries and metric records)."""
+    from kdbench.judging import alpaca_eval as ae
     from kdbench.judging import mt_bench as mtb
     from kdbench.judging import pairwise as pw
+    from kdbench.judging.runs import finish_run, open_run
 
-    records = [{"model": model, "question_id": q, "turn": turn, "score": score}
+    records = [{"model": model, "question_id": q, "turn": turn, "score": score,
+                "category": "writing" if q % 2 else "math"}
                for model, offset in (("kd", 0), ("sft", 1)) for q in range(1, 6) for turn in (1, 2)
                for score in [float((q + turn + offset) % 9 + 1)]]
-    mt_dir = root / "judge-mt"
-    mt_dir.mkdir(parents=True)
-    (mt_dir / "results.json").write_text(json.dumps({"protocol": "mt_bench", "mode": "single",
-                                                     "judge_model": "gpt-4o-2024-08-06",
-                                                     "scores": mtb.summarize(records)}))
-    (mt_dir / "config.json").write_text(json.dumps({"protocol": "mt_bench", "reference": "gpt-4"}))
+    run = open_run(root / "judge-mt", protocol="mt_bench", config={"reference": "gpt-4", "inputs": ["answers.jsonl"]},
+                   command=["pytest"])
+    metrics = mtb.metric_records(run, mtb.summarize(records), judge="gpt-4o-2024-08-06", protocol="mt_bench")
+    finish_run(run, judgments=records, metrics=metrics, usage=None, label="kd+sft", protocol="mt_bench",
+               judge="gpt-4o-2024-08-06", judge_label="LLM judge gpt-4o-2024-08-06 (FastChat single prompts)")
+
     outcomes = ["win"] * 7 + ["tie"] * 2 + ["loss"] * 3 + ["failed"]
-    pw_dir = root / "judge-pw"
-    pw_dir.mkdir(parents=True)
-    (pw_dir / "results.json").write_text(json.dumps({"protocol": "pairwise", "judge": "offline rouge judge",
-                                                     "both_orders": True,
-                                                     "summary": pw.summarize([{"outcome": o} for o in outcomes])}))
-    (pw_dir / "config.json").write_text(json.dumps({"protocol": "pairwise", "student": str(student_run),
-                                                    "teacher": str(teacher_run)}))
-    ae_dir = root / "judge-ae"
-    ae_dir.mkdir(parents=True)
-    (ae_dir / "results.json").write_text(json.dumps({
-        "protocol": "alpaca_eval_2", "judge_model": "gpt-4-1106-preview",
-        "metrics": {"win_rate": 12.5, "standard_error": 1.1, "n_wins": 90, "n_wins_base": 700, "n_draws": 15,
-                    "n_total": 805, "n_failed": 0, "length_controlled_winrate": None}}))
-    (ae_dir / "config.json").write_text(json.dumps({"protocol": "alpaca_eval_2", "outputs": str(student_run),
-                                                    "reference_generator": "gpt4_1106_preview"}))
+    run = open_run(root / "judge-pw", protocol="pairwise", config={"student": str(student_run),
+                                                                   "teacher": str(teacher_run)}, command=["pytest"])
+    judgments = [{"outcome": o} for o in outcomes]
+    metrics = pw.metric_records(run, pw.summarize(judgments), suite=SUITE, label="kd", opponent="teacher",
+                                judge="offline-rouge-margin0.05")
+    finish_run(run, judgments=judgments, metrics=metrics, usage=None, label="kd", protocol="pairwise",
+               judge="offline-rouge-margin0.05", judge_label="offline rouge judge (not an LLM judgment)")
+
+    run = open_run(root / "judge-ae", protocol="alpaca_eval_2", config={"outputs": str(student_run)},
+                   command=["pytest"])
+    summary = {"win_rate": 12.5, "standard_error": 1.1, "n_wins": 90, "n_wins_base": 700, "n_draws": 15,
+               "n_total": 805, "n_failed": 0, "discrete_win_rate": 12.1, "avg_length": 868,
+               "length_controlled_winrate": None}
+    metrics = ae.metric_records(run, summary, label="kd", judge="gpt-4-1106-preview", protocol="alpaca_eval_2",
+                                reference="gpt4_1106_preview")
+    finish_run(run, judgments=[], metrics=metrics, usage=None, label="kd", protocol="alpaca_eval_2",
+               judge="gpt-4-1106-preview",
+               judge_label="weighted_alpaca_eval_gpt4_turbo via gpt-4-1106-preview vs gpt4_1106_preview")

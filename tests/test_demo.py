@@ -50,6 +50,30 @@ def test_mini_demo_runs_end_to_end_and_reuses_the_teacher(tmp_path):
     assert "## Training budget and compute" in board and re.search(r"^\| kd \| init \| \d+ / \d+ \|", board, re.M)
     listed = json.loads((tmp_path / "a" / "demo.json").read_text())["runs"]
     assert [(r["label"], r["seed"]) for r in listed] == [("teacher", 0), ("sft", 1), ("kd", 1)]
+    # report.html next to leaderboard.md, with the forest, length-bucket and win/tie/loss figures
+    assert first.report_html == tmp_path / "a" / "report.html"
+    html = first.report_html.read_text()
+    for figure in ("fig-forest-synthetic-rougeL", "fig-bucket-synthetic-rougeL", "fig-wtl-synthetic"):
+        assert f'id="{figure}"' in html, figure
+    # omega of each student against the teacher, through the judge run store, equals the exact-match rule
+    from kdbench.metrics import normalize_answer
+    from kdbench.store import read_jsonl
+
+    def correct(run: str) -> dict:
+        rows = read_jsonl(tmp_path / "a" / "eval" / run / "generations" / "synthetic" / "seedgreedy.jsonl")
+        return {r["id"]: any(normalize_answer(r["output"]) == normalize_answer(ref) for ref in r["references"])
+                for r in rows}
+
+    teacher = correct("teacher")
+    for name in ("sft-seed1", "kd-seed1"):
+        student = correct(name)
+        wins = sum(student[i] and not teacher[i] for i in teacher)
+        losses = sum(teacher[i] and not student[i] for i in teacher)
+        (omega,) = [r for r in read_jsonl(tmp_path / "a" / "judge" / f"{name}-vs-teacher" / "metrics.jsonl")
+                    if r["metric"] == "omega"]
+        assert (omega["wins"], omega["losses"], omega["ties"]) == (wins, losses, len(teacher) - wins - losses)
+        assert omega["label"] == name.split("-")[0] and omega["opponent"] == "teacher"
+        assert omega["value"] == pytest.approx((wins - losses) / len(teacher) * 100)
     second = run_demo(preset, out_dir=tmp_path / "b", cache_dir=tmp_path / "cache", progress=False)
     assert second.teacher_reused
     # deterministic for a fixed seed on one machine

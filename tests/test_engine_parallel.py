@@ -135,6 +135,8 @@ def test_sigkill_and_restart_equals_uninterrupted(tiny, tmp_path):
             break
         time.sleep(0.02)
     proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL  # killed mid-training, not finished before the kill
+    assert not (run / "model").exists()
 
     # 3. the same command again, to the end
     final = subprocess.run([sys.executable, "-m", "kdbench", *_args(tiny, out, *settings)], capture_output=True,

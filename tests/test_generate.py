@@ -284,4 +284,4 @@ def test_generation_stops_at_the_models_last_position():
     backend = HFBackend(model, tokenizer)
     backend.eos_ids = []  # never stop early
     out = backend.generate(["one two three four five six"], ["a"], DecodingConfig(greedy=True, max_new_tokens=100))
-    assert out[0].prompt_tokens + out[0].new_tokens <= 24 and not out[0].finished
+    assert out[0].prompt_tokens + out[0].new_tokens == 24 and not out[0].finished  # up to the last position

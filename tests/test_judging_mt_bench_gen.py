@@ -38,40 +38,38 @@ def _greedy(model, tokenizer, messages, max_new_tokens):
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def test_two_turns_with_chat_template_and_category_temperatures(tiny, monkeypatch):
-    from kdbench.judging import mt_bench as mtb
+def test_two_turns_with_chat_template_and_category_temperatures(tiny, tmp_path):
+    from kdbench.judging import answers
 
     model, tokenizer = tiny
-    seen = []
-    original = model.generate
-
-    def spy(*args, **kwargs):
-        seen.append({k: kwargs.get(k) for k in ("do_sample", "temperature", "max_new_tokens")})
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(model, "generate", spy)
-    records = mtb.generate_answers(model, tokenizer, QUESTIONS, model_id="tiny", max_new_tokens=6)
+    plan = answers.plan_answers(model, tokenizer, model_id="tiny", protocol="kdbench")
+    plan.max_new_tokens = 6
+    records = answers.generate_answers(model, tokenizer, QUESTIONS, plan, path=tmp_path / "seed0.jsonl")
     assert [r["question_id"] for r in records] == [81, 111]
-    assert all(len(r["choices"][0]["turns"]) == 2 for r in records)
-    # writing samples at 0.7; math is greedy (FastChat temperature_config)
-    assert seen[0] == {"do_sample": True, "temperature": 0.7, "max_new_tokens": 6} == seen[1]
-    assert seen[2]["do_sample"] is False and seen[3]["do_sample"] is False
+    assert all(len(r["choices"][0]["turns"]) == 2 and len(r["prompts"]) == 2 for r in records)
+    # writing samples at 0.7 with the protocol's explicit top_p / top_k; math is greedy (FastChat temperature_config)
+    assert records[0]["sampling"] == {"greedy": False, "temperature": 0.7, "top_p": 1.0, "top_k": 0}
+    assert records[1]["sampling"] == {"greedy": True, "temperature": 0.0}
 
     # the greedy (math) answers equal an independent two-turn computation through the chat template
     q = QUESTIONS[1]
-    monkeypatch.setattr(model, "generate", original)
     first = _greedy(model, tokenizer, [{"role": "user", "content": q["turns"][0]}], 6)
     second = _greedy(model, tokenizer, [{"role": "user", "content": q["turns"][0]},
                                         {"role": "assistant", "content": first},
                                         {"role": "user", "content": q["turns"][1]}], 6)
     assert records[1]["choices"][0]["turns"] == [first, second]
 
+    # sampled answers are reproducible (seed + question id) and a rerun keeps what is on disk
+    again = answers.generate_answers(model, tokenizer, QUESTIONS, plan)
+    assert [r["choices"] for r in again] == [r["choices"] for r in records]
+    kept = answers.generate_answers(model, tokenizer, QUESTIONS, plan, path=tmp_path / "seed0.jsonl")
+    assert [r["tstamp"] for r in kept] == [r["tstamp"] for r in records]
 
-def test_default_limit_is_fastchat_1024():
-    import inspect
 
-    from kdbench.judging import mt_bench as mtb
+def test_default_limit_and_temperatures_are_fastchat_s():
+    from kdbench import registry
 
-    assert inspect.signature(mtb.generate_answers).parameters["max_new_tokens"].default == 1024
-    assert mtb.TEMPERATURE_BY_CATEGORY["stem"] == mtb.TEMPERATURE_BY_CATEGORY["humanities"] == 0.1
-    assert mtb.TEMPERATURE_BY_CATEGORY["roleplay"] == 0.7
+    body = registry.get("judges", "mt_bench_answers").body
+    assert body["max_new_tokens"] == 1024 and body["default_temperature"] == 0.7
+    assert body["temperature"]["stem"] == body["temperature"]["humanities"] == 0.1
+    assert body["temperature"]["roleplay"] == 0.7

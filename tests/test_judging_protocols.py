@@ -119,7 +119,9 @@ def test_lc_from_weights_baseline_is_fifty_and_matches_formula():
 
 
 def test_lc_is_na_for_custom_reference_and_ae1():
-    protocol = {"length_controlled": True}
+    from kdbench import registry
+
+    protocol = registry.get("judges", "alpaca_eval_2").body
     value, note = ae.length_controlled([], protocol, reference_name="my-student")
     assert value is None and note.startswith("LC n/a") and "custom reference" in note
     value, note = ae.length_controlled([], {"length_controlled": False}, reference_name="text_davinci_003")
@@ -265,3 +267,46 @@ def test_offline_rouge_judge_on_vicuna_references():
         assert judge.compare(row["instruction"], good, bad, [ref]) == expected
         assert judge.compare(row["instruction"], bad, good, [ref]) == {"A": "B", "B": "A", "tie": "tie"}[expected]
     assert "proxy" in judge.label
+
+
+def test_avg_length_is_alpaca_eval_s_truncated_mean():
+    """alpaca_eval's avg_length: int(mean characters of the model's outputs); minichat-3b -> 868 as published."""
+    rows = json.loads((AE / "results/minichat-3b/alpaca_eval_gpt4/annotations.json").read_text())
+    lengths = [len(r["output_2"]) for r in rows]
+    assert sum(lengths) / len(lengths) % 1 >= 0.5  # the mean rounds up: rounding would give 869
+    assert ae.avg_length([r["output_2"] for r in rows]) == 868
+    board = AE / "leaderboards/data_AlpacaEval/alpaca_eval_gpt4_leaderboard.csv"
+    published = {row[""]: row for row in csv.DictReader(open(board, newline=""))}
+    assert published["minichat-3b"]["avg_length"] == "868"
+
+
+def test_alpaca_eval_1_default_judge_is_alpaca_eval_0_6_6_s():
+    from kdbench import registry
+
+    assert registry.get("judges", "alpaca_eval_1").body["default_judge_model"] == "gpt-4"
+    assert registry.get("judges", "alpaca_eval_2").body["default_judge_model"] == "gpt-4-1106-preview"
+
+
+def test_local_judge_inputs_are_checked_against_their_pinned_blob_ids(tmp_path):
+    from kdbench import registry
+    from kdbench.judging.data import mt_bench_file
+
+    warnings: list[str] = []
+    for name in ("question.jsonl", "judge_prompts.jsonl"):
+        (tmp_path / name).write_bytes((MT / name).read_bytes())
+    assert mt_bench_file("judge_prompts.jsonl", tmp_path, warn=warnings.append) == tmp_path / "judge_prompts.jsonl"
+    assert warnings == []  # an exact copy is silent
+    edited = (MT / "judge_prompts.jsonl").read_text().replace("Rating: [[5]]", "Rating: [[7]]", 1)
+    (tmp_path / "judge_prompts.jsonl").write_text(edited)
+    mt_bench_file("judge_prompts.jsonl", tmp_path, warn=warnings.append)
+    assert len(warnings) == 1 and str(tmp_path / "judge_prompts.jsonl") in warnings[0]
+    assert registry.get("judges", "mt_bench").body["files"]["judge_prompts.jsonl"]["blob"] in warnings[0]
+
+    template = "alpaca_eval_gpt4/alpaca_eval.txt"
+    blob = registry.get("judges", "alpaca_eval_1").body["prompt_template_blob"]
+    alpaca_eval_template(template, AE / "evaluators_configs", blob=blob, warn=warnings.append)
+    assert len(warnings) == 1
+    (tmp_path / "alpaca_eval_gpt4__alpaca_eval.txt").write_text(
+        (AE / "evaluators_configs/alpaca_eval_gpt4__alpaca_eval.txt").read_text() + "\nBe kind.")
+    alpaca_eval_template(template, tmp_path, blob=blob, warn=warnings.append)
+    assert len(warnings) == 2 and "alpaca_eval_gpt4__alpaca_eval.txt" in warnings[1]

@@ -94,7 +94,7 @@ def test_report_detects_inserted_duplicate(tmp_path):
 def test_plain_text_training_file_and_errors(tmp_path):
     text_file = tmp_path / "train.txt"
     text_file.write_text("alpha beta gamma delta\nepsilon zeta eta theta\n")
-    assert list(overlap.iter_train_texts(text_file)) == ["alpha beta gamma delta\n", "epsilon zeta eta theta\n"]
+    assert list(overlap.iter_train_texts(text_file)) == ["alpha beta gamma delta", "epsilon zeta eta theta"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{oops\n')
     with pytest.raises(DataError, match="line 2"):

@@ -176,6 +176,43 @@ def test_dadpo_with_a_teacher_of_another_tokenizer(tiny, tmp_path):
     gpt2.save_pretrained(str(teacher))
     result, messages, _ = _train(root, tmp_path, "dadpo", teacher=teacher, max_steps=15)
     _assert_falls(_losses(result), "dadpo cross-tokenizer")
-    logps = [json.loads((Path(f["path"]) / "logps.json").read_text())
-             for f in json.loads((result.run.path / "stages.json").read_text())["logprobs"].values()]
-    assert len(logps) == 2 and all(v < 0 for side in logps for v in side["chosen"] + side["rejected"])
+    stages = json.loads((result.run.path / "stages.json").read_text())
+    assert set(stages["logprobs"]) == {"ref", "teacher"}
+    # each model's cached log-probs are its own scoring of the pair texts with its own tokenizer (computed
+    # here independently): the GPT-2-tokenizer teacher and the synthetic-tokenizer dSFT reference
+    from kdbench.data import load_examples
+    from kdbench.train.api import split_validation
+
+    prompts = split_validation(load_examples(root / "prompts.jsonl"), 0.2, 3)[0]
+    texts = {side: [json.loads(line) for line in open(Path(stages["generate"][side]["path"]) / "generations.jsonl")]
+             for side in ("teacher", "student")}
+    scorers = {"teacher": teacher, "ref": Path(stages["dsft"]["path"]) / "model"}
+    for name, model_dir in scorers.items():
+        cached = json.loads((Path(stages["logprobs"][name]["path"]) / "logps.json").read_text())
+        expected = _independent_logps(model_dir, prompts, texts["teacher"], texts["student"])
+        assert cached["chosen"] == pytest.approx(expected["chosen"], rel=1e-5), name
+        assert cached["rejected"] == pytest.approx(expected["rejected"], rel=1e-5), name
+
+
+def _independent_logps(model_dir: Path, prompts, chosen: list[dict], rejected: list[dict]) -> dict:
+    """Σ log π(response | prompt) with the model's own tokenizer (plain transformers, float64); a stored
+    generation that did not end carries no EOS (issue 14), one without the field counts as ended."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdbench.data import tokenize_example
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float64).eval()
+    out = {}
+    for side, rows in (("chosen", chosen), ("rejected", rejected)):
+        values = []
+        for example, row in zip(prompts, rows):
+            item = tokenize_example(example, tokenizer, style="compact", max_prompt_length=256, max_length=512,
+                                    response=row["text"])
+            ids = item.input_ids if row.get("finished", True) else item.input_ids[:-1]
+            with torch.no_grad():
+                log_probs = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1], -1)
+            positions = range(item.prompt_length - 1, len(ids) - 1)
+            values.append(float(sum(log_probs[t, ids[t + 1]] for t in positions)))
+        out[side] = values
+    return out

@@ -210,7 +210,32 @@ def _other_tokenizer_model(tmp_path: Path) -> Path:
     return path
 
 
+def _assert_one_sentence_and_nothing_written(cases, runs: Path) -> None:
+    for args, expected in cases:
+        result = _cli(args)
+        assert result.exit_code == 2, (args[0], result.output)
+        assert expected in result.output and "Traceback" not in result.output, (args[0], result.output)
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 def test_bad_input_is_one_sentence_and_writes_nothing(tiny, tmp_path):
+    common = ["--student", str(tiny / "student"), "--output-dir", str(tmp_path / "runs")]
+    cases = [
+        # preference methods on a file without chosen / rejected
+        (["dckd", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prompts.jsonl")],
+         "has no 'chosen' and 'rejected' texts"),
+        (["adpa", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prefs.jsonl"),
+          "--set", "params.sft_model=/no/such/model"], "is not a model directory"),
+        (["dpkd", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prompts.jsonl"),
+          "--set", "params.preference_form=kto"], "preference_form must be one of"),
+        (["dckd", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prefs.jsonl"),
+          "--set", "params.teacher_topk=0"], "teacher_topk must be"),
+    ]
+    _assert_one_sentence_and_nothing_written(cases, tmp_path / "runs")
+
+
+def test_models_with_another_tokenizer_are_one_sentence_and_write_nothing(tiny, tmp_path):
+    """Needs the shared GPT-2 tokenizer (../shared) for a model with another vocabulary."""
     other = _other_tokenizer_model(tmp_path)
     common = ["--student", str(tiny / "student"), "--output-dir", str(tmp_path / "runs")]
     cases = [
@@ -222,21 +247,8 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tiny, tmp_path):
         # online DPKD scores the student's own tokens with the teacher: one vocabulary
         (["dpkd", *common, "--teacher", str(other), "--data", str(tiny / "prompts.jsonl")], "vocabularies differ"),
         (["dckd", *common, "--teacher", str(other), "--data", str(tiny / "prefs.jsonl")], "vocabularies differ"),
-        # preference methods on a file without chosen / rejected
-        (["dckd", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prompts.jsonl")],
-         "has no 'chosen' and 'rejected' texts"),
-        (["adpa", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prefs.jsonl"),
-          "--set", "params.sft_model=/no/such/model"], "is not a model directory"),
-        (["dpkd", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prompts.jsonl"),
-          "--set", "params.preference_form=kto"], "preference_form must be one of"),
-        (["dckd", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prefs.jsonl"),
-          "--set", "params.teacher_topk=0"], "teacher_topk must be"),
     ]
-    for args, expected in cases:
-        result = _cli(args)
-        assert result.exit_code == 2, (args[0], result.output)
-        assert expected in result.output and "Traceback" not in result.output, (args[0], result.output)
-    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    _assert_one_sentence_and_nothing_written(cases, tmp_path / "runs")
 
 
 class _Interrupt(Exception):

@@ -188,10 +188,11 @@ def test_html_is_self_contained_with_every_table_and_image(report):
     table_ids = re.findall(r'<table class="kd" id="([^"]+)"', page)
     assert table_ids == report.tables
     expected = {f"leaderboard-{SUITE}-rougeL", f"leaderboard-{SUITE}-exact_match", f"bucket-{SUITE}-rougeL",
-                f"category-{SUITE}-rougeL", f"wtl-{SUITE}-rougeL", "oll-oll", "judged-mt_bench", "judged-pairwise",
-                "judged-alpaca_eval", "cost"}
+                f"category-{SUITE}-rougeL", f"wtl-{SUITE}-rougeL", "oll-oll", "judged-mt_bench", f"judged-{SUITE}",
+                "judged-alpaca_eval_2", "judged-mt_bench-category", "cost"}
     assert expected <= set(table_ids) and any(t.startswith("paper-") for t in table_ids)
-    assert {f"fig-bucket-{SUITE}-rougeL", f"fig-bars-{SUITE}-rougeL", "fig-training"} <= set(report.figures)
+    assert {f"fig-bucket-{SUITE}-rougeL", f"fig-forest-{SUITE}-rougeL", f"fig-forest-{SUITE}-exact_match",
+            f"fig-cost-{SUITE}-rougeL", f"fig-wtl-{SUITE}", "fig-wtl-alpaca_eval_2", "fig-training"} <= set(report.figures)
     for figure in report.figures:
         assert report.paths[f"plot:{figure}"].read_bytes()[:4] == b"\x89PNG"
 
@@ -213,7 +214,7 @@ def test_csv_is_long_format_and_pivots(report, data):
     pd = pytest.importorskip("pandas")
     frame = pd.read_csv(report.paths["csv"], dtype={"seed": str})
     local = frame[frame["kind"] != "judge"]
-    assert len(local) == sum(len(run.metrics) for run in data.eval_runs + data.train_runs)
+    assert len(local) == sum(len(run.metrics) for run in data.eval_runs + data.train_runs if run.kind != "judge")
     keys = ["run", "suite", "metric", "seed", "subset"]
     assert not local.duplicated(keys).any()
     overall = local[(local["suite"] == SUITE) & (local["seed"] == "mean") & (local["subset"] == "all")]
@@ -223,9 +224,13 @@ def test_csv_is_long_format_and_pivots(report, data):
                      & (local["seed"] != "mean")]
     assert sorted(per_seed["seed"].unique()) == ["10", "20"]
     judged = frame[frame["kind"] == "judge"]
-    assert set(judged["suite"]) == {"mt_bench", "pairwise", "alpaca_eval_2"}
-    omega = judged[(judged["suite"] == "pairwise") & (judged["metric"] == "omega")]["value"].item()
-    assert omega == pytest.approx((7 - 3) / 12 * 100)
+    assert set(judged["suite"]) == {"mt_bench", SUITE, "alpaca_eval_2"}
+    assert set(judged["judge"]) == {"gpt-4o-2024-08-06", "offline-rouge-margin0.05", "gpt-4-1106-preview"}
+    omega = judged[(judged["suite"] == SUITE) & (judged["metric"] == "omega")]
+    assert omega["value"].item() == pytest.approx((7 - 3) / 12 * 100)
+    assert (omega["wins"].item(), omega["ties"].item(), omega["losses"].item(), omega["n_failed"].item()) == (7, 2, 3, 1)
+    mt = judged[(judged["suite"] == "mt_bench") & (judged["metric"] == "overall") & (judged["subset"] == "all")]
+    assert sorted(mt["label"]) == ["kd", "sft"]
 
 
 def test_write_long_csv_without_pandas(tmp_path, data):
@@ -248,14 +253,18 @@ def test_oll_judged_and_cost_tables(data):
     expected_average = 100 * statistics.fmean([0.40] + [0.3 + 0.05 * i for i in range(1, 6)])
     assert _row(oll, "kd")[-1].value == pytest.approx(expected_average)
     assert _row(oll, "kd")[-1].best and not _row(oll, "sft")[-1].best
-    pairwise = _table(sections, "judged-pairwise")
+    pairwise = _table(sections, f"judged-{SUITE}")
+    titles = [c.title for c in pairwise.columns]
     row = pairwise.rows[0]
-    assert [c.text for c in row[:5]] == ["kd", "teacher", "7", "2", "3"]
-    ae = _table(sections, "judged-alpaca_eval")
-    assert [c.text for c in ae.rows[0][:4]] == ["kd", "12.50", "1.10", "-"]
-    assert "gpt-4-1106-preview vs gpt4_1106_preview" in ae.rows[0][-1].text
+    assert [c.text for c in row[:6]] == ["kd", "teacher", "33.33", "7", "2", "3"]
+    assert [row[titles.index(t)].text for t in ("failed", "n", "judge")] == ["1", "12", "offline-rouge-margin0.05"]
+    ae = _table(sections, "judged-alpaca_eval_2")
+    assert [c.text for c in ae.rows[0][:3]] == ["kd", "12.50", "1.10"]
+    assert "length_controlled_winrate" not in [c.title for c in ae.columns]
+    assert any("gpt-4-1106-preview vs gpt4_1106_preview" in note for note in ae.notes)
     mt = _table(sections, "judged-mt_bench")
     assert {r[0].text for r in mt.rows} == {"kd", "sft"}
+    assert [c.title for c in mt.columns][1:4] == ["turn_1", "turn_2", "overall"]
     cost = _table(sections, "cost")
     titles = [c.title for c in cost.columns]
     kd = _row(cost, "kd")
@@ -269,7 +278,7 @@ def test_training_curves_need_no_matplotlib_for_the_rest(monkeypatch, fixture_ro
 
     monkeypatch.setattr(plots, "available", lambda: False)
     result = build_report([fixture_root], formats=["md", "html"])
-    assert result.figures == [] and "matplotlib is not installed" in result.markdown
+    assert result.figures == [] and "matplotlib cannot be imported" in result.markdown
     assert "<img" not in result.html
 
 

@@ -117,6 +117,13 @@ def test_quick_preset_in_miniature_end_to_end(tmp_path):
         assert f"| {label} " in result.leaderboard_md, label
         if label != "teacher":
             assert set(summary["win_rates"][label]) == {"dolly", "vicuna"}
+            for suite in ("dolly", "vicuna"):  # omega lives in a judge run, like any judged evaluation
+                records = [json.loads(line) for line in
+                           open(result.out_dir / "judge" / f"{label}-{suite}-vs-teacher" / "metrics.jsonl")]
+                (omega,) = [r for r in records if r["metric"] == "omega"]
+                assert omega["value"] == pytest.approx(summary["win_rates"][label][suite]["omega"])
+                assert omega["suite"] == suite and omega["opponent"] == "teacher" and omega["label"] == label
+    assert result.report_html == result.out_dir / "report.html" and "fig-wtl-dolly" in result.report_html.read_text()
     # daDPO starts from the sft run (= its dSFT stage) and reuses the teacher's responses it was trained on
     assert any("using the given dSFT model" in m for m in messages)
     assert any(m.startswith("reusing cached teacher-generations") for m in messages)

@@ -37,8 +37,7 @@ from typing import Any, Sequence
 from kdbench.errors import DataError
 from kdbench.judging.client import API_KEY_VARIABLES, BASE_URL_VARIABLES, JudgeCall, JudgeReply
 
-STANDARD_LC_BASELINE = "gpt4_1106_preview"
-N_INSTRUCTIONS = 805
+STANDARD_LC_BASELINE = "gpt4_1106_preview"  # only a default for lc_from_weights; the judge file names its own
 
 
 # --- metrics ------------------------------------------------------------------------------------
@@ -261,12 +260,13 @@ print("KDBENCH_LC_RESULT " + json.dumps({k: float(v) for k, v in metrics.items()
 """
 
 
-def lc_via_subprocess(records: Sequence[dict], *, python: str | None = None, timeout_s: float = 900) -> tuple[float | None, str]:
+def lc_via_subprocess(records: Sequence[dict], *, n_instructions: int = 805, python: str | None = None,
+                      timeout_s: float = 900) -> tuple[float | None, str]:
     """Length-controlled win rate from alpaca-eval run in a separate interpreter (it downloads the instruction
     difficulties at call time). Its environment has the judge's key and URL variables removed, and it runs in
     an empty temporary folder. Returns (value or None, note)."""
-    if len(records) != N_INSTRUCTIONS:
-        return None, f"LC n/a: needs all {N_INSTRUCTIONS} AlpacaEval instructions in order (got {len(records)})"
+    if len(records) != n_instructions:
+        return None, f"LC n/a: needs all {n_instructions} AlpacaEval instructions in order (got {len(records)})"
     env = {k: v for k, v in os.environ.items() if k not in (*API_KEY_VARIABLES, *BASE_URL_VARIABLES)}
     rows = [{"instruction": r["instruction"], "output_1": r["output_1"], "output_2": r["output_2"],
              "generator_1": r["generator_1"], "generator_2": r["generator_2"], "annotator": r["annotator"],
@@ -292,20 +292,23 @@ def length_controlled(records: Sequence[dict], protocol: dict, *, reference_name
     """The length-controlled win rate and a note saying how it was obtained, or None and why it is n/a."""
     from kdbench.judging.data import alpaca_eval_package_dir
 
-    if not protocol.get("length_controlled"):
-        return None, "LC n/a: AlpacaEval 1.0 has no length-controlled win rate in kdbench (its GLM is fitted for 2.0)"
-    if reference_name != STANDARD_LC_BASELINE:
-        return None, (f"LC n/a: the GLM is fitted against {STANDARD_LC_BASELINE}; a custom reference "
+    settings = protocol.get("length_controlled")
+    if not settings:
+        return None, (f"LC n/a: {protocol.get('name', 'this protocol')} has no length-controlled win rate in kdbench "
+                      "(its judge file sets length_controlled: false)")
+    baseline = settings["baseline"]
+    if reference_name != baseline:
+        return None, (f"LC n/a: the GLM is fitted against {baseline}; a custom reference "
                       f"({reference_name}) has no length-controlled win rate")
     if difficulty_path is not None and weights_path is not None and model_name is not None:
         weights = read_glm_weights(weights_path)
         if model_name in weights:
-            return lc_from_weights(weights, model_name, read_instruction_difficulty(difficulty_path)), \
+            return lc_from_weights(weights, model_name, read_instruction_difficulty(difficulty_path), baseline), \
                 "LC from the GLM weights and the instruction-difficulty file given"
     if alpaca_eval_package_dir() is None:
         return None, ("LC n/a: the alpaca-eval package is not installed (pip install 'kdbench[alpaca]'), and no "
                       "instruction-difficulty file with GLM weights for this model was given")
-    return lc_via_subprocess(records)
+    return lc_via_subprocess(records, n_instructions=int(settings["n_instructions"]))
 
 
 def evaluate(client, model_outputs: Sequence[dict], reference_outputs: Sequence[dict], protocol: dict, template: str,
@@ -315,6 +318,7 @@ def evaluate(client, model_outputs: Sequence[dict], reference_outputs: Sequence[
     ``client`` is a :class:`~kdbench.judging.client.JudgeClient`. Returns (annotation records, metrics).
     """
     pairs = match_outputs(model_outputs, reference_outputs)
+    seed = protocol.get("randomize_order", {}).get("seed", seed)
     items = build_calls(pairs, protocol, template, seed=seed)
     to_call = [(i, call) for i, (_, call) in enumerate(items) if call is not None]
     replies: list[JudgeReply | None] = [None] * len(items)
@@ -325,5 +329,33 @@ def evaluate(client, model_outputs: Sequence[dict], reference_outputs: Sequence[
     metrics["n_failed"] = sum(r["preference"] is None for r in records)
     metrics["n_instructions"] = len(records)
     metrics["n_unmatched_model_outputs"] = len(model_outputs) - len(pairs)
-    metrics["avg_length"] = round(sum(len(r["output_2"]) for r in records) / len(records))
+    metrics["avg_length"] = avg_length([r["output_2"] for r in records])
     return records, metrics
+
+
+def avg_length(outputs: Sequence[str]) -> int:
+    """alpaca_eval's ``avg_length``: the mean number of characters of the model's outputs, truncated to an
+    integer (``int(model_outputs["output"].str.len().mean())`` in its ``main.evaluate``), not rounded."""
+    if not outputs:
+        raise DataError("No outputs to measure; give at least one model output.")
+    return int(sum(len(text) for text in outputs) / len(outputs))
+
+
+def metric_records(run, metrics: dict, *, label: str, judge: str, protocol: str, reference: str) -> list[dict]:
+    """The run's ``metrics.jsonl`` records (suite = protocol): win rate with its standard error and W / L /
+    draws (as ``wins`` / ``losses`` / ``ties``), the length-controlled and discrete win rates, and the
+    average output length."""
+    common = {"label": label, "judge": judge, "protocol": protocol, "reference": reference,
+              "n_failed": metrics["n_failed"]}
+    counts = {"wins": metrics["n_wins"], "ties": metrics["n_draws"], "losses": metrics["n_wins_base"]}
+    n = metrics["n_total"]
+    records = [run.metric_record(protocol, "win_rate", metrics["win_rate"], n=n, stderr=metrics["standard_error"],
+                                 **counts, **common)]
+    if metrics.get("length_controlled_winrate") is not None:
+        records.append(run.metric_record(protocol, "length_controlled_winrate", metrics["length_controlled_winrate"],
+                                         n=n, **common))
+    records.append(run.metric_record(protocol, "discrete_win_rate", metrics["discrete_win_rate"], n=n, **counts,
+                                     **common))
+    records.append(run.metric_record(protocol, "avg_length", metrics["avg_length"], n=n, higher_is_better=None,
+                                     **common))
+    return records

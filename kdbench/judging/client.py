@@ -4,11 +4,13 @@ Judge calls cost money and fail in practice, so every call goes through :class:`
 
 * **Concurrency and rate limits**: at most ``concurrency`` requests in flight (an ``asyncio.Semaphore``)
   and, optionally, at most ``requests_per_minute`` request starts (evenly spaced slots).
-* **Retries**: 429, 5xx, 408/409, timeouts and connection errors are retried with exponential backoff and
+* **Retries**: 429, 5xx, 408/409, timeouts, connection errors and malformed responses (a body that is not
+  JSON, a body cut off in transit, a reply without choices) are retried with exponential backoff and
   full jitter (``sleep ~ U(0, min(backoff_max_s, backoff_initial_s · 2^attempt))``; a server's
   ``Retry-After`` header, when present, is honoured instead, capped at ``backoff_max_s``). Other 4xx are not
   retried: 401/403/404 stop the run with a :class:`~kdbench.errors.KdbenchError` (nothing else can
-  succeed), 400/422 fail that one judgment.
+  succeed), 400/422 fail that one judgment. One call that still fails is one failed judgment: every
+  other call completes.
 * **Cache**: every successful response is appended (flushed + fsynced, :func:`kdbench.store.append_jsonl`)
   to a JSONL file the moment it arrives, keyed by sha256 of (judge model, messages, parameters). A run
   killed at any point and restarted makes no repeated call for what it had received. Failed calls are not
@@ -17,44 +19,27 @@ Judge calls cost money and fail in practice, so every call goes through :class:`
   (``response.model``) and its token usage; :class:`UsageStats` sums them per run with an estimated cost.
 
 The key and base URL come from the environment (``KDBENCH_JUDGE_API_KEY`` / ``OPENAI_API_KEY``,
-``KDBENCH_JUDGE_BASE_URL`` / ``OPENAI_BASE_URL``); the judge model is always an explicit setting.
+``KDBENCH_JUDGE_BASE_URL`` / ``OPENAI_BASE_URL``); the judge model is always an explicit setting. A URL is
+recorded only with its user name and password removed (:func:`redact_url`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import json
 import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from kdbench.errors import ConfigError, KdbenchError
-from kdbench.store import append_jsonl, default_cache_dir, file_lock, hash_obj, read_jsonl
+from kdbench.judging.cache import CACHE_SCHEMA, JudgmentCache, default_cache_path
+from kdbench.judging.usage import PRICES_PER_MTOK, DryRunEstimate, UsageStats, estimate_tokens
+from kdbench.store import hash_obj
 
 API_KEY_VARIABLES = ("KDBENCH_JUDGE_API_KEY", "OPENAI_API_KEY")
 BASE_URL_VARIABLES = ("KDBENCH_JUDGE_BASE_URL", "OPENAI_BASE_URL")
-CACHE_SCHEMA = 1
-
-# USD per million (input, output) tokens, list prices at the time of writing; a setting overrides them.
-# Only used for the *estimated* cost printed with a run; unknown models get no estimate.
-PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
-    "gpt-4": (30.0, 60.0),
-    "gpt-4-0314": (30.0, 60.0),
-    "gpt-4-0613": (30.0, 60.0),
-    "gpt-4-turbo": (10.0, 30.0),
-    "gpt-4-1106-preview": (10.0, 30.0),
-    "gpt-4-0125-preview": (10.0, 30.0),
-    "gpt-4o": (2.5, 10.0),
-    "gpt-4o-2024-08-06": (2.5, 10.0),
-    "gpt-4o-2024-05-13": (5.0, 15.0),
-    "gpt-4o-mini": (0.15, 0.6),
-    "gpt-4.1": (2.0, 8.0),
-    "gpt-4.1-mini": (0.4, 1.6),
-    "gpt-3.5-turbo": (0.5, 1.5),
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,23 +107,56 @@ class ClientSettings:
     price_output_per_mtok: float | None = None
 
     def __post_init__(self):
+        import math
+
         if not self.model:
             raise ConfigError("Name the judge model (for example --judge-model gpt-4o-2024-08-06).")
-        if self.concurrency < 1:
-            raise ConfigError("The judge concurrency must be at least 1.")
-        if self.max_retries < 0:
-            raise ConfigError("max_retries must be 0 or more.")
-        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
-            raise ConfigError("requests_per_minute must be positive (or unset for no limit).")
+        checks = [
+            (self.concurrency >= 1, f"--concurrency must be at least 1 (got {self.concurrency})."),
+            (self.max_retries >= 0, f"--max-retries must be 0 or more (got {self.max_retries})."),
+            (self.requests_per_minute is None or self.requests_per_minute > 0,
+             f"--rpm must be a positive number of requests per minute, or left out for no limit (got "
+             f"{self.requests_per_minute})."),
+            (math.isfinite(self.timeout_s) and self.timeout_s > 0,
+             f"--timeout-s must be a positive number of seconds for one judge call (got {self.timeout_s:g})."),
+            (math.isfinite(self.backoff_initial_s) and self.backoff_initial_s >= 0,
+             f"--backoff-s must be 0 or more seconds (got {self.backoff_initial_s:g})."),
+            (self.backoff_max_s >= self.backoff_initial_s, "The maximum backoff must be at least the initial backoff."),
+            (all(p is None or (math.isfinite(p) and p >= 0) for p in (self.price_input_per_mtok,
+                                                                     self.price_output_per_mtok)),
+             "--price-in and --price-out must be 0 or more US dollars per million tokens."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
     def record(self) -> dict:
-        """The settings as written next to results (no secrets: the key is not a field)."""
-        return asdict(self)
+        """The settings as written next to results: no secrets (the key is not a field, and the URL's user
+        name and password are removed)."""
+        return {**asdict(self), "base_url": redact_url(self.base_url)}
 
     def prices(self) -> tuple[float, float] | None:
         if self.price_input_per_mtok is not None and self.price_output_per_mtok is not None:
             return self.price_input_per_mtok, self.price_output_per_mtok
         return PRICES_PER_MTOK.get(self.model)
+
+
+def redact_url(url: str | None) -> str | None:
+    """``url`` without its user name and password (``https://user:secret@host/v1`` -> ``https://***@host/v1``)
+    and without query values (some gateways take a key as ``?api-key=``): the form every record uses."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparseable URL)"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    query = "&".join(f"{item.split('=', 1)[0]}=***" for item in parts.query.split("&") if item) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
 def resolve_api_key(environ: dict | None = None) -> str | None:
@@ -159,114 +177,9 @@ def resolve_base_url(explicit: str | None = None, environ: dict | None = None) -
     return None
 
 
-def default_cache_path(judge_model: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The judgment cache of ``judge_model``: one JSONL file per judge model, in ``cache_dir`` or
-    ``<kdbench cache>/judgments/``."""
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in judge_model)
-    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "judgments"
-    return folder / f"{safe}.jsonl"
-
-
-# ---------------------------------------------------------------------------------------------
-# Cache
-# ---------------------------------------------------------------------------------------------
-
-
-class JudgmentCache:
-    """Append-only JSONL of successful judge responses, keyed by :meth:`JudgeCall.cache_key`.
-
-    Records are appended with fsync under an inter-process lock, so several processes may share a file and a
-    killed process loses at most the response it was writing (that one call is simply made again).
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self._records: dict[str, dict] = {}
-        for record in read_jsonl(self.path):
-            if record.get("schema") == CACHE_SCHEMA and "key" in record:
-                self._records[record["key"]] = record
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._records
-
-    def __len__(self) -> int:
-        return len(self._records)
-
-    def get(self, key: str) -> dict | None:
-        return self._records.get(key)
-
-    def put(self, record: dict) -> None:
-        record = {"schema": CACHE_SCHEMA, **record}
-        with file_lock(self.path.with_name(self.path.name + ".lock")):
-            append_jsonl(self.path, record)
-        self._records[record["key"]] = record
-
-
-# ---------------------------------------------------------------------------------------------
-# Usage and cost
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class UsageStats:
-    """Calls and tokens of one run; ``*_cached`` counts what the cache saved (paid in an earlier run)."""
-
-    calls_made: int = 0
-    calls_cached: int = 0
-    calls_failed: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    prompt_tokens_cached: int = 0
-    completion_tokens_cached: int = 0
-    failures: dict = field(default_factory=dict)  # reason -> count
-    models_reported: dict = field(default_factory=dict)  # response.model -> count
-
-    def estimated_cost_usd(self, prices: tuple[float, float] | None) -> float | None:
-        if prices is None:
-            return None
-        return (self.prompt_tokens * prices[0] + self.completion_tokens * prices[1]) / 1e6
-
-    def record(self, prices: tuple[float, float] | None) -> dict:
-        out = asdict(self)
-        out["estimated_cost_usd"] = self.estimated_cost_usd(prices)
-        out["cost_note"] = ("estimated from list prices per million tokens" if prices
-                            else "no price known for this judge model (pass --price-in/--price-out)")
-        return out
-
-
-def estimate_tokens(text_chars: int) -> int:
-    """Rough token count of English text (≈ 4 characters per token, OpenAI's rule of thumb)."""
-    return math.ceil(text_chars / 4)
-
-
-@dataclass
-class DryRunEstimate:
-    """What a run would cost: calls not yet cached, and their token counts (prompt estimated at ~4
-    characters per token; completion tokens bounded by each call's max_tokens)."""
-
-    calls_total: int
-    calls_cached: int
-    calls_to_make: int
-    prompt_tokens_estimate: int
-    completion_tokens_max: int
-    estimated_cost_usd_max: float | None
-
-    def describe(self) -> str:
-        cost = (f", at most ~${self.estimated_cost_usd_max:.2f}" if self.estimated_cost_usd_max is not None
-                else ", cost unknown for this judge model")
-        return (f"{self.calls_to_make} judge calls to make ({self.calls_cached} of {self.calls_total} cached): "
-                f"~{self.prompt_tokens_estimate:,} prompt tokens, at most {self.completion_tokens_max:,} "
-                f"completion tokens{cost}")
-
-
 # ---------------------------------------------------------------------------------------------
 # The client
 # ---------------------------------------------------------------------------------------------
-
-
-class _FatalJudgeError(Exception):
-    """A response that means no further call can succeed (bad key, unknown model)."""
 
 
 class _RequestSlots:
@@ -310,6 +223,11 @@ class JudgeClient:
         self._ever_succeeded = False
 
     # -- public ---------------------------------------------------------------------------
+    @property
+    def has_api_key(self) -> bool:
+        """Whether a key was given or is set in the environment (its value is never exposed)."""
+        return bool(self._api_key or resolve_api_key())
+
     def keys(self, calls: Iterable[JudgeCall]) -> list[str]:
         return [call.cache_key(self.settings.model) for call in calls]
 
@@ -403,6 +321,9 @@ class JudgeClient:
         return self._rng.uniform(0.0, ceiling)  # "full jitter" (AWS architecture blog, 2015)
 
     async def _call_with_retries(self, client, semaphore, slots, key: str, call: JudgeCall) -> JudgeReply:
+        """One judgment with retries. Retried: 429, 5xx, 408/409, timeouts, connection errors and malformed
+        responses; fatal for the run (KdbenchError): 401/403/404 and an endpoint that cannot be reached at all.
+        Anything else wrong with one response fails that judgment only (the other calls go on)."""
         import openai
 
         params = call.param_dict()
@@ -433,10 +354,12 @@ class JudgeClient:
                 retry_after_s = _retry_after_s(err)
             except openai.APITimeoutError:
                 last_reason = "timeout"
-            except openai.APIConnectionError:
-                last_reason = "connection_error"
-            except _MalformedResponse as err:
-                last_reason = f"malformed_response: {err}"
+            except openai.APIConnectionError as err:
+                last_reason = "unreachable" if _is_connect_failure(err) else "connection_error"
+            except (_MalformedResponse, json.JSONDecodeError, ValueError, openai.APIResponseValidationError) as err:
+                # a 200 whose body is not JSON (JSONDecodeError is a ValueError), does not fit the response
+                # schema (pydantic's ValidationError is one too), or has no usable choice
+                last_reason = f"malformed_response: {type(err).__name__}"
             else:
                 # on disk (fsynced) before the reply is used; in a worker thread so that other requests keep
                 # flowing while this one waits for the disk
@@ -450,19 +373,30 @@ class JudgeClient:
                 reply.attempts = attempts
                 return reply
             if attempts > self.settings.max_retries:
-                if last_reason in ("timeout", "connection_error") and not self._ever_succeeded:
-                    where = self.settings.base_url or "the default OpenAI endpoint"
-                    raise KdbenchError(
-                        f"Could not reach the judge endpoint at {where} after {attempts} attempts "
-                        f"({last_reason.replace('_', ' ')}); check the base URL and that the server is up.")
+                self._raise_if_unreachable(last_reason, attempts)
                 return self._fail(key, last_reason.split(":")[0], attempts)
             self.stats.retries += 1
             await asyncio.sleep(self._backoff_s(attempts - 1, retry_after_s))
+
+    def _raise_if_unreachable(self, last_reason: str, attempts: int) -> None:
+        """An endpoint that never answered any call: no judgment can succeed, so stop with one sentence."""
+        if self._ever_succeeded or last_reason not in ("timeout", "unreachable"):
+            return
+        where = redact_url(self.settings.base_url) or "the default OpenAI endpoint"
+        if last_reason == "timeout":
+            raise KdbenchError(
+                f"Every call to the judge endpoint at {where} timed out after {attempts} attempt(s) of "
+                f"{self.settings.timeout_s:g} s; raise --timeout-s, or check that the server is up and answering.")
+        raise KdbenchError(
+            f"Could not reach the judge endpoint at {where} after {attempts} attempt(s); check the base URL "
+            "and that the server is up.")
 
     def _record_from_response(self, key: str, response) -> dict:
         choices = getattr(response, "choices", None) or []
         if not choices or getattr(choices[0], "message", None) is None:
             raise _MalformedResponse("no choices")
+        if not isinstance(getattr(choices[0].message, "content", None), (str, type(None))):
+            raise _MalformedResponse("content is not text")
         choice = choices[0]
         top = None
         logprobs = getattr(choice, "logprobs", None)
@@ -493,6 +427,26 @@ class _MalformedResponse(Exception):
     pass
 
 
+def _is_connect_failure(err) -> bool:
+    """Whether a connection error means the server could not be reached at all (refused, no route, unknown
+    host), as opposed to a connection that broke mid-response (a body cut off in transit: the server is there).
+
+    The cause chain is inspected by class name: the openai SDK wraps the HTTP library's errors (httpx, or its
+    vendored copy in newer SDKs) and those wrap the OS error."""
+    import socket
+
+    cause = err.__cause__ or err.__context__
+    if cause is None:
+        return True
+    seen = 0
+    while cause is not None and seen < 10:
+        if isinstance(cause, (ConnectionRefusedError, socket.gaierror)) or type(cause).__name__ in (
+                "ConnectError", "ConnectTimeout"):
+            return True
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return False
+
+
 def _retry_after_s(err) -> float | None:
     response = getattr(err, "response", None)
     headers = getattr(response, "headers", None)
@@ -505,3 +459,8 @@ def _retry_after_s(err) -> float | None:
         return float(value)
     except ValueError:
         return None
+
+
+__all__ = ["API_KEY_VARIABLES", "BASE_URL_VARIABLES", "CACHE_SCHEMA", "PRICES_PER_MTOK", "ClientSettings",
+           "DryRunEstimate", "JudgeCall", "JudgeClient", "JudgeReply", "JudgmentCache", "UsageStats",
+           "default_cache_path", "estimate_tokens", "redact_url", "resolve_api_key", "resolve_base_url"]

@@ -1,15 +1,16 @@
-"""MT-Bench (PROTOCOLS.md §2): FastChat llm_judge's answer generation, grading and aggregation.
+"""MT-Bench (PROTOCOLS.md §2): FastChat llm_judge's grading and aggregation; answers: :mod:`kdbench.judging.answers`.
 
-* :func:`generate_answers`: two turns per question through the model's chat template, FastChat's
-  per-category temperatures (writing and roleplay 0.7, stem and humanities 0.1, the rest greedy) and its
-  1,024-new-token limit (``gen_model_answer.py``), with any Hugging Face causal LM.
-* :func:`single_judgments`: single-answer grading with FastChat's ``single-v1`` / ``single-v1-multi-turn``
+Every setting comes from the judge files: ``judges/mt_bench.yaml`` (prompt names, reference categories, judge
+parameters, rating patterns) and ``judges/mt_bench_pairwise.yaml`` (pair prompts, verdict markers, orders).
+
+* :func:`single_judge_calls`: single-answer grading with FastChat's ``single-v1`` / ``single-v1-multi-turn``
   prompts, and the reference-guided ``single-math-v1*`` prompts for math, reasoning and coding
-  (``gen_judgment.py``); the rating is parsed from ``[[x]]``, then ``[x]``, else −1 (``common.py``).
+  (``gen_judgment.py``); the rating is parsed with the file's patterns (``[[x]]``, then ``[x]``), else −1.
 * :func:`summarize`: ``show_result.py``: rows with score −1 are dropped (and counted), turn k = mean of that
   turn's scores, overall = mean of all remaining scores.
-* :func:`pairwise_judgments` / :func:`summarize_pairwise`: the ``pair-v2*`` mode, both orders, where a tie
+* :func:`pairwise_judge_calls` / :func:`summarize_pairwise`: the ``pair-v2*`` mode, both orders, where a tie
   in either order or disagreeing orders is a tie and an error in either order drops the pair.
+* :func:`metric_records`: the run's ``metrics.jsonl`` records (turn 1, turn 2, overall, per category).
 """
 
 from __future__ import annotations
@@ -17,85 +18,32 @@ from __future__ import annotations
 import re
 import time
 from collections import defaultdict
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from kdbench.errors import DataError
 from kdbench.judging.client import JudgeCall, JudgeReply
 
-NEED_REF_CATEGORIES = ("math", "reasoning", "coding", "arena-hard-200")
-# fastchat/llm_judge/common.py: temperature_config
-TEMPERATURE_BY_CATEGORY = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0,
-                           "reasoning": 0.0, "stem": 0.1, "humanities": 0.1, "arena-hard-200": 0.0}
-DEFAULT_TEMPERATURE = 0.7  # gen_model_answer.py: categories not in temperature_config
-MAX_NEW_TOKENS = 1024
-JUDGE_PARAMS = {"temperature": 0, "max_tokens": 2048}
 
-_RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
-_RATING_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
+def protocol_file(name: str = "mt_bench") -> dict:
+    """The body of a judge file (``mt_bench``, ``mt_bench_pairwise``, ...)."""
+    from kdbench import registry
 
-
-# --- answer generation ------------------------------------------------------------------------------
-
-
-def generate_answers(model, tokenizer, questions: Sequence[dict], *, model_id: str,
-                     max_new_tokens: int = MAX_NEW_TOKENS,
-                     temperature_by_category: dict[str, float] | None = None, seed: int = 0,
-                     system_prompt: str | None = None,
-                     progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Answer every MT-Bench question in two turns with ``model`` (FastChat ``gen_model_answer.py``).
-
-    Turn 2 is generated after the model's own turn-1 answer in the conversation. Each question is
-    formatted with ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``; a temperature
-    below 1e-4 means greedy decoding, otherwise sampling with that temperature (seeded per question).
-    The new tokens are decoded without special tokens and stripped.
-
-    Returns FastChat ``model_answer`` records: ``{question_id, answer_id, model_id, category,
-    choices: [{index: 0, turns: [answer_1, answer_2]}], tstamp}``.
-    """
-    import torch
-
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("MT-Bench answers need a tokenizer with a chat template; use an instruction-tuned model's tokenizer.")
-    temperatures = {**TEMPERATURE_BY_CATEGORY, **(temperature_by_category or {})}
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    records = []
-    model.eval()
-    for position, question in enumerate(questions):
-        temperature = temperatures.get(question.get("category"), DEFAULT_TEMPERATURE)
-        torch.manual_seed(seed + int(question["question_id"]))
-        messages: list[dict] = [{"role": "system", "content": system_prompt}] if system_prompt else []
-        turns = []
-        for user_turn in question["turns"]:
-            messages.append({"role": "user", "content": user_turn})
-            input_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                                      return_dict=True)["input_ids"].to(device)
-            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} \
-                if temperature >= 1e-4 else {"do_sample": False}
-            with torch.no_grad():
-                output_ids = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                                            max_new_tokens=max_new_tokens, pad_token_id=pad_id, **sampling)
-            new_tokens = output_ids[0, input_ids.shape[1]:]  # (new_len,)
-            answer = tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-            turns.append(answer)
-            messages.append({"role": "assistant", "content": answer})
-        records.append({"question_id": question["question_id"], "answer_id": f"{model_id}-{question['question_id']}",
-                        "model_id": model_id, "category": question.get("category"),
-                        "choices": [{"index": 0, "turns": turns}], "tstamp": time.time()})
-        if progress:
-            progress(position + 1, len(questions))
-    return records
+    return registry.get("judges", name).body
 
 
 # --- single-answer grading --------------------------------------------------------------------------
 
 
-def parse_rating(judgment: str | None) -> float:
-    """FastChat's rating: the number in the first ``[[x]]``, else in the first ``[x]``; −1 when none."""
+def parse_rating(judgment: str | None, patterns: Sequence[str] | None = None) -> float:
+    """FastChat's rating: the first group of the first of ``patterns`` (default: the judge file's
+    ``rating_patterns``, ``[[x]]`` then ``[x]``) that matches; −1 when none does."""
     if not judgment:
         return -1
-    match = _RATING.search(judgment) or _RATING_BACKUP.search(judgment)
-    return float(match.group(1)) if match else -1
+    for pattern in patterns if patterns is not None else protocol_file()["rating_patterns"]:
+        match = re.search(pattern, judgment)
+        if match:
+            return float(match.group(1))
+    return -1
 
 
 def _messages(prompt: dict, user_prompt: str) -> list[dict]:
@@ -103,23 +51,42 @@ def _messages(prompt: dict, user_prompt: str) -> list[dict]:
     return [{"role": "system", "content": prompt["system_prompt"]}, {"role": "user", "content": user_prompt}]
 
 
+def _prompt(judge_prompts: dict[str, dict], name: str) -> dict:
+    if name not in judge_prompts:
+        raise DataError(f"The judge prompts file has no prompt named {name!r}; pass FastChat's judge_prompts.jsonl "
+                        "(--data-dir) or fix the prompt names in the judge file.")
+    return judge_prompts[name]
+
+
+def _answer_turns(answer: list[str], qid, need: int) -> list[str]:
+    if len(answer) < need:
+        raise DataError(f"The MT-Bench answer to question {qid} has {len(answer)} turn(s), but the question has "
+                        f"{need}; generate both turns (kdbench judge mt-bench --model) or fix the answers file.")
+    return answer
+
+
 def single_judge_calls(questions: Sequence[dict], answers: dict[int, list[str]], judge_prompts: dict[str, dict],
-                       references: dict[int, list[str]] | None, *, model: str) -> list[tuple[dict, JudgeCall]]:
-    """(metadata, call) for every (question, turn) of one model's answers, in FastChat's format."""
+                       references: dict[int, list[str]] | None, *, model: str,
+                       protocol: dict | None = None) -> list[tuple[dict, JudgeCall]]:
+    """(metadata, call) for every (question, turn) of one model's answers, in FastChat's format, with the
+    prompt names, reference categories and judge parameters of ``protocol`` (default ``judges/mt_bench.yaml``)."""
+    protocol = protocol or protocol_file()
+    need_ref_categories = set(protocol["need_reference_categories"])
     items = []
     for question in questions:
         qid = question["question_id"]
         if qid not in answers:
             continue
-        need_ref = question.get("category") in NEED_REF_CATEGORIES
+        need_ref = question.get("category") in need_ref_categories
         if need_ref and (references is None or qid not in references):
             raise DataError(f"MT-Bench question {qid} ({question['category']}) needs a reference answer; pass a reference set.")
-        answer = answers[qid]
+        answer = _answer_turns(answers[qid], qid, len(question["turns"][:2]))
+        names = protocol["prompts"]["single_reference" if need_ref else "single"]
         for turn in (1, 2):
             if turn > len(question["turns"]):
                 continue
-            name = ("single-math-v1" if need_ref else "single-v1") + ("-multi-turn" if turn == 2 else "")
-            prompt = judge_prompts[name]
+            name = names[f"turn_{turn}"]
+            prompt = _prompt(judge_prompts, name)
             if turn == 1:
                 fields = {"question": question["turns"][0], "answer": answer[0]}
                 if need_ref:
@@ -132,18 +99,20 @@ def single_judge_calls(questions: Sequence[dict], answers: dict[int, list[str]],
             user_prompt = prompt["prompt_template"].format(**fields)
             meta = {"question_id": qid, "model": model, "prompt_name": name, "turn": turn,
                     "category": question.get("category"), "user_prompt": user_prompt}
-            items.append((meta, JudgeCall.make(_messages(prompt, user_prompt), **JUDGE_PARAMS)))
+            items.append((meta, JudgeCall.make(_messages(prompt, user_prompt), **protocol["judge_params"])))
     return items
 
 
-def single_records(items: Sequence[tuple[dict, JudgeCall]], replies: Sequence[JudgeReply], judge_model: str) -> list[dict]:
+def single_records(items: Sequence[tuple[dict, JudgeCall]], replies: Sequence[JudgeReply], judge_model: str,
+                   patterns: Sequence[str] | None = None) -> list[dict]:
     """FastChat ``model_judgment/<judge>_single.jsonl`` records, plus the reported judge snapshot and any error."""
+    patterns = patterns if patterns is not None else protocol_file()["rating_patterns"]
     records = []
     for (meta, _), reply in zip(items, replies):
         judgment = reply.content if reply.ok else None
         records.append({
             "question_id": meta["question_id"], "model": meta["model"], "judge": [judge_model, meta["prompt_name"]],
-            "user_prompt": meta["user_prompt"], "judgment": judgment or "", "score": parse_rating(judgment),
+            "user_prompt": meta["user_prompt"], "judgment": judgment or "", "score": parse_rating(judgment, patterns),
             "turn": meta["turn"], "tstamp": time.time(), "category": meta["category"],
             "judge_model_reported": reply.model_reported, "error": reply.error,
         })
@@ -193,16 +162,14 @@ def summarize(records: Sequence[dict], questions: Sequence[dict] | None = None) 
 # --- pairwise ---------------------------------------------------------------------------------------
 
 
-def parse_pair_verdict(judgment: str | None) -> str:
-    """FastChat's pairwise verdict: ``"A"`` for [[A]], ``"B"`` for [[B]], ``"tie"`` for [[C]], else ``"error"``."""
+def parse_pair_verdict(judgment: str | None, verdicts: dict[str, str] | None = None) -> str:
+    """FastChat's pairwise verdict: the value of the first marker of ``verdicts`` found in the judgment
+    (default the judge file's: ``[[A]]`` -> A, ``[[B]]`` -> B, ``[[C]]`` -> tie), else ``"error"``."""
     if not judgment:
         return "error"
-    if "[[A]]" in judgment:
-        return "A"
-    if "[[B]]" in judgment:
-        return "B"
-    if "[[C]]" in judgment:
-        return "tie"
+    for marker, verdict in (verdicts if verdicts is not None else protocol_file("pairwise")["verdicts"]).items():
+        if marker in judgment:
+            return verdict
     return "error"
 
 
@@ -224,17 +191,29 @@ def combine_orders(first: str, second_swapped: str | None) -> str:
 
 def pairwise_judge_calls(questions: Sequence[dict], answers_1: dict[int, list[str]], answers_2: dict[int, list[str]],
                          judge_prompts: dict[str, dict], references: dict[int, list[str]] | None, *,
-                         both_orders: bool = True) -> list[tuple[dict, JudgeCall]]:
-    """(metadata, call) for each (question, turn, order) of a two-model comparison (pair-v2 / pair-math-v1)."""
+                         both_orders: bool | None = None, protocol: dict | None = None,
+                         questions_protocol: dict | None = None) -> list[tuple[dict, JudgeCall]]:
+    """(metadata, call) for each (question, turn, order) of a two-model comparison (pair-v2 / pair-math-v1),
+    with the prompts, judge parameters and orders of ``protocol`` (default ``judges/mt_bench_pairwise.yaml``)
+    and the reference categories of ``questions_protocol`` (default the file it ``uses``)."""
+    protocol = protocol or protocol_file("mt_bench_pairwise")
+    questions_protocol = questions_protocol or protocol_file(protocol["uses"])
+    need_ref_categories = set(questions_protocol["need_reference_categories"])
+    both_orders = protocol["both_orders"] if both_orders is None else both_orders
     items = []
     for question in questions:
         qid = question["question_id"]
         if qid not in answers_1 or qid not in answers_2:
             continue
-        need_ref = question.get("category") in NEED_REF_CATEGORIES
-        for turn in (1, 2):
-            name = ("pair-math-v1" if need_ref else "pair-v2") + ("-multi-turn" if turn == 2 else "")
-            prompt = judge_prompts[name]
+        need_ref = question.get("category") in need_ref_categories
+        if need_ref and (references is None or qid not in references):
+            raise DataError(f"MT-Bench question {qid} ({question['category']}) needs a reference answer; pass a reference set.")
+        need = len(question["turns"][:2])
+        _answer_turns(answers_1[qid], qid, need), _answer_turns(answers_2[qid], qid, need)
+        names = protocol["prompts"]["pair_reference" if need_ref else "pair"]
+        for turn in range(1, need + 1):
+            name = names[f"turn_{turn}"]
+            prompt = _prompt(judge_prompts, name)
             for order, (a, b) in enumerate([(answers_1[qid], answers_2[qid]), (answers_2[qid], answers_1[qid])][
                                                 :2 if both_orders else 1]):
                 if turn == 1:
@@ -249,13 +228,14 @@ def pairwise_judge_calls(questions: Sequence[dict], answers_1: dict[int, list[st
                 user_prompt = prompt["prompt_template"].format(**fields)
                 meta = {"question_id": qid, "turn": turn, "order": order, "prompt_name": name,
                         "category": question.get("category")}
-                items.append((meta, JudgeCall.make(_messages(prompt, user_prompt), **JUDGE_PARAMS)))
+                items.append((meta, JudgeCall.make(_messages(prompt, user_prompt), **protocol["judge_params"])))
     return items
 
 
 def pairwise_records(items: Sequence[tuple[dict, JudgeCall]], replies: Sequence[JudgeReply], *, model_1: str,
-                     model_2: str, judge_model: str) -> list[dict]:
+                     model_2: str, judge_model: str, verdicts: dict[str, str] | None = None) -> list[dict]:
     """FastChat-style pairwise records (``g1_winner`` / ``g2_winner`` named by model) and the combined winner."""
+    verdicts = verdicts if verdicts is not None else protocol_file("mt_bench_pairwise")["verdicts"]
     games: dict[tuple, dict] = {}
     for (meta, _), reply in zip(items, replies):
         key = (meta["question_id"], meta["turn"])
@@ -263,7 +243,7 @@ def pairwise_records(items: Sequence[tuple[dict, JudgeCall]], replies: Sequence[
                                       "category": meta["category"], "model_1": model_1, "model_2": model_2,
                                       "judge": [judge_model, meta["prompt_name"]], "judge_model_reported": [],
                                       "errors": []})
-        verdict = parse_pair_verdict(reply.content if reply.ok else None)
+        verdict = parse_pair_verdict(reply.content if reply.ok else None, verdicts)
         game["g1_verdict" if meta["order"] == 0 else "g2_verdict"] = verdict
         game["g1_judgment" if meta["order"] == 0 else "g2_judgment"] = reply.content or ""
         game["judge_model_reported"].append(reply.model_reported)
@@ -298,3 +278,41 @@ def summarize_pairwise(records: Sequence[dict], model: str) -> dict:
                          "win_rate": (wins + ties / 2) / judged * 100 if judged else None,
                          "omega": omega(wins, ties, losses) if judged else None}
     return out
+
+
+def metric_records(run, summary: dict[str, dict], *, judge: str, protocol: str, suite: str = "mt_bench") -> list[dict]:
+    """``metrics.jsonl`` records of single-answer grading: per model ``turn_1``, ``turn_2``, ``overall`` (subset
+    ``all``) and ``overall`` per ``category:<name>``, each with the model as ``label`` and the judge, protocol,
+    valid and failed counts."""
+    records = []
+    for model, row in summary.items():
+        common = {"label": model, "judge": judge, "protocol": protocol, "n_failed": row["n_failed"]}
+        for metric in ("turn_1", "turn_2", "overall"):
+            if row.get(metric) is not None:
+                records.append(run.metric_record(suite, metric, row[metric], n=row["n_valid"], **common))
+        for category, value in row["per_category"].items():
+            if value is not None:
+                records.append(run.metric_record(suite, "overall", value, subset=f"category:{category}", **common))
+    return records
+
+
+def omega_record_fields(summary: dict) -> dict:
+    """The counts every ω-like record carries: ``wins``, ``ties``, ``losses`` and ``n_failed``."""
+    return {"wins": summary["wins"], "ties": summary["ties"], "losses": summary["losses"],
+            "n_failed": summary["failed"]}
+
+
+def pairwise_metric_records(run, summary: dict, *, model: str, opponent: str, judge: str, protocol: str,
+                            suite: str = "mt_bench_pairwise") -> list[dict]:
+    """``metrics.jsonl`` records of a pairwise comparison: ω and win rate of ``model`` against ``opponent``
+    overall (subset ``all``) and per turn, with the wins, ties, losses and failed pairs."""
+    records = []
+    for key, row in summary.items():
+        subset = "all" if key == "all" else f"turn:{key.split('_')[1]}"
+        if row["omega"] is None:
+            continue
+        fields = {"label": model, "opponent": opponent, "judge": judge, "protocol": protocol,
+                  **omega_record_fields(row)}
+        records.append(run.metric_record(suite, "omega", row["omega"], subset=subset, n=row["n"], **fields))
+        records.append(run.metric_record(suite, "win_rate", row["win_rate"], subset=subset, n=row["n"], **fields))
+    return records

@@ -11,7 +11,8 @@ references) -> "A" | "B" | "tie"``), for tests, CI and the embedded synthetic be
   wins; otherwise a tie. It measures closeness to one human reference, not quality, and every report
   labels it so.
 
-The judge is symmetric (swapping A and B swaps the verdict), so both orders always agree.
+The judge is symmetric (swapping A and B swaps the verdict), so both orders always agree. Its labels (shown
+next to every number it produces) and the default tie margin come from ``judges/offline.yaml``.
 """
 
 from __future__ import annotations
@@ -21,29 +22,33 @@ from typing import Sequence
 
 from kdbench.errors import ConfigError, DataError
 
-LABELS = {
-    "exact": "offline judge: exact match to the reference after normalization (deterministic; not an LLM judgment)",
-    "rouge": "offline judge: Rouge-L similarity-to-reference proxy with a tie margin (deterministic; not an LLM "
-             "judgment, not comparable with GPT-judged numbers)",
-}
+def modes() -> dict[str, dict]:
+    """``judges/offline.yaml``'s modes: ``{mode: {label, tie_margin?}}``."""
+    from kdbench import registry
+
+    return registry.get("judges", "offline").body["modes"]
 
 
 @dataclass(frozen=True)
 class OfflineJudge:
-    """Deterministic pairwise judge; ``mode`` is ``"exact"`` or ``"rouge"``."""
+    """Deterministic pairwise judge; ``mode`` is ``"exact"`` or ``"rouge"``; ``tie_margin`` (Rouge-L F units,
+    0-1: differences this small are ties) defaults to the judge file's."""
 
     mode: str = "rouge"
-    tie_margin: float = 0.05  # in Rouge-L F units (0-1): differences this small are ties
+    tie_margin: float | None = None
 
     def __post_init__(self):
-        if self.mode not in LABELS:
-            raise ConfigError(f"Offline judge mode must be one of {sorted(LABELS)}, not {self.mode!r}.")
+        known = modes()
+        if self.mode not in known:
+            raise ConfigError(f"Offline judge mode must be one of {', '.join(known)}, not {self.mode!r}.")
+        if self.tie_margin is None:
+            object.__setattr__(self, "tie_margin", float(known[self.mode].get("tie_margin", 0.0)))
         if not 0 <= self.tie_margin < 1:
-            raise ConfigError("The offline judge's tie margin must be in [0, 1).")
+            raise ConfigError(f"The offline judge's tie margin must be in [0, 1), not {self.tie_margin:g}.")
 
     @property
     def label(self) -> str:
-        return LABELS[self.mode]
+        return modes()[self.mode]["label"]
 
     def name(self) -> str:
         return f"offline-{self.mode}" + (f"-margin{self.tie_margin:g}" if self.mode == "rouge" else "")

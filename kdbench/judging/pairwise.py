@@ -4,7 +4,8 @@ Each prompt is judged pairwise (A better, B better, or tie), by default in both 
 then the teacher as A. Agreeing orders decide; a tie in either order or disagreeing orders is a tie
 (FastChat's rule). A prompt whose judgment still fails after the client's retries, or whose verdict
 cannot be parsed, in either order, is *failed*: reported by count and left out of W + T + L.
-ω = (W − L) / (W + T + L) × 100 over the judged prompts (:func:`kdbench.metrics.omega`).
+ω = (W − L) / (W + T + L) × 100 over the judged prompts (:func:`kdbench.metrics.omega`). The prompt, judge
+parameters, verdict markers and default orders come from ``judges/pairwise.yaml``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any, Sequence
 
 from kdbench.errors import DataError
 from kdbench.judging.client import JudgeCall
-from kdbench.judging.mt_bench import JUDGE_PARAMS, combine_orders, parse_pair_verdict
+from kdbench.judging.mt_bench import combine_orders, omega_record_fields, parse_pair_verdict, protocol_file
 from kdbench.judging.offline import OfflineJudge
 
 
@@ -40,15 +41,18 @@ def pair_up(student_outputs: Sequence[dict], teacher_outputs: Sequence[dict],
     return pairs
 
 
-def judge_calls(pairs: Sequence[dict], prompt: dict, *, both_orders: bool = True) -> list[tuple[dict, JudgeCall]]:
-    """(metadata, call) per pair and order with FastChat's pair-v2 prompt (order 0: student = A)."""
+def judge_calls(pairs: Sequence[dict], prompt: dict, *, both_orders: bool = True,
+                judge_params: dict | None = None) -> list[tuple[dict, JudgeCall]]:
+    """(metadata, call) per pair and order with FastChat's pair-v2 prompt (order 0: student = A); the call
+    parameters are the judge file's ``judge_params`` unless given."""
+    params = judge_params if judge_params is not None else protocol_file("pairwise")["judge_params"]
     items = []
     for pair in pairs:
         orders = [(pair["student"], pair["teacher"]), (pair["teacher"], pair["student"])][:2 if both_orders else 1]
         for order, (answer_a, answer_b) in enumerate(orders):
             user = prompt["prompt_template"].format(question=pair["question"], answer_a=answer_a, answer_b=answer_b)
             messages = [{"role": "system", "content": prompt["system_prompt"]}, {"role": "user", "content": user}]
-            items.append(({"id": pair["id"], "order": order}, JudgeCall.make(messages, **JUDGE_PARAMS)))
+            items.append(({"id": pair["id"], "order": order}, JudgeCall.make(messages, **params)))
     return items
 
 
@@ -57,16 +61,20 @@ def _outcome(first: str, second: str | None) -> str:
     return {"model_1": "win", "model_2": "loss", "tie": "tie", "error": "failed"}[combine_orders(first, second)]
 
 
-def judge_with_llm(client, pairs: Sequence[dict], prompt: dict, *, both_orders: bool = True) -> list[dict]:
-    """Judge every pair with the LLM judge behind ``client``; one record per prompt."""
-    items = judge_calls(pairs, prompt, both_orders=both_orders)
+def judge_with_llm(client, pairs: Sequence[dict], prompt: dict, *, both_orders: bool = True,
+                   protocol: dict | None = None) -> list[dict]:
+    """Judge every pair with the LLM judge behind ``client``; one record per prompt (verdict markers and call
+    parameters from ``protocol``, default ``judges/pairwise.yaml``)."""
+    protocol = protocol or protocol_file("pairwise")
+    items = judge_calls(pairs, prompt, both_orders=both_orders, judge_params=protocol["judge_params"])
     replies = client.complete([call for _, call in items])
     by_id: dict[str, dict] = {p["id"]: {"id": p["id"], "question": p["question"], "verdicts": [None, None],
                                         "judgments": [None, None], "judge_model_reported": [], "errors": []}
                               for p in pairs}
     for (meta, _), reply in zip(items, replies):
         record = by_id[meta["id"]]
-        record["verdicts"][meta["order"]] = parse_pair_verdict(reply.content if reply.ok else None)
+        record["verdicts"][meta["order"]] = parse_pair_verdict(reply.content if reply.ok else None,
+                                                               protocol["verdicts"])
         record["judgments"][meta["order"]] = reply.content
         record["judge_model_reported"].append(reply.model_reported)
         if reply.error:
@@ -102,3 +110,13 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
     return {"wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"], "failed": counts["failed"],
             "n": judged, "n_prompts": len(records),
             "omega": omega(counts["win"], counts["tie"], counts["loss"]) if judged else None}
+
+
+def metric_records(run, summary: dict, *, suite: str, label: str, opponent: str, judge: str,
+                   protocol: str = "pairwise") -> list[dict]:
+    """The run's ``metrics.jsonl`` record: ω of ``label`` against ``opponent`` with W, T, L and failures
+    (none when no prompt was judged)."""
+    if summary["omega"] is None:
+        return []
+    return [run.metric_record(suite, "omega", summary["omega"], n=summary["n"], label=label, opponent=opponent,
+                              judge=judge, protocol=protocol, **omega_record_fields(summary))]

@@ -8,7 +8,8 @@ show as ties.
 
 * :func:`build_report` — everything (``kdbench report``): per suite and metric a leaderboard, length
   bucket and category tables, per-example win / tie / loss against the baseline, lm-eval (OLL) tables,
-  judged results (``kdbench judge ... --out`` folders), a cost table, plots, and with
+  judged results (``kdbench judge`` run directories, read like any run), a cost table, plots (forest plots
+  with the baseline, length buckets, score vs cost, win / tie / loss bars, training curves), and with
   ``compare_papers`` the published numbers of the same methods beside (never inside) the rankings.
 * :func:`leaderboard_markdown` — the compact leaderboard printed by ``kdbench demo`` / ``eval``.
 * :func:`write_long_csv` — every metric record as one CSV row, for pandas.
@@ -24,7 +25,7 @@ from typing import Iterable, Sequence
 from kdbench.errors import ConfigError, DataError
 from kdbench.report.collect import ReportData, from_runs, load
 from kdbench.report.render import Section, report_html, report_markdown
-from kdbench.report.tables import ALPACA_EVAL_PROTOCOLS, Table, holm
+from kdbench.report.tables import Table, holm
 from kdbench.store import RunDir
 
 FORMATS = ("md", "html", "csv")
@@ -43,7 +44,7 @@ class ReportResult:
     paths: dict[str, Path] = field(default_factory=dict)
     n_eval_runs: int = 0
     n_train_runs: int = 0
-    n_judge_results: int = 0
+    n_judge_runs: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -59,60 +60,39 @@ def _suites_to_show(data: ReportData, suite: str | None) -> list[str]:
 def build_sections(data: ReportData, *, baseline_label: str | None = "sft", reference_label: str | None = "teacher",
                    suite: str | None = None, compare_papers: bool = False, plots: bool = True,
                    metrics: Sequence[str] | None = None, full: bool = True) -> tuple[list[Section], list[str]]:
-    """The report's sections (tables and figures) and notes about what was left out."""
+    """The report's sections (tables and figures) and notes about what was left out. Each suite has one
+    section per kind of record it holds (reference-based, lm-eval, judged), in that order."""
     from kdbench.report import plots as plot_module
-    from kdbench.report import tables as t
 
     notes: list[str] = []
     draw = plots and plot_module.available()
     if plots and not draw:
-        notes.append("Plots skipped: matplotlib is not installed (pip install 'kdbench[report]').")
+        notes.append("Plots skipped: matplotlib cannot be imported (reinstall kdbench).")
     sections: list[Section] = []
     for name in _suites_to_show(data, suite):
-        kind = data.suite_kind(name)
+        kinds = data.suite_kinds(name)
         section = Section(f"suite-{name}", f"Suite {name}")
-        if kind == "reference":
-            suite_tables = t.leaderboard_tables(data, name, baseline_label=baseline_label,
-                                                reference_label=reference_label, metrics=list(metrics) if metrics else None)
-            section.tables += suite_tables.tables
-            if baseline_label and baseline_label not in next(iter(suite_tables.stats.values()), {}):
-                section.intro.append(f"No row is labelled {baseline_label!r}, so there are no paired tests; choose "
-                                     "the baseline with --baseline-label.")
-            first_metric = next(iter(suite_tables.stats), None)
-            bucket_metrics = list(metrics) if metrics else (None if full or not first_metric else [first_metric])
-            section.tables += t.group_tables(data, name, "bucket", reference_label=reference_label,
-                                             metrics=bucket_metrics)
-            if full:
-                section.tables += t.group_tables(data, name, "category", reference_label=reference_label,
-                                                 metrics=list(metrics) if metrics else None)
-                if first_metric:
-                    wtl = t.win_tie_loss_table(suite_tables, data, baseline_label, first_metric)
-                    if wtl:
-                        section.tables.append(wtl)
-            if draw:
-                for metric, stats in suite_tables.stats.items():
-                    order = [row[0].text for table in suite_tables.tables if table.id.endswith(f"-{metric}")
-                             for row in table.rows]
-                    figure = plot_module.suite_bars_figure(name, metric, stats, order)
-                    if figure:
-                        section.figures.append(figure)
-                if first_metric:
-                    order = [row[0].text for row in suite_tables.tables[0].rows]
-                    figure = plot_module.bucket_figure(data, name, first_metric, order)
-                    if figure:
-                        section.figures.append(figure)
-        elif kind == "harness":
-            table = t.harness_table(data, name, reference_label=reference_label)
+        if "reference" in kinds:
+            _reference_section(section, data, name, baseline_label, reference_label, metrics, full, draw)
+        if "harness" in kinds:
+            from kdbench.report.tables import harness_table
+
+            table = harness_table(data, name, reference_label=reference_label)
             if table:
                 section.tables.append(table)
-        else:
+        if "judged" in kinds:
+            judged = section if kinds == ["judged"] else Section(f"judged-{name}", f"Suite {name}: judged")
+            _judged_section(judged, data, name, full, draw)
+            if judged is not section:
+                sections.append(section)
+            section = judged
+        if kinds == ["other"]:
             section.intro.append("No table for this suite's records; they are in the CSV.")
         sections.append(section)
     if full:
-        judged = t.judge_tables(data)
-        if judged:
-            sections.append(Section("judged", "Judged benchmarks", tables=judged))
-        cost = t.cost_table(data, reference_label)
+        from kdbench.report.cost import cost_table
+
+        cost = cost_table(data, reference_label)
         figure = plot_module.training_curves_figure(data) if draw else None
         if cost or figure:
             sections.append(Section("cost", "Cost and training", tables=[cost] if cost else [],
@@ -121,8 +101,7 @@ def build_sections(data: ReportData, *, baseline_label: str | None = "sft", refe
         from kdbench.report.papers import paper_tables
 
         labels = data.labels() + [r.label for r in data.train_runs]
-        local_suites = data.suites() + [j.protocol for j in data.judge_results]
-        paper, note = paper_tables(list(dict.fromkeys(labels)), local_suites)
+        paper, note = paper_tables(list(dict.fromkeys(labels)), data.suites())
         sections.append(Section("papers", "Published results (for comparison, not ranked)",
                                 intro=[note, "These numbers come from the papers (kdbench/paper_results.csv), were "
                                              "obtained with other models, data and judges, and are never mixed into "
@@ -130,11 +109,66 @@ def build_sections(data: ReportData, *, baseline_label: str | None = "sft", refe
     return sections, notes
 
 
-def _intro(data: ReportData, baseline_label: str | None, reference_label: str | None) -> list[str]:
-    from kdbench import __version__
+def _reference_section(section: Section, data: ReportData, name: str, baseline_label, reference_label, metrics,
+                       full: bool, draw: bool) -> None:
+    from kdbench.report import plots as plot_module
+    from kdbench.report import tables as t
 
-    lines = [f"{len(data.eval_runs)} eval run(s) as {len(data.labels())} row(s), {len(data.train_runs)} training "
-             f"run(s), {len(data.judge_results)} judge result folder(s); kdbench {__version__}."]
+    suite_tables = t.leaderboard_tables(data, name, baseline_label=baseline_label, reference_label=reference_label,
+                                        metrics=list(metrics) if metrics else None)
+    section.tables += suite_tables.tables
+    section.figures_after = len(section.tables)  # the plots right after the leaderboards, before the breakdowns
+    if baseline_label and baseline_label not in next(iter(suite_tables.stats.values()), {}):
+        section.intro.append(f"No row is labelled {baseline_label!r}, so there are no paired tests; choose "
+                             "the baseline with --baseline-label.")
+    first_metric = next(iter(suite_tables.stats), None)
+    bucket_metrics = list(metrics) if metrics else (None if full or not first_metric else [first_metric])
+    section.tables += t.group_tables(data, name, "bucket", reference_label=reference_label, metrics=bucket_metrics)
+    if full:
+        section.tables += t.group_tables(data, name, "category", reference_label=reference_label,
+                                         metrics=list(metrics) if metrics else None)
+        if first_metric:
+            wtl = t.win_tie_loss_table(suite_tables, data, baseline_label, first_metric)
+            if wtl:
+                section.tables.append(wtl)
+    if not draw:
+        return
+    for metric, stats in suite_tables.stats.items():
+        order = [row[0].text for table in suite_tables.tables if table.id.endswith(f"-{metric}")
+                 and table.id.startswith("leaderboard-") for row in table.rows]
+        figure = plot_module.forest_figure(name, metric, stats, order, baseline_label)
+        if figure:
+            section.figures.append(figure)
+    if first_metric:
+        order = [row[0].text for row in suite_tables.tables[0].rows]
+        for figure in (plot_module.bucket_figure(data, name, first_metric, order),
+                       plot_module.cost_figure(data, name, first_metric, suite_tables.stats[first_metric])):
+            if figure:
+                section.figures.append(figure)
+
+
+def _judged_section(section: Section, data: ReportData, name: str, full: bool, draw: bool) -> None:
+    from kdbench.report import judged
+    from kdbench.report import plots as plot_module
+
+    headline = judged.headline_table(data, name)
+    if headline:
+        section.tables.append(headline)
+    if full:
+        section.tables += judged.subset_tables(data, name)
+    if draw:
+        figure = plot_module.wtl_figure(name, judged.wtl_counts(data, name))
+        if figure:
+            section.figures.append(figure)
+
+
+def _intro(data: ReportData, baseline_label: str | None, reference_label: str | None) -> list[str]:
+    from kdbench.version import __version__
+
+    n_judge = data.n_judge_runs()
+    n_eval = len({str(r.run.path) for r in data.eval_runs}) - n_judge
+    lines = [f"{n_eval} eval run(s) and {n_judge} judge run(s) as {len(data.labels())} row(s), "
+             f"{len(data.train_runs)} training run(s); kdbench {__version__}."]
     if baseline_label:
         lines.append(f"Baseline for paired tests: {baseline_label}. Reference row (not marked best): "
                      f"{reference_label or 'none'}. Significance: paired bootstrap, Holm-corrected, alpha 0.05.")
@@ -144,8 +178,8 @@ def _intro(data: ReportData, baseline_label: str | None, reference_label: str | 
 def build_report(run_dirs: list[Path], out: Path | None = None, formats: Iterable[str] = FORMATS,
                  compare_papers: bool = False, baseline_label: str = "sft", suite: str | None = None, *,
                  reference_label: str | None = "teacher", title: str = "kdbench report") -> ReportResult:
-    """Read run directories (and ``kdbench judge`` result folders) at or below ``run_dirs`` and build
-    the report; with ``out``, write ``leaderboard.md``, ``report.html``, ``metrics.csv`` (as chosen by
+    """Read the run directories (train, eval and judge runs) at or below ``run_dirs`` and build the
+    report; with ``out``, write ``leaderboard.md``, ``report.html``, ``metrics.csv`` (as chosen by
     ``formats``) and the figures as ``plots/<id>.png``.
 
     Raises DataError when a path does not exist or holds no run, ConfigError for an unknown format or
@@ -156,9 +190,8 @@ def build_report(run_dirs: list[Path], out: Path | None = None, formats: Iterabl
     if unknown or not formats:
         raise ConfigError(f"Unknown report format {', '.join(unknown) or '(none)'}; choose from {', '.join(FORMATS)}.")
     data = load([Path(p) for p in run_dirs])
-    if not data.eval_runs and not data.train_runs and not data.judge_results:
-        raise DataError("No run directories or judge results found there; pass folders written by kdbench "
-                        "train / eval / demo / judge.")
+    if not data.eval_runs and not data.train_runs:
+        raise DataError("No run directories found there; pass folders written by kdbench train / eval / demo / judge.")
     sections, notes = build_sections(data, baseline_label=baseline_label, reference_label=reference_label, suite=suite,
                                      compare_papers=compare_papers, plots="html" in formats or out is not None)
     intro = _intro(data, baseline_label, reference_label) + notes
@@ -167,8 +200,8 @@ def build_report(run_dirs: list[Path], out: Path | None = None, formats: Iterabl
                                figure_note=f"in {HTML_FILE} and plots/" if out is not None else "in the HTML report")
     page = report_html(title, intro, sections) if "html" in formats else None
     result = ReportResult(markdown, page, [t.id for s in sections for t in s.tables], [f.id for f in figures],
-                          n_eval_runs=len(data.eval_runs), n_train_runs=len(data.train_runs),
-                          n_judge_results=len(data.judge_results), notes=notes)
+                          n_eval_runs=len({str(r.run.path) for r in data.eval_runs}) - data.n_judge_runs(),
+                          n_train_runs=len(data.train_runs), n_judge_runs=data.n_judge_runs(), notes=notes)
     if out is not None:
         from kdbench.store import atomic_write_bytes, atomic_write_text
 
@@ -178,8 +211,8 @@ def build_report(run_dirs: list[Path], out: Path | None = None, formats: Iterabl
         if page is not None:
             result.paths["html"] = atomic_write_text(out / HTML_FILE, page)
         if "csv" in formats:
-            result.paths["csv"] = write_long_csv([r.run for r in data.eval_runs + data.train_runs], out / CSV_FILE,
-                                                 judge_results=data.judge_results)
+            runs = list({str(r.run.path): r.run for r in data.eval_runs + data.train_runs}.values())
+            result.paths["csv"] = write_long_csv(runs, out / CSV_FILE)
         for figure in figures:
             result.paths[f"plot:{figure.id}"] = atomic_write_bytes(out / "plots" / f"{figure.id}.png", figure.png)
     return result
@@ -207,7 +240,7 @@ def _add_ci_overlap(section: Section, data: ReportData, baseline_label, referenc
     from kdbench.report.collect import reference_stat
 
     name = section.id.removeprefix("suite-")
-    if not (baseline_label and reference_label) or data.suite_kind(name) != "reference":
+    if not (baseline_label and reference_label) or "reference" not in data.suite_kinds(name):
         return
     for metric in ("rougeL",):
         teacher = reference_stat(data.runs_of(reference_label), name, metric)
@@ -225,66 +258,28 @@ def _add_ci_overlap(section: Section, data: ReportData, baseline_label, referenc
 # ---------------------------------------------------------------------------------------------
 
 CSV_COLUMNS = ("schema", "run", "label", "kind", "suite", "metric", "seed", "subset", "value", "n", "std", "ci_low",
-               "ci_high", "n_seeds", "stderr", "judge", "harness", "num_fewshot", "filter", "in_average")
+               "ci_high", "n_seeds", "stderr", "judge", "protocol", "opponent", "wins", "ties", "losses", "n_failed",
+               "harness", "num_fewshot", "filter", "in_average")
 
 
-def judge_records(result) -> list[dict]:
-    """Long-format records of one judge result folder (suite = protocol, run = the folder's name)."""
-    records: list[dict] = []
-    base = {"schema": 1, "run": result.name, "kind": "judge", "suite": result.protocol, "seed": None}
-    res = result.results
-    if result.protocol == "mt_bench":
-        judge = res.get("judge_model")
-        for model, scores in (res.get("scores") or {}).items():
-            for metric in ("turn_1", "turn_2", "overall"):
-                if scores.get(metric) is not None:
-                    records.append({**base, "label": model, "metric": metric, "subset": "all", "value": scores[metric],
-                                    "n": scores.get("n_valid"), "judge": judge})
-            for category, value in (scores.get("per_category") or {}).items():
-                if value is not None:
-                    records.append({**base, "label": model, "metric": "overall", "subset": f"category:{category}",
-                                    "value": value, "judge": judge})
-    elif result.protocol in ALPACA_EVAL_PROTOCOLS:
-        metrics = res.get("metrics") or {}
-        label = Path(str(result.config.get("outputs", result.name))).name
-        for metric in ("win_rate", "length_controlled_winrate", "discrete_win_rate"):
-            if isinstance(metrics.get(metric), (int, float)):
-                records.append({**base, "label": label, "metric": metric, "subset": "all", "value": metrics[metric],
-                                "n": metrics.get("n_total"), "stderr": metrics.get("standard_error") if metric == "win_rate"
-                                else None, "judge": res.get("judge_model")})
-    elif result.protocol == "pairwise":
-        summary = res.get("summary") or {}
-        label = Path(str(result.config.get("student", result.name))).name
-        for metric in ("wins", "ties", "losses", "failed", "omega"):
-            if isinstance(summary.get(metric), (int, float)):
-                records.append({**base, "label": label, "metric": metric, "subset": "all", "value": summary[metric],
-                                "n": summary.get("n"), "judge": res.get("judge")})
-    return records
-
-
-def write_long_csv(runs: list[RunDir], path, *, judge_results: Sequence = ()) -> Path:
-    """Every metric record of ``runs`` as one CSV row (run x suite x metric x seed x subset), for pandas:
-    ``pd.read_csv(path).pivot_table(index="label", columns=["suite", "metric"], values="value")``.
-
-    ``judge_results`` (``kdbench judge`` folders) add their scores as rows with ``kind="judge"``.
-    """
+def write_long_csv(runs: list[RunDir], path) -> Path:
+    """Every metric record of ``runs`` (train, eval and judge runs alike) as one CSV row (run x suite x metric
+    x seed x subset), for pandas:
+    ``pd.read_csv(path).pivot_table(index="label", columns=["suite", "metric"], values="value")``."""
     import csv
     import io
 
-    from kdbench.report.collect import view
+    from kdbench.report.collect import views
     from kdbench.store import atomic_write_text
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
     writer.writeheader()
-    for run in runs:
-        viewed = view(run)
-        for record in viewed.metrics:
-            row = {**record, "label": viewed.label, "kind": viewed.kind}
-            writer.writerow({k: _csv_value(v) for k, v in row.items()})
-    for result in judge_results:
-        for record in judge_records(result):
-            writer.writerow({k: _csv_value(v) for k, v in record.items()})
+    for run in {str(Path(r.path).resolve()): r for r in runs}.values():  # one run, several views: once
+        for viewed in views(run):
+            for record in viewed.metrics:
+                row = {**record, "label": viewed.label, "kind": viewed.kind}
+                writer.writerow({k: _csv_value(v) for k, v in row.items()})
     return atomic_write_text(path, buffer.getvalue())
 
 

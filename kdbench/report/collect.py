@@ -1,7 +1,8 @@
-"""Reading run directories and judge result folders into the rows of a report.
+"""Reading run directories into the rows of a report (eval, judge and training runs alike).
 
 A *row* is one model as the reader sees it: every eval run with the same ``label`` (several
-training seeds of one method are one row). For a reference-based suite each eval run holds, per
+training seeds of one method are one row). A run whose metric records carry their own ``label``
+(a judge run that graded several models' MT-Bench answers) is one view per label. For a reference-based suite each eval run holds, per
 metric and subset, a ``seed="mean"`` record (mean over generation seeds, their sample std, the
 number of seeds) and ``scores/<suite>.json`` with every per-example score; :func:`reference_stat`
 combines them over the row's runs:
@@ -52,20 +53,6 @@ class RunView:
 
 
 @dataclass
-class JudgeResult:
-    """One ``kdbench judge ... --out DIR`` folder (results.json + config.json)."""
-
-    path: Path
-    protocol: str
-    results: dict
-    config: dict
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-
-@dataclass
 class Stat:
     """A row's number for one suite x metric x subset (see the module docstring)."""
 
@@ -83,9 +70,8 @@ class Stat:
 class ReportData:
     """Everything a report is built from."""
 
-    eval_runs: list[RunView] = field(default_factory=list)
+    eval_runs: list[RunView] = field(default_factory=list)  # eval and judge runs (every run with scores)
     train_runs: list[RunView] = field(default_factory=list)
-    judge_results: list[JudgeResult] = field(default_factory=list)
     train_of_eval: dict[str, RunView] = field(default_factory=dict)  # eval run path -> its training run
     external_costs: dict[str, dict] = field(default_factory=dict)  # eval run path -> cost of a cached model
 
@@ -98,14 +84,17 @@ class ReportData:
     def suites(self) -> list[str]:
         return list(dict.fromkeys(r["suite"] for run in self.eval_runs for r in run.metrics if r.get("suite")))
 
-    def suite_kind(self, suite: str) -> str:
-        """``"reference"`` (per-seed generation metrics), ``"harness"`` (lm-eval) or ``"other"``."""
+    def suite_kinds(self, suite: str) -> list[str]:
+        """The kinds of records a suite has, in report order: ``"reference"`` (per-seed generation metrics with
+        a ``seed="mean"`` aggregate), ``"harness"`` (lm-eval), ``"judged"`` (records naming their ``judge``)."""
         records = [r for run in self.eval_runs for r in run.metrics if r.get("suite") == suite]
-        if any(r.get("seed") == "mean" for r in records):
-            return "reference"
-        if any("harness" in r for r in records):
-            return "harness"
-        return "other"
+        kinds = [kind for kind, test in (("reference", lambda r: r.get("seed") == "mean"),
+                                         ("harness", lambda r: "harness" in r), ("judged", lambda r: "judge" in r))
+                 if any(test(r) for r in records)]
+        return kinds or ["other"]
+
+    def n_judge_runs(self) -> int:
+        return len({str(run.run.path) for run in self.eval_runs if run.kind == "judge"})
 
 
 def run_label(run: RunDir, info: dict, config: dict) -> str:
@@ -114,45 +103,37 @@ def run_label(run: RunDir, info: dict, config: dict) -> str:
 
 
 def view(run: RunDir) -> RunView:
+    """The run as one view (every record under the run's label)."""
     info, config = run.info(), run.config() or {}
     return RunView(run, run_label(run, info, config), str(info.get("kind") or "eval"), config, info, run.metrics())
 
 
-def find_judge_results(paths: list[Path]) -> list[JudgeResult]:
-    """``kdbench judge`` output folders (results.json with a ``protocol``) at or below ``paths``."""
-    found: dict[Path, JudgeResult] = {}
-    for raw in paths:
-        path = Path(raw)
-        candidates = [path / "results.json"] if (path / "results.json").is_file() else sorted(path.rglob("results.json"))
-        for file in candidates:
-            try:
-                results = json.loads(file.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
-            if not isinstance(results, dict) or not results.get("protocol"):
-                continue
-            config_file = file.parent / "config.json"
-            try:
-                config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-            except (OSError, json.JSONDecodeError):
-                config = {}
-            found[file.parent.resolve()] = JudgeResult(file.parent, str(results["protocol"]), results, config)
-    return list(found.values())
+def views(run: RunDir) -> list[RunView]:
+    """The run as one view per model: records with their own ``label`` form that label's view, the rest the
+    run's own (a run that scored one model is one view)."""
+    whole = view(run)
+    by_label: dict[str, list[dict]] = {}
+    for record in whole.metrics:
+        by_label.setdefault(str(record.get("label") or whole.label), []).append(record)
+    if len(by_label) <= 1:
+        if by_label:
+            whole.label = next(iter(by_label))
+        return [whole]
+    return [RunView(run, label, whole.kind, whole.config, whole.info, records) for label, records in by_label.items()]
 
 
 def load(paths: list[Path]) -> ReportData:
-    """Run directories and judge result folders at or below ``paths``.
+    """The run directories at or below ``paths`` (train, eval and judge runs).
 
     Raises DataError (from :func:`find_run_dirs`) for a path that does not exist.
     """
-    return from_runs(find_run_dirs(paths), find_judge_results(paths))
+    return from_runs(find_run_dirs(paths))
 
 
-def from_runs(run_dirs: list[RunDir], judge_results: list[JudgeResult] | None = None) -> ReportData:
+def from_runs(run_dirs: list[RunDir]) -> ReportData:
     """A :class:`ReportData` from run directories; eval runs are linked to the training runs of their models."""
-    runs = [view(run) for run in run_dirs]
-    data = ReportData(eval_runs=[r for r in runs if r.kind != "train"], train_runs=[r for r in runs if r.kind == "train"],
-                      judge_results=list(judge_results or []))
+    runs = [v for run in run_dirs for v in views(run)]
+    data = ReportData(eval_runs=[r for r in runs if r.kind != "train"], train_runs=[r for r in runs if r.kind == "train"])
     by_path = {r.run.path.resolve(): r for r in data.train_runs}
     for run in data.eval_runs:
         model = run.config.get("model")
@@ -280,7 +261,7 @@ def suite_settings(runs: list[RunView], suite: str) -> dict[str, list[str]]:
     """Distinct data / decoding / prompt / seed settings of the runs that evaluated ``suite``."""
     settings: dict[str, dict[str, None]] = {"data": {}, "decoding": {}, "prompt": {}, "seeds": {}}
     for run in runs:
-        if not any(r.get("suite") == suite for r in run.metrics):
+        if not any(r.get("suite") == suite and r.get("seed") == "mean" for r in run.metrics):
             continue
         config = run.config
         data = config.get("data_path") or config.get("data") or "default source (kdbench list suites)"
@@ -316,6 +297,14 @@ def train_cost(run: RunView) -> dict:
         return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, json.JSONDecodeError):
         return {}
+
+
+def row_costs(data: ReportData, label: str) -> list[dict]:
+    """The training costs behind a row: its training runs' cost.json, and the cost recorded with a model
+    built in the artifact cache (the demo's teacher)."""
+    costs = [c for r in data.train_runs if r.label == label if (c := train_cost(r))]
+    costs += [c for path, c in data.external_costs.items() if any(str(run.run.path) == path for run in data.runs_of(label))]
+    return costs
 
 
 def inference_speed(run: RunView) -> tuple[int, float | None]:

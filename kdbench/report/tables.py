@@ -9,13 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from kdbench.report.collect import (ReportData, Stat, inference_speed, reference_metrics, reference_stat, subsets,
-                                    suite_settings, train_cost)
+from kdbench.report.collect import ReportData, Stat, reference_metrics, reference_stat, subsets, suite_settings
 
 ALPHA = 0.05
 METRIC_TITLES = {"rougeL": "Rouge-L", "exact_match": "EM"}
 REFERENCE_JUDGE = "none: reference-based ({what} x100 against the suite's references, max over references)"
-ALPACA_EVAL_PROTOCOLS = ("alpaca_eval_1", "alpaca_eval_2")
 METRIC_DESCRIPTIONS = {"rougeL": "Rouge-L F1", "exact_match": "exact match"}
 
 
@@ -365,155 +363,5 @@ def _std(values: list[float]) -> float | None:
     return mean_std(values)[1] if len(values) > 1 else None
 
 
-# ---------------------------------------------------------------------------------------------
-# Judged results (kdbench judge ... --out)
-# ---------------------------------------------------------------------------------------------
-
-
-def judged_model_label(data: ReportData, raw_path: str | None) -> str:
-    """The row name of a judged run: the run directory's label when the outputs came from one."""
-    from pathlib import Path
-
-    if not raw_path:
-        return "?"
-    path = Path(raw_path)
-    for run in data.eval_runs:
-        try:
-            if run.run.path.resolve() == path.resolve():
-                return run.label
-        except OSError:
-            continue
-    return path.stem if path.suffix else path.name
-
-
-def judge_tables(data: ReportData) -> list[Table]:
-    tables: list[Table] = []
-    mt = [j for j in data.judge_results if j.protocol == "mt_bench" and j.results.get("mode", "single") == "single"]
-    if mt:
-        columns = [Column("model", align="left"), Column("turn 1", better="higher"), Column("turn 2", better="higher"),
-                   Column("overall", better="higher"), Column("valid"), Column("failed"), Column("judge", align="left")]
-        rows = []
-        for result in mt:
-            for model, s in sorted((result.results.get("scores") or {}).items()):
-                rows.append([cell(model), cell(fmt(s.get("turn_1"), 2), s.get("turn_1")),
-                             cell(fmt(s.get("turn_2"), 2), s.get("turn_2")), cell(fmt(s.get("overall"), 2), s.get("overall")),
-                             cell(str(s.get("n_valid", "-"))), cell(str(s.get("n_failed", "-"))),
-                             cell(str(result.results.get("judge_model", "?")))])
-        table = Table("judged-mt_bench", "MT-Bench (single-answer grading, 1-10)", columns, rows, section="judged")
-        table.mark_best()
-        references = sorted({str(j.config.get("reference", "gpt-4")) for j in mt})
-        table.notes = [f"Judge: the model in column 'judge' with FastChat single-v1 prompts, temperature 0; references "
-                       f"for math/reasoning/coding: {', '.join(references)}.",
-                       "Data: MT-Bench 80 questions x 2 turns; decoding: FastChat's per-category temperatures; one "
-                       "generation seed. overall = mean of all valid turn scores; failed judgments are excluded.",
-                       "Rows judged by different judges are not comparable. Bold: best in column."]
-        tables.append(table)
-    ae = [j for j in data.judge_results if j.protocol in ALPACA_EVAL_PROTOCOLS]
-    if ae:
-        columns = [Column("model", align="left"), Column("win rate", better="higher"), Column("± SE"),
-                   Column("LC", better="higher"), Column("W"), Column("L"), Column("D"), Column("n"), Column("failed"),
-                   Column("judge / reference", align="left")]
-        rows = []
-        for result in ae:
-            m = result.results.get("metrics") or {}
-            label = judged_model_label(data, result.config.get("outputs"))
-            rows.append([cell(label), cell(fmt(m.get("win_rate"), 2), m.get("win_rate")),
-                         cell(fmt(m.get("standard_error"), 2)),
-                         cell(fmt(m.get("length_controlled_winrate"), 2), m.get("length_controlled_winrate")),
-                         cell(str(m.get("n_wins", "-"))), cell(str(m.get("n_wins_base", "-"))),
-                         cell(str(m.get("n_draws", "-"))), cell(str(m.get("n_total", "-"))),
-                         cell(str(m.get("n_failed", "-"))),
-                         cell(f"{result.protocol} via {result.results.get('judge_model', '?')} vs "
-                              f"{result.config.get('reference_generator', '?')}")])
-        table = Table("judged-alpaca_eval", "AlpacaEval win rate (%)", columns, rows, section="judged")
-        table.mark_best()
-        table.notes = ["Judge and reference per row in the last column (AlpacaEval annotator prompt, order randomized "
-                       "per instruction). Data: the 805 AlpacaEval instructions (fewer when n says so); decoding: as "
-                       "the outputs were generated (see their run); one generation seed.",
-                       "SE: standard error over instructions; LC: length-controlled win rate (2.0 with the standard "
-                       "reference only). Rows with different judges or references are not comparable. "
-                       "Bold: best in column."]
-        tables.append(table)
-    pw = [j for j in data.judge_results if j.protocol == "pairwise"]
-    if pw:
-        columns = [Column("student", align="left"), Column("vs", align="left"), Column("W", better="higher"),
-                   Column("T"), Column("L", better="lower"), Column("failed"), Column("ω", better="higher"),
-                   Column("judge", align="left")]
-        rows = []
-        for result in pw:
-            s = result.results.get("summary") or {}
-            rows.append([cell(judged_model_label(data, result.config.get("student"))),
-                         cell(judged_model_label(data, result.config.get("teacher"))),
-                         cell(str(s.get("wins", "-")), s.get("wins")), cell(str(s.get("ties", "-"))),
-                         cell(str(s.get("losses", "-")), s.get("losses")), cell(str(s.get("failed", "-"))),
-                         cell(fmt(s.get("omega")), s.get("omega")),
-                         cell(str(result.results.get("judge", "?")) + ("" if result.results.get("both_orders", True)
-                                                                       else ", single order"))])
-        table = Table("judged-pairwise", "In-domain win / tie / loss against the teacher (judged)", columns, rows,
-                      section="judged")
-        table.mark_best()
-        table.notes = ["ω = (W − L)/(W + T + L) x 100 over the judged prompts (daDPO); judge failures are listed, "
-                       "never counted. Judge per row in the last column; both orders unless noted (a disagreement "
-                       "is a tie). Data, decoding and seeds: the two runs' generations (same prompts, matched by id; one "
-                       "generation seed per run).",
-                       "Bold: best in column."]
-        tables.append(table)
-    return tables
-
-
-# ---------------------------------------------------------------------------------------------
-# Cost
-# ---------------------------------------------------------------------------------------------
-
-
-COST_FIELDS = (
-    ("wall_seconds", "train s", "lower", 0),
-    ("tokens_processed", "tokens", None, None),
-    ("teacher_forward_tokens", "teacher tok", None, None),
-    ("generated_tokens", "gen tok", None, None),
-    ("peak_rss_mb", "peak MB", "lower", 0),
-)
-
-
-def cost_table(data: ReportData, reference_label: str | None) -> Table | None:
-    """Training cost per row (mean over its training runs) and the student's inference speed."""
-    labels = data.labels() + [r.label for r in data.train_runs if r.label not in data.labels()]
-    labels = list(dict.fromkeys(labels))
-    columns = [Column("model", align="left"), Column("runs")] + [
-        Column(title, better=better) for _, title, better, _ in COST_FIELDS] + [Column("infer tok/s", better="higher")]
-    rows, order = [], []
-    for label in labels:
-        costs = [train_cost(r) for r in data.train_runs if r.label == label]
-        costs = [c for c in costs if c]
-        costs += [c for path, c in data.external_costs.items()
-                  if any(str(run.run.path) == path for run in data.runs_of(label))]
-        speeds = [s for run in data.runs_of(label) if (s := inference_speed(run)[1]) is not None]
-        if not costs and not speeds:
-            continue
-        row = [cell(label), cell(str(len(costs)) if costs else "-")]
-        for key, _, _, digits in COST_FIELDS:
-            values = [float(c[key]) for c in costs if c.get(key) is not None]
-            if not values:
-                row.append(cell("-"))
-                continue
-            mean = math.fsum(values) / len(values)
-            row.append(cell(fmt_int(round(mean)) if digits is None else fmt(mean, digits), mean))
-        speed = math.fsum(speeds) / len(speeds) if speeds else None
-        row.append(cell(fmt(speed), speed))
-        rows.append(row)
-        order.append(label)
-    if not rows:
-        return None
-    table = Table("cost", "Cost", columns, rows, section="cost")
-    table.mark_best({order.index(reference_label)} if reference_label in order else set())
-    table.notes = ["Training (from each run's cost.json, mean over the row's training runs): train s = wall time; "
-                   "tokens = tokens through the student; teacher tok = tokens through the teacher's forward pass; "
-                   "gen tok = tokens generated during training (on-policy methods); peak MB = peak resident memory.",
-                   "infer tok/s: tokens the evaluated model generated per second of its eval run's wall time "
-                   "(includes loading and scoring, so a lower bound; blank for resumed runs). "
-                   "Bold: best in column" + (f" ({reference_label} excluded)." if reference_label in order else ".")]
-    return table
-
-
 __all__ = ["Cell", "Column", "Table", "holm", "Comparison", "compare_with_baseline", "leaderboard_tables",
-           "group_tables", "win_tie_loss_table", "harness_table", "judge_tables", "cost_table"]
+           "group_tables", "win_tie_loss_table", "harness_table"]

@@ -28,7 +28,7 @@ from typing import Callable
 
 from kdbench import registry
 from kdbench.config import option, to_dict
-from kdbench.errors import ConfigError
+from kdbench.errors import ConfigError, DataError
 from kdbench.store import RunDir, atomic_write_json, atomic_write_text
 
 RESPONSE_SOURCES = ("gold", "teacher", "on_policy")
@@ -50,6 +50,10 @@ class TrainConfig:
     lm_weight: float = option(0.5, "Weight of the LM loss on lm_data (token mean over the step's LM tokens).")
     output_dir: str = option("runs", "Folder in which the run directory is created.")
     run_name: str | None = option(None, "Run directory name (default: METHOD-seedS). Rerunning it resumes.")
+    continue_from: str | None = option(None, "A complete checkpoint of an earlier run (RUN/checkpoints/checkpoint-N) "
+                                             "this new run continues from: its weights, optimizer state and step; "
+                                             "the schedule goes on at this run's learning_rate (a diverged run's "
+                                             "error names the checkpoint to use).")
     seed: int = option(1, "Training seed (initial data order, dropout, on-policy sampling).")
     learning_rate: float = option(5e-4, "Peak learning rate.")
     optim: str = option("adamw_torch", "Optimizer (a transformers optimizer name: adamw_torch, sgd, ...).")
@@ -110,6 +114,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"Setting {message}" if message[0].islower() else message)
+        if self.continue_from:
+            from kdbench.train.recovery import check_continuation_source
+
+            check_continuation_source(self.continue_from)
 
 
 @dataclass
@@ -269,6 +277,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
                               max_prompt_length=config.max_prompt_length, max_length=config.max_length)
     valid_set = build_dataset(valid_examples, tokenizer, style=config.prompt_style,
                               max_prompt_length=config.max_prompt_length, max_length=config.max_length) if valid_examples else None
+    if not train_set.n_response_tokens:
+        raise DataError(f"The {len(train_set)} training examples hold no response tokens after tokenization "
+                        f"(max_length={config.max_length}); check the data's outputs and the student's tokenizer.")
     if train_set.n_truncated:
         say(f"warning: {train_set.n_truncated} of {len(train_set)} training examples were truncated "
             f"(max_prompt_length={config.max_prompt_length}, max_length={config.max_length})")

@@ -94,7 +94,9 @@ def load_text_corpus(path: str | Path, tokenizer, block_size: int) -> list[list[
                 raise DataError(f"{path}, line {number} has no 'text' string; each line must be {{\"text\": ...}}.")
             documents.append(text)
     else:
-        documents = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+        from kdbench.textfile import read_text
+
+        documents = [d.strip() for d in read_text(path).split("\n\n") if d.strip()]
     if not documents:
         raise DataError(f"{path} holds no text; give a corpus with at least one document.")
     stream: list[int] = []

@@ -25,7 +25,10 @@ What :class:`DistillTrainer` adds to ``Trainer``:
   after every other file (all processes past a barrier); the engine's counters are saved with it.
 * **Diagnostics and cost.** Per-token loss components (all-reduced over processes), the AKL head
   weight, tokens processed, teacher forward tokens, generated tokens.
-* A non-finite loss stops training with the step number and the last complete checkpoint.
+* A non-finite loss stops training with the step number and the last *sound* checkpoint to continue
+  from as a new run (:mod:`kdbench.train.recovery`).
+* ``training_loss`` of a resumed run is the mean over every step, not only the resumed ones (the sum of
+  step losses is saved with each checkpoint).
 
 FSDP and DeepSpeed configurations go through accelerate like any Trainer run and are expected to
 work (the teacher stays unwrapped); they are not tested here.
@@ -48,8 +51,7 @@ from transformers import Trainer, TrainerCallback
 from kdbench.errors import TrainingError
 from kdbench.store import append_jsonl, atomic_write_json, read_jsonl
 from kdbench.train.objectives import Batch, Objective, cross_entropy_sum
-
-CHECKPOINT_MARKER = "kdbench_complete.json"
+from kdbench.train.recovery import CHECKPOINT_MARKER, divergence_message, seed_continuation
 COUNTERS_FILE = "kdbench_counters.json"
 
 
@@ -146,6 +148,7 @@ class DistillTrainer(Trainer):
         self._step_lm_tokens = None
         self._micro_index = 0
         self._clock = time.time()
+        self._loss_sum_before = 0.0  # sum of step losses up to the checkpoint this run resumed from
 
     # ---------------------------------------------------------------- batches of one optimizer step
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
@@ -255,15 +258,29 @@ class DistillTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def check_finite(self, loss) -> None:
-        """A NaN or infinite loss stops training with one sentence naming the step and the last complete
-        checkpoint to resume from."""
+        """A NaN or infinite loss stops training with one sentence naming the step and the last sound
+        checkpoint to continue from as a new run (:func:`kdbench.train.recovery.divergence_message`)."""
         if not torch.isfinite(loss.detach()):
-            checkpoints = complete_checkpoints(self.args.output_dir)
-            last = str(checkpoints[-1]) if checkpoints else "none (no checkpoint was saved yet)"
-            raise TrainingError(
-                f"The loss became {loss.item()} at step {self.state.global_step + 1}; the last good checkpoint is "
-                f"{last}. Lower the learning rate or check the data, then rerun the same command to resume."
-            )
+            raise TrainingError(divergence_message(
+                loss.item(), self.state.global_step + 1, complete_checkpoints(self.args.output_dir),
+                self.state.log_history, self.args.learning_rate, Path(self.args.output_dir).parent))
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``, with ``training_loss`` the mean step loss over *all* the run's steps (Trainer
+        averages only the steps of this call, which after a resume are the resumed ones)."""
+        output = super().train(*args, **kwargs)
+        steps = self.state.global_step
+        steps_now = steps - getattr(self, "_initial_global_step", 0)
+        if steps and output.training_loss is not None:
+            total = self._loss_sum_before + output.training_loss * steps_now
+            output = output._replace(training_loss=total / steps)
+        return output
+
+    def _loss_sum(self) -> float:
+        """The sum of step losses so far (before the resume point, logged since, and not yet logged)."""
+        pending = getattr(self, "_tr_loss", None)
+        pending = float(pending.item()) if isinstance(pending, torch.Tensor) else float(pending or 0.0)
+        return self._loss_sum_before + float(getattr(self, "_total_loss_scalar", 0.0)) + pending
 
     def _record(self, parts, counted, lm_sum, inputs, student_logits, teacher_signal, mask) -> None:
         with torch.no_grad():
@@ -366,7 +383,8 @@ class DistillTrainer(Trainer):
         folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
         self.accelerator.wait_for_everyone()  # every process's files (RNG states) are written
         if self.args.should_save and folder.is_dir():
-            counters = dict(self.counters, train_seconds=self.counters["train_seconds"] + time.time() - self._clock)
+            counters = dict(self.counters, train_seconds=self.counters["train_seconds"] + time.time() - self._clock,
+                            train_loss_sum=self._loss_sum())
             atomic_write_json(folder / COUNTERS_FILE, counters)
             atomic_write_json(folder / CHECKPOINT_MARKER, {"global_step": self.state.global_step})  # written last
         self.accelerator.wait_for_everyone()
@@ -379,6 +397,7 @@ class DistillTrainer(Trainer):
         for key, value in saved.items():
             if key in self.counters:
                 self.counters[key] = value
+        self._loss_sum_before = float(saved.get("train_loss_sum", 0.0))
         self._clock = time.time()
 
     def cost_counters(self) -> dict:
@@ -495,7 +514,8 @@ def train_resuming(trainer: "DistillTrainer", run, checkpoints_dir: Path, say) -
     """Run ``trainer.train()`` from the last complete checkpoint of ``checkpoints_dir`` (if any).
 
     Incomplete checkpoints (a save killed midway) are deleted first; the engine's counters and the
-    run's ``train_log.jsonl`` are rewound to the resumed step; a failure marks the run failed.
+    run's ``train_log.jsonl`` are rewound to the resumed step. A failure leaves the run to the one place that
+    marks stopped runs (:func:`kdbench.store.fail_open_runs`, called by the CLI's error boundary).
     """
     from transformers.trainer_callback import PrinterCallback
 
@@ -505,18 +525,26 @@ def train_resuming(trainer: "DistillTrainer", run, checkpoints_dir: Path, say) -
             run.log(f"removed incomplete checkpoint {removed} (a save was interrupted)")
     trainer.accelerator.wait_for_everyone()
     resume = complete_checkpoints(checkpoints_dir)
+    continue_from = run.config().get("continue_from")
+    if not resume and continue_from:  # a new run continuing from another run's checkpoint
+        if trainer.is_world_process_zero():
+            seed_continuation(continue_from, checkpoints_dir, trainer.args.learning_rate,
+                              run.path / "train_log.jsonl")
+            run.log(f"continuing from {continue_from} at learning_rate {trainer.args.learning_rate:g}")
+        trainer.accelerator.wait_for_everyone()
+        resume = complete_checkpoints(checkpoints_dir)
     if resume:
         say(f"resuming from {resume[-1]}")
         run.log(f"resuming from {resume[-1]}")
         trainer.restore_counters(resume[-1])
         if trainer.is_world_process_zero():
             trim_run_log(run.path / "train_log.jsonl", checkpoint_step(resume[-1]))
-    try:
-        return trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None), bool(resume)
-    except BaseException:
-        if trainer.is_world_process_zero():
-            run.finish("failed")
-        raise
+    output = trainer.train(resume_from_checkpoint=str(resume[-1]) if resume else None)
+    if not trainer.counters["response_tokens"]:
+        raise TrainingError(f"The run trained on 0 response tokens in {trainer.state.global_step} steps, so the model "
+                            "learned nothing; check that the tokenizer encodes the data and that max_length leaves room "
+                            "for responses, then start again.")
+    return output, bool(resume)
 
 
 def take_batches(epoch_iterator, num_batches: int) -> list:

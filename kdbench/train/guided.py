@@ -34,8 +34,9 @@ from kdbench.train.pipeline import (Pair, PairCollator, PairDataset, PreferenceT
                                     chosen_as_examples, finish_pair_run, given_model, load_preference_pairs,
                                     model_stage, pair_run_setup, policy_start, tokenize_pairs)
 
+# what ADPA+ hands its DCKD stage: a given SFT student (sft_model) is where that stage starts, as in dckd itself
 _DCKD_PARAMS = ("alpha", "kl_reduction", "temperature", "teacher_topk", "ref_teacher", "teacher_dpo_beta",
-                "teacher_sft_settings", "teacher_dpo_settings", "init", "sft_settings")
+                "teacher_sft_settings", "teacher_dpo_settings", "init", "sft_model", "sft_settings")
 
 
 class GuidedTrainer(PreferenceTrainer):

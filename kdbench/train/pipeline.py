@@ -449,7 +449,8 @@ def model_stage(config, store, run: RunDir, say, *, kind: str, method: str, stud
         raise ConfigError(f"The {kind} stage's settings have {unknown[0]!r}, which is not a training setting.")
     values.update(overrides)
     values.update(method=method, student=student, teacher=teacher, data=data, params=dict(params or {}),
-                  output_dir=str(run.path / "stages"), run_name=kind, select="last")
+                  output_dir=str(run.path / "stages"), run_name=kind, select="last",
+                  continue_from=None)  # a continued run's checkpoint belongs to its main stage, not this one
     stage_config = TrainConfig(**values)
 
     def data_key(value):
