@@ -43,10 +43,11 @@ class Preset:
     student_epochs: float = option(
         0.0, "Data-scaled budget: every arm trains for this many passes over its own training set "
              "(kdbench.synthetic.arms); 0 = student_steps for every arm.")
-    preference_epochs: float = option(10.0, "Passes over the preference pairs for arms that start from SFT (DPO, SimPO).")
+    preference_epochs: float = option(10.0, "Passes over their data for arms with a sequence-level preference loss "
+                                            "(DPO, SimPO, dDPO / rDPO / daDPO, DPKD, DCKD, ADPA).")
     student_lr: float = option(2e-3, "Student learning rate.")
-    preference_lr: float = option(2e-5, "Learning rate of preference arms that start from SFT (DPO-type training "
-                                        "at the token methods' rate collapses the policy).")
+    preference_lr: float = option(2e-5, "Learning rate of those arms (DPO-type training at the token methods' "
+                                        "rate collapses the policy).")
     select: str = option("last", "Checkpoint each arm keeps: last, or best on held-out data (validation CE; "
                                  "held-out pairs' loss for preference arms).")
     checkpoints: int = option(4, "Checkpoints (validation and selection points) per training run.")

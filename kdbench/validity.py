@@ -70,7 +70,8 @@ class Contrast:
             return math.sqrt(self.var_example / n)
         return math.sqrt(self.var_example / n + self.var_seed / seeds + self.var_residual / (n * seeds))
 
-    def mde(self, n: int | None = None, seeds: int | None = None, *, alpha: float = ALPHA, power: float = POWER) -> float:
+    def mde(self, n: int | None = None, seeds: int | None = None, *, alpha: float = ALPHA,
+            power: float = POWER) -> float:
         """Minimum detectable effect (two-sided ``alpha``, ``power``) for ``n`` examples × ``seeds`` seeds."""
         return minimum_detectable_effect(self.standard_error(n, seeds), alpha=alpha, power=power)
 

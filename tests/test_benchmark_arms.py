@@ -105,7 +105,8 @@ def test_teacher_forced_readings_match_a_one_example_computation(tiny):
         with torch.no_grad():
             logps = model(ids).logits[0, len(prompt) - 1:-1].log_softmax(-1)
         target = torch.tensor(answer)
-        return (100.0 * (logps.argmax(-1) == target).float().mean()).item(), logps[range(len(answer)), target].sum().item()
+        accuracy = (100.0 * (logps.argmax(-1) == target).float().mean()).item()
+        return accuracy, logps[range(len(answer)), target].sum().item()
 
     for i, row in enumerate(rows):
         accuracy, right = reading(row, row["output"][0])

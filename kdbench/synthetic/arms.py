@@ -8,10 +8,12 @@ SimPO on a preference file) start from the ``sft`` arm's model of the same train
 pipelines that accept a ready SFT / dSFT checkpoint (``sft_model`` / ``dsft_model``) get that arm's.
 
 Fair budgets: with ``student_epochs`` set, every arm trains for that many passes over *its own*
-training set (``preference_epochs`` for second-stage preference arms, which start from SFT), and with
-``select=best`` keeps its best checkpoint on held-out data (validation token cross-entropy for arms that
-train on responses, the held-out pairs' DPO loss for preference arms); the budget therefore follows
-the data, not a fixed step count that would rank methods by how many passes each gets.
+training set, and with ``select=best`` keeps its best checkpoint on held-out data (validation token
+cross-entropy for arms that train on responses, the held-out pairs' loss for preference arms); the
+budget therefore follows the data, not a fixed step count that would rank methods by how many passes
+each gets. Arms with a sequence-level preference loss (DPO, SimPO, dDPO / rDPO / daDPO, DPKD, DCKD,
+ADPA) train ``preference_epochs`` at ``preference_lr`` instead: at the token methods' rate they collapse
+the policy. DCKD and ADPA have no held-out measure to select on and keep their last checkpoint.
 
 Controls are arms too (``Preset.controls``): ``sft_all`` (positive: SFT on every labelled training
 instance), ``kd_permuted`` / ``kd_untrained`` (negative: KD against a meaningless teacher,
@@ -58,10 +60,10 @@ def arm_for(method: str) -> Arm:
     if body.get("pairs") == "distill":  # dDPO / rDPO / daDPO score held-out prompts' teacher vs student outputs
         valid = "validation"
     start, stage, arm_params = "init", "student", {}
-    if body.get("objective") == "preference" and body.get("pairs") == "file":
-        start, stage = "sft", "preference"
-    elif body.get("objective") == "guided":
+    if body.get("objective") in ("preference", "guided"):  # sequence-level preference losses
         stage = "preference"
+        if body.get("objective") == "preference" and body.get("pairs") == "file":
+            start = "sft"  # DPO / SimPO: no SFT stage of their own
     if "sft_model" in params:
         arm_params["sft_model"] = "@sft"
     if "dsft_model" in params:
@@ -75,7 +77,8 @@ def control_arm(name: str) -> Arm:
     if name in ("kd_permuted", "kd_untrained"):
         return Arm(label=name, method="kd", data="student_train", teacher=name.split("_")[1], control=name)
     if name == "dpo_swapped":
-        return Arm(label=name, method="dpo", data="preferences_swapped", valid="validation_preferences_swapped", start="sft",
+        return Arm(label=name, method="dpo", data="preferences_swapped", valid="validation_preferences_swapped",
+                   start="sft",
                    stage="preference", control=name)
     raise ConfigError(f"Unknown control {name!r}; choose from: {', '.join(CONTROLS)}.")
 
@@ -98,7 +101,8 @@ def plan_arms(methods: list[str], controls: list[str]) -> list[Arm]:
         done = {a.label for a in ordered}
         ready = [a for a in pending if _dependencies(a) <= done]
         if not ready:
-            raise ConfigError("The preset's arms depend on each other in a cycle: " + ", ".join(a.label for a in pending))
+            raise ConfigError("The preset's arms depend on each other in a cycle: "
+                              + ", ".join(a.label for a in pending))
         ordered.append(ready[0])
         pending.remove(ready[0])
     return ordered
@@ -156,6 +160,9 @@ def arm_train_config(arm: Arm, preset, *, seed: int, corpus_dir, init_dir, teach
         params["max_new_tokens"] = preset.max_new_tokens
     pairs = body.get("pairs") == "file" or body.get("objective") == "guided"
     select_metric = "loss" if pairs or body.get("objective") == "preference" else "ce"
+    # guided recipes (DCKD, ADPA) have no held-out measure to select on: they keep their last checkpoint
+    select = "last" if body.get("objective") == "guided" else preset.select
+    token_level_on_gold = body.get("objective") == "token_kd" and body.get("responses", "gold") == "gold"
     return TrainConfig(
         method=arm.method, student=str(init_dir) if arm.start == "init" else model_of(arm.start),
         teacher=str(teachers[arm.teacher]), data=str(data), valid_data=str(corpus_dir / FILES[arm.valid]),
@@ -163,6 +170,5 @@ def arm_train_config(arm: Arm, preset, *, seed: int, corpus_dir, init_dir, teach
         learning_rate=preset.preference_lr if preference else preset.student_lr, max_steps=max_steps,
         batch_size=preset.batch_size, max_length=256, max_prompt_length=128, prompt_style="compact",
         logging_steps=25, group_by_length=True, cache_dir=cache_dir, save_steps=save_steps,
-        select=preset.select, select_metric=select_metric,
-        teacher_signal=preset.teacher_signal if body.get("objective") == "token_kd" and body.get("responses", "gold") == "gold"
-        else "online", params=params)
+        select=select, select_metric=select_metric,
+        teacher_signal=preset.teacher_signal if token_level_on_gold else "online", params=params)

@@ -257,8 +257,8 @@ def validity_markdown(out: Path, metrics: tuple[str, ...] = READINGS) -> str:
               "training seed; negative controls must not be significantly better (KD against a meaningless "
               "teacher vs SFT) or must score below (DPO with swapped pairs vs DPO).", ""]
     for metric in metrics:
-        lines += [f"## Minimum detectable effect: {METRIC_TITLES[metric]}", "", *mde_markdown(pair_contrasts(arms, metric)),
-                  ""]
+        lines += [f"## Minimum detectable effect: {METRIC_TITLES[metric]}", "",
+                  *mde_markdown(pair_contrasts(arms, metric)), ""]
     lines += [f"MDE at {POWER:.0%} power, two-sided α = {ALPHA}, variance model examples × training seeds "
               f"(kdbench.validity): SE² = σ²_a/n + σ²_u/S + σ²_e/(nS), n examples, S = {seeds} training seeds. "
               f"Target for SFT vs KD: ≤ {TARGET_MDE:g} Rouge-L points."]

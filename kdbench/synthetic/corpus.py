@@ -126,7 +126,8 @@ def build_corpus(config: CorpusConfig, out_dir: Path) -> dict:
     unlabelled = [{k: r[k] for k in ("key", "category", "instruction", "input")} for r in train
                   if r["key"] not in labelled_keys]
     preferences = [{"key": r["key"], "instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
-                    "rejected": r["rejected"]} for r in train if r["key"] in labelled_keys and r["rejected"] != r["output"]]
+                    "rejected": r["rejected"]}
+                   for r in train if r["key"] in labelled_keys and r["rejected"] != r["output"]]
     swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in preferences]
     valid_pairs = [{"key": r["key"], "instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
                     "rejected": r["rejected"]} for r in splits["validation"] if r["rejected"] != r["output"]]
