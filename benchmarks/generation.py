@@ -79,8 +79,8 @@ def batched(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_siz
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i][0]))
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        for index, (new, _) in zip(chunk, backend._generate_batch([encoded[i][0] for i in chunk],
-                                                                  [str(i) for i in chunk], decoding, None)):
+        for index, (new, _) in zip(chunk, backend.generate_ids([encoded[i][0] for i in chunk],
+                                                               [str(i) for i in chunk], decoding, None)):
             tokens[index] = new
     return tokens
 

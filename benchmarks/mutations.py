@@ -61,7 +61,7 @@ MUTATIONS = (
              'rejected, chosen = row.get("chosen"), row.get("rejected")'),
     Mutation("generation_eos_dropped", "generation does not stop at end-of-sequence",
              "kdbench/generate.py",
-             "eos_set = set(self.eos_ids)",
+             "eos_set = set(self.eos_ids) | set(stop_token_ids or ())",
              "eos_set = set()"),
 )
 BY_NAME = {m.name: m for m in MUTATIONS}

@@ -38,7 +38,7 @@ def main() -> None:
 
     import torch
 
-    from kdbench.demo import PRESETS, build_student_init, build_teacher
+    from kdbench.demo import PRESETS, build_student_init, build_teacher, stage_params
     from kdbench.store import ArtifactStore
     from kdbench.synthetic.corpus import FILES, build_corpus
     from kdbench.train import TrainConfig, train
@@ -57,7 +57,9 @@ def main() -> None:
                            valid_data=str(corpus / FILES["validation"]), output_dir=str(out / "runs"), run_name=run,
                            seed=1, learning_rate=preset.student_lr, max_steps=options.steps, batch_size=16,
                            max_length=256, max_prompt_length=128, prompt_style="compact", logging_steps=20,
-                           save_steps=10_000, cache_dir=str(store), params={"max_new_tokens": 64, **params})
+                           save_steps=10_000, cache_dir=str(store),
+                           params={"max_new_tokens": 64, **_stage_steps(stage_params(method, preset), options.steps),
+                                   **params})
 
     results: dict = {"machine": platform.platform(), "threads": options.threads, "steps": options.steps, "reuse": []}
     for repeat in range(options.repeats):
@@ -112,6 +114,11 @@ def main() -> None:
     print(f"| ADPA+: DPO teacher / DCKD / y-hat / ADPA training | {adpa['dpo_teacher_build_seconds']:.1f} / "
           f"{adpa['dckd_build_seconds']:.1f} / {adpa['yhat_generation_seconds']:.1f} / {adpa['adpa_train_seconds']:.1f} s | |")
     print(f"\n{options.repeats} cold/warm pairs, {options.steps} steps per method, {options.threads} thread(s); {out}")
+
+
+def _stage_steps(stages: dict, steps: int) -> dict:
+    """The preset's stage settings (its explicit learning rates) at this benchmark's steps and batch."""
+    return {name: {**settings, "max_steps": steps, "batch_size": 16} for name, settings in stages.items()}
 
 
 def _to_dict(value):

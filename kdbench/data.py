@@ -135,14 +135,18 @@ class TokenizedExample:
 
 
 def tokenize_example(example: Example, tokenizer, *, style: str, max_prompt_length: int, max_length: int,
-                     response: str | None = None) -> TokenizedExample:
+                     response: str | None = None, append_eos: bool = True,
+                     eos_token_id: int | None = None) -> TokenizedExample:
     """Prompt + response + EOS; labels are -100 on the prompt. The prompt is cut from the left to
-    ``max_prompt_length`` tokens and the whole to ``max_length``; ``truncated`` records either cut."""
+    ``max_prompt_length`` tokens and the whole to ``max_length``; ``truncated`` records either cut.
+    ``eos_token_id``: the end token (default the tokenizer's; a generated response keeps the one its
+    model emitted); ``append_eos=False`` for a generated response cut at its token limit."""
     prompt = format_prompt(example.instruction, example.input, style=style, tokenizer=tokenizer)
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     text = example.output if response is None else response
     separator = " " if style == "compact" else ""
-    response_ids = tokenizer(separator + text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    end = [tokenizer.eos_token_id if eos_token_id is None else eos_token_id] if append_eos else []
+    response_ids = tokenizer(separator + text, add_special_tokens=False)["input_ids"] + end
     if tokenizer.bos_token_id is not None and style != "chat" and getattr(tokenizer, "add_bos_token", False):
         prompt_ids = [tokenizer.bos_token_id] + prompt_ids
     truncated = False

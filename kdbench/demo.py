@@ -25,6 +25,7 @@ from kdbench.config import option, to_dict
 from kdbench.errors import ConfigError
 from kdbench.demo_report import DemoResult, judge_against_teacher, write_report_html
 from kdbench.store import ArtifactStore, atomic_write_json, atomic_write_text
+from kdbench.synthetic.arms import stage_params
 from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
 
 
@@ -45,11 +46,13 @@ class Preset:
              "(kdbench.synthetic.arms); 0 = student_steps for every arm.")
     preference_epochs: float = option(10.0, "Passes over their data for arms with a sequence-level preference loss "
                                             "(DPO, SimPO, dDPO / rDPO / daDPO, DPKD, DCKD, ADPA).")
-    student_lr: float = option(2e-3, "Student learning rate.")
+    student_lr: float = option(2e-3, "Student learning rate (every student run and student stage).")
     preference_lr: float = option(2e-5, "Learning rate of those arms (DPO-type training at the token methods' "
                                         "rate collapses the policy).")
     select: str = option("last", "Checkpoint each arm keeps: last, or best on held-out data (validation CE; "
                                  "held-out pairs' loss for preference arms).")
+    teacher_dpo_lr: float = option(1e-5, "Learning rate of the DPO-aligned teacher stage (pi_dpo of DCKD / ADPA); "
+                                         "DPO at the student's rate destroys the teacher.")
     checkpoints: int = option(4, "Checkpoints (validation and selection points) per training run.")
     teacher_signal: str = option("online", "Teacher signal of token-level KD arms: online or topk (kdbench train).")
     batch_size: int = option(32, "Micro-batch size.")
@@ -357,4 +360,4 @@ def preset_with(name: str, overrides: dict):
     return build(Preset, merged)
 
 
-__all__ = ["PRESETS", "Preset", "DemoResult", "run_demo", "preset_with"]
+__all__ = ["PRESETS", "Preset", "DemoResult", "run_demo", "preset_with", "stage_params"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 from kdbench.config import option
 from kdbench.errors import ConfigError
@@ -63,7 +63,25 @@ class Generation:
     prompt_tokens: int
     prompt_truncated: bool
     finished: bool  # ended with EOS (not cut by max_new_tokens)
+    eos_token_id: int | None = None  # the end-of-sequence id the model emitted (None when cut)
     token_ids: list[int] | None = None  # the new tokens (EOS / stop token excluded), for callers that decode
+
+
+class GeneratedIds(NamedTuple):
+    """One row of :meth:`HFBackend.generate_ids`: the new token ids (EOS excluded) and the EOS id the
+    model ended with — one of its several EOS ids (Qwen2.5-Instruct: 151645 or 151643) — or ``None``
+    when the row was cut at ``max_new_tokens`` (or the model's last position)."""
+
+    tokens: list[int]
+    eos_token_id: int | None
+
+    @property
+    def finished(self) -> bool:
+        return self.eos_token_id is not None
+
+    def with_eos(self) -> list[int]:
+        """The response as the model produced it: the new tokens plus the EOS it stopped with, if any."""
+        return list(self.tokens) + ([self.eos_token_id] if self.eos_token_id is not None else [])
 
 
 class Backend(Protocol):
@@ -120,6 +138,9 @@ class HFBackend:
             ids.update(extra)
         self.eos_ids = sorted(ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
+        # tokens are drawn from the tokenizer's vocabulary only: the padded output rows a checkpoint may carry
+        # beyond it (Qwen2.5) are no tokens, and training scores the same rows (kdbench.train.pipeline)
+        self.vocab_rows = len(tokenizer)
         try:
             parameters = inspect.signature(model.forward).parameters
         except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
@@ -164,15 +185,15 @@ class HFBackend:
         results: dict[int, Generation] = {}
         for start in range(0, len(order), decoding.batch_size):
             chunk = order[start:start + decoding.batch_size]
-            batch = self._generate_batch([encoded[i][0] for i in chunk], [ids[i] for i in chunk], decoding, seed,
-                                         generators=[generators[ids[i]] for i in chunk] if generators else None,
-                                         stop_token_ids=stop_token_ids)
+            batch = self.generate_ids([encoded[i][0] for i in chunk], [ids[i] for i in chunk], decoding, seed,
+                                      generators=[generators[ids[i]] for i in chunk] if generators else None,
+                                      stop_token_ids=stop_token_ids)
             done = []
             for position, index in enumerate(chunk):
-                token_ids, finished = batch[position]
-                text = self._decode(token_ids)
-                generation = Generation(ids[index], text, len(token_ids), len(encoded[index][0]), encoded[index][1],
-                                        finished, list(token_ids))
+                row = batch[position]
+                text = self._decode(row.tokens)
+                generation = Generation(ids[index], text, len(row.tokens), len(encoded[index][0]), encoded[index][1],
+                                        row.finished, row.eos_token_id, list(row.tokens))
                 results[index] = generation
                 done.append(generation)
             if on_batch:
@@ -203,10 +224,11 @@ class HFBackend:
                 warpers.append(TopPLogitsWarper(decoding.top_p))
         return warpers
 
-    def _generate_batch(self, prompt_ids: list[list[int]], ids: list[str], decoding: DecodingConfig,
-                        seed: int | None, *, generators: list | None = None,
-                        stop_token_ids: list[int] | None = None) -> list[tuple[list[int], bool]]:
-        """New tokens (EOS excluded) and whether EOS ended them, per prompt.
+    def generate_ids(self, prompt_ids: list[list[int]], ids: list[str], decoding: DecodingConfig,
+                     seed: int | None, *, generators: list | None = None,
+                     stop_token_ids: list[int] | None = None) -> list[GeneratedIds]:
+        """Per prompt, the new tokens (EOS excluded) and the EOS id that ended them (None: cut). ``generators``
+        (one per prompt) replace the per-example seeding; ``stop_token_ids`` end a row like an EOS id.
 
         ``prompt_ids``: B lists of token ids, left-padded here into ``[B, longest]``. Each step feeds
         the active rows' last token ``[A, 1]`` with the KV cache; rows that ended are dropped from
@@ -240,6 +262,7 @@ class HFBackend:
             1, min(decoding.max_new_tokens, max_positions - longest))
         new_tokens: list[list[int]] = [[] for _ in range(n_rows)]
         ended = [False] * n_rows
+        ended_with: list[int | None] = [None] * n_rows  # the EOS id each row emitted
         active = list(range(n_rows))  # batch row b holds prompt active[b]
         cache = None
         step_ids, step_positions = input_ids, positions
@@ -251,7 +274,7 @@ class HFBackend:
                     out = model(input_ids=step_ids, attention_mask=attention, position_ids=step_positions,
                                 past_key_values=cache, use_cache=True, **self._keep_last_logits)
                     cache = out.past_key_values
-                    logits = out.logits[:, -1, :].float()  # [A, V]
+                    logits = out.logits[:, -1, :self.vocab_rows].float()  # [A, V]
                     if blockers is not None:
                         for b, row in enumerate(active):
                             banned = blockers[row].banned()
@@ -271,6 +294,7 @@ class HFBackend:
                             continue
                         if token in eos_set:
                             ended[row] = True
+                            ended_with[row] = token
                             continue
                         new_tokens[row].append(token)
                         if blockers is not None:
@@ -291,7 +315,7 @@ class HFBackend:
                     step_positions = step_positions[:, -1:] + 1
         finally:
             model.train(was_training)
-        return [(new_tokens[row], ended[row]) for row in range(n_rows)]
+        return [GeneratedIds(new_tokens[row], ended_with[row]) for row in range(n_rows)]
 
 
 def iter_chunks(items: list, size: int) -> Iterable[list]:

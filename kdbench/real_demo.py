@@ -256,8 +256,8 @@ def teacher_responses(preset: RealPreset, rows: list[dict], name: str, teacher_d
     run = RunDir.create(out / "stages", f"teacher-responses-{name}", kind="generate",
                         config={"teacher": teacher_dir, "prompts": len(rows), "decoding": decoding.describe()})
 
-    generated, facts = generation_stage(config, params, decoding, lazy_model(teacher_dir, trainable=False),
-                                        load_tokenizer(teacher_dir), examples, run, store, say)
+    generated, _, facts = generation_stage(config, params, decoding, lazy_model(teacher_dir, trainable=False),
+                                           load_tokenizer(teacher_dir), examples, run, store, say)
     path = out / "data" / f"{name}.jsonl"
     lines = [json.dumps({"id": g.id, "instruction": g.instruction, "input": g.input, "output": g.output},
                         ensure_ascii=False) for g in generated if g.output.strip()]
@@ -399,6 +399,10 @@ def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cach
             start = "dsft_model" if "dsft_model" in recipe else "sft_model"
             if "sft" in trained and start in recipe:  # the sft run *is* the dSFT / SFT starting point
                 params[start] = str(trained["sft"])
+            elif start in recipe:  # the stage trains as the sft run would (explicit: the recipe's are the papers')
+                params[start.replace("_model", "_settings")] = {
+                    "learning_rate": preset.learning_rate, "max_steps": preset.steps, "batch_size": preset.batch_size,
+                    "grad_accum": 1}
         t0 = time.time()
         result = train(_base_config(preset, method, student_dir, teacher_dir, train_file, valid_file, out, store, params),
                        log=say, command=["kdbench", "demo", preset.name], progress=progress)

@@ -142,11 +142,10 @@ def test_on_policy_batch_is_the_students_sample(tiny, tmp_path):
     backend = HFBackend(trainer.model, trainer.gen_tokenizer)
     key = f"{trainer.on_policy.seed}/{trainer.state.global_step}/0/0"
     prompts = [batch["input_ids"][r, :int(batch["prompt_length"][r])].tolist() for r in range(4)]
-    expected = backend._generate_batch(prompts, [f"{i}@{trainer.state.global_step}" for i in range(4)],
-                                       trainer.on_policy.decoding, seed=example_seed(trainer.on_policy.seed, key) % 2**31)
-    eos = trainer.gen_tokenizer.eos_token_id
-    for row, (prompt, (tokens, finished)) in enumerate(zip(prompts, expected)):
-        response = tokens + ([eos] if finished else [])
+    expected = backend.generate_ids(prompts, [f"{i}@{trainer.state.global_step}" for i in range(4)],
+                                    trainer.on_policy.decoding, seed=example_seed(trainer.on_policy.seed, key) % 2**31)
+    for row, (prompt, generated) in enumerate(zip(prompts, expected)):
+        response = generated.with_eos()  # the sampled tokens and the EOS id the student emitted, if it ended
         n = len(prompt) + len(response)
         assert out["input_ids"][row, :n].tolist() == prompt + response
         assert out["labels"][row, :n].tolist() == [-100] * len(prompt) + response

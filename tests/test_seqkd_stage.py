@@ -26,7 +26,7 @@ def test_seqkd_generation_resumes_where_it_stopped(wiring_world, tmp_path, monke
     settings = dict(generation_batch_size=1, max_steps=2, optim="adamw_torch", learning_rate=1e-3)
     whole = ref.run(world, tmp_path / "whole", "seqkd", world.batch, params, **settings)
 
-    original = HFBackend._generate_batch
+    original = HFBackend.generate_ids
     calls = []
 
     def counted(self, prompt_ids, ids, decoding, seed, **kwargs):
@@ -35,7 +35,7 @@ def test_seqkd_generation_resumes_where_it_stopped(wiring_world, tmp_path, monke
             raise _Crash("killed during generation")
         return original(self, prompt_ids, ids, decoding, seed, **kwargs)
 
-    monkeypatch.setattr(HFBackend, "_generate_batch", counted)
+    monkeypatch.setattr(HFBackend, "generate_ids", counted)
     crash_after = 2
     with pytest.raises(_Crash):
         ref.run(world, tmp_path / "resumed", "seqkd", world.batch, params, **settings)

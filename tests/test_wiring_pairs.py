@@ -85,15 +85,8 @@ DISTILL_CASES = {
     "ddpo-teacher-reference": ("ddpo", {"reference": "teacher"}),
     "ddpo-student-reference": ("ddpo", {"reference": "student"}),
 }
-ISSUE_14 = {  # where today's code disagrees with METHODS.md on a point issue 14 fixes: strict, so the fix flips it
-    "ddpo-student-reference": "issue 14 point 2: reference=student scores with the dSFT model, not the original student",
-    "ipo": "issue 14 point 5: IPO divides the log-ratios by the lengths; METHODS.md sums them",
-}
-
-
 def cases(table: dict) -> list:
-    return [pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason=ISSUE_14[name])] if name in ISSUE_14
-                         else []) for name in sorted(table)]
+    return [pytest.param(name) for name in sorted(table)]
 
 
 def _distill_reference(world, params, batches, vocab):
@@ -159,9 +152,12 @@ def _dpkd_per_pair(params, pc, pr, tc, tr, c_len, r_len):
     form = params["preference_form"]
     beta = float(params["beta"])
     if form == "dpkd":  # dpkd_v1.md Eq. 9: DPO with the teacher as reference, 1/|y| per response
-        c_norm, r_norm = (c_len, r_len) if params["length_normalize"] else (1.0, 1.0)
+        # length_normalize null = the form's own reading: Eq. 9 divides (METHODS.md)
+        normalize = True if params["length_normalize"] is None else params["length_normalize"]
+        c_norm, r_norm = (c_len, r_len) if normalize else (1.0, 1.0)
         return -ref.log_sigmoid(beta * (pc - tc) / c_norm - beta * (pr - tr) / r_norm)
     if form == "ipo":  # METHODS.md: summed log-ratios, teacher reference
+        assert not params["length_normalize"]  # null or false: IPO's Eq. 17 sums
         return (((pc - tc) - (pr - tr)) - 1 / (2 * float(params["tau"]))) ** 2
     if form == "cpo":
         nll = -pc / c_len if params["cpo_nll"] == "token_mean" else -pc
@@ -328,8 +324,6 @@ def test_adpa_plus_dckd_stage_starts_from_the_given_sft_student(wiring_world, tm
     ref.assert_one_sgd_step(world.student_sft, stage, policy, loss)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 point 6: adpa_plus's DCKD stage starts from the raw --student "
-                                       "(init: student), not from the student's SFT checkpoint")
 def test_adpa_plus_builds_the_sft_student_its_dckd_stage_starts_from(wiring_world, tmp_path):
     world = wiring_world
     overrides = {**GEN, "dpo_teacher": str(world.dpo_teacher), "dckd_settings": dict(STEP),

@@ -148,8 +148,6 @@ def test_seqkd_trains_on_its_cached_teacher_samples_not_the_gold(wiring_world, t
     ref.assert_one_sgd_step(world.student, result.model_dir, student, loss)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14 point 1: a response cut at max_new_tokens is trained as if it "
-                                       "had ended (EOS appended after re-tokenising the text)")
 def test_a_teacher_response_cut_at_max_new_tokens_carries_no_eos(wiring_world, tmp_path):
     world = wiring_world
     overrides = {"max_new_tokens": 2}

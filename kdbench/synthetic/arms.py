@@ -125,6 +125,42 @@ def budget_steps(n_rows: int, batch_size: int, epochs: float, checkpoints: int) 
 __all__ = ["Arm", "CONTROLS", "arm_for", "control_arm", "plan_arms", "budget_steps"]
 
 
+def stage_params(method: str, preset) -> dict:
+    """The preset's own training settings for every stage ``method`` builds itself (its ``*_settings``
+    params; ``preset`` is a :class:`kdbench.demo.Preset`).
+
+    The recipes' stage defaults are the papers' settings for pretrained LLMs (an SFT stage at 2e-5 for
+    three epochs of batch 128, pi_dpo at 5e-7: docs/methods.md, "Stage settings"); they would leave the
+    embedded benchmark's small models untrained. The preset states each stage's learning rate, length and
+    batch instead: student stages (the SFT student, dSFT, ADPA+'s DCKD student) as a student run, an SFT
+    teacher at the teacher's rate, pi_dpo at ``teacher_dpo_lr``. The length follows the preset's budget
+    rule: ``student_epochs`` passes over the stage's data (``preference_epochs`` for pi_dpo), or
+    ``student_steps`` steps when the preset has a fixed budget."""
+    import dataclasses
+
+    from kdbench import registry
+    from kdbench.train import TrainConfig
+    from kdbench.train.stage_settings import OPTIMIZATION_SETTINGS
+
+    recipe = registry.get("trainers", method).body.get("params") or {}
+    # every optimisation setting, so none of the recipe's paper values (warmup, weight decay, ...) mixes in:
+    # the demo's own runs' values (TrainConfig's defaults), the preset's length and batch
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in OPTIMIZATION_SETTINGS}
+    run = {**defaults, "batch_size": preset.batch_size, "grad_accum": 1}
+
+    def length(epochs: float) -> dict:
+        if preset.student_epochs > 0:
+            return {"max_steps": -1, "num_epochs": float(epochs)}
+        return {"max_steps": preset.student_steps}
+
+    student = {**run, **length(preset.student_epochs), "learning_rate": preset.student_lr}
+    stages = {"sft_settings": student, "dsft_settings": student, "dckd_settings": student,
+              "teacher_sft_settings": {**run, **length(preset.student_epochs), "learning_rate": preset.teacher_lr},
+              "teacher_dpo_settings": {**run, **length(preset.preference_epochs),
+                                       "learning_rate": preset.teacher_dpo_lr}}
+    return {name: dict(settings) for name, settings in stages.items() if name in recipe}
+
+
 def count_rows(path) -> int:
     with open(path, encoding="utf-8") as handle:
         return sum(1 for line in handle if line.strip())
@@ -155,7 +191,8 @@ def arm_train_config(arm: Arm, preset, *, seed: int, corpus_dir, init_dir, teach
         max_steps, save_steps = preset.student_steps, max(1, preset.student_steps // preset.checkpoints)
     body = registry.get("trainers", arm.method).body
     recipe_params = body.get("params") or {}
-    params = {k: (model_of(v[1:]) if isinstance(v, str) and v.startswith("@") else v) for k, v in arm.params.items()}
+    params = {**stage_params(arm.method, preset),
+              **{k: (model_of(v[1:]) if isinstance(v, str) and v.startswith("@") else v) for k, v in arm.params.items()}}
     if "max_new_tokens" in recipe_params:  # no stage generates past what the preset evaluates
         params["max_new_tokens"] = preset.max_new_tokens
     pairs = body.get("pairs") == "file" or body.get("objective") == "guided"

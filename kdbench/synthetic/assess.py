@@ -168,10 +168,11 @@ def controls_markdown(verdicts: list[ControlVerdict]) -> list[str]:
 
 
 def pair_contrasts(arms: list[ArmRuns], metric: str = "rougeL") -> list[Contrast]:
-    """Every pair of students (first minus second in leaderboard order), Holm-adjusted together."""
+    """Every pair of students, the later arm minus the earlier (so every method minus SFT, which trains
+    first), Holm-adjusted together."""
     students = _students(arms)
     scores = {a.label: arm_scores(a, metric=metric) for a in students}
-    return holm_adjust([contrast(a.label, scores[a.label], b.label, scores[b.label])
+    return holm_adjust([contrast(b.label, scores[b.label], a.label, scores[a.label])
                         for a, b in combinations(students, 2)])
 
 
@@ -179,11 +180,11 @@ def mde_markdown(contrasts: list[Contrast]) -> list[str]:
     rows = []
     for c in contrasts:
         design = f"{c.n} × {len(c.seeds)}"
-        rows.append([f"{c.a} − {c.b}", design, _num(math.sqrt(c.var_example)), _num(math.sqrt(c.var_seed), 2),
-                     _num(math.sqrt(c.var_residual)), _num(c.standard_error(), 2), f"**{_num(c.mde())}**",
-                     _num(c.mde(seeds=5)), _num(c.mde(n=2 * c.n))])
-    header = ["contrast", "examples × seeds", "σ_a (example)", "σ_u (seed)", "σ_e (residual)", "SE",
-              "MDE", "MDE, 5 seeds", "MDE, 2× examples"]
+        rows.append([f"{c.a} − {c.b}", f"{c.effect:+.1f}", design, _num(math.sqrt(c.var_example)),
+                     _num(math.sqrt(c.var_seed), 2), _num(math.sqrt(c.var_residual)), _num(c.standard_error(), 2),
+                     f"**{_num(c.mde())}**", _num(c.mde(seeds=2 * len(c.seeds))), _num(c.mde(n=2 * c.n))])
+    header = ["contrast", "effect", "examples × seeds", "σ_a (example)", "σ_u (seed)", "σ_e (residual)", "SE",
+              "MDE", "MDE, 2× seeds", "MDE, 2× examples"]
     return _table(header, rows)
 
 

@@ -152,6 +152,11 @@ def resolve_recipe(method: str, overrides: dict) -> tuple[registry.Entry, dict]:
             params[key] = value
     if objective.validate:
         objective.validate(params)
+    for name, settings in params.items():  # a stage's settings: known names, valid values, before any work
+        if name.endswith("_settings") and isinstance(settings, dict):
+            from kdbench.config import build
+
+            build(TrainConfig, settings, prefix=f"params.{name}")
     return entry, params
 
 
@@ -196,13 +201,14 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     that already finished is returned as is. ``callbacks``: extra ``TrainerCallback`` objects.
     """
 
-    from kdbench.data import build_dataset, load_examples
+    from kdbench.data import SFTDataset, build_dataset, load_examples
     from kdbench.models import check_same_vocabulary, count_parameters, load_model, load_tokenizer
     from kdbench.store import ArtifactStore
     from kdbench.train.data_sources import IndexedDataset, TrainCollator, load_text_corpus, resolve_data_path
     from kdbench.train.engine import (DistillTrainer, LMSource, OnPolicyConfig, RichProgressCallback, RunLogCallback,
                                       Stopwatch, peak_memory_mb, train_resuming)
     from kdbench.train.objectives import get_objective
+    from kdbench.train.responses import GOLD_END, tokenize_response
 
     say = log or (lambda message: None)
     clock = Stopwatch()
@@ -232,7 +238,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
 
     # Validate everything the user gave before any heavy work or any file is written.
     data_path = resolve_data_path(config.data, store=store, log=say)
-    examples = load_examples(data_path, require_output=responses != "teacher")
+    # gold responses: for the training itself, or for the teacher's SFT stage (teacher_init: sft)
+    examples = load_examples(data_path, require_output=responses != "teacher" or params.get("teacher_init") == "sft")
     if config.valid_data:
         train_examples = examples
         valid_examples = load_examples(resolve_data_path(config.valid_data, default_split="validation", store=store,
@@ -264,17 +271,30 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
         return finished
     stages = Stages(run)
     extra_cost: dict = {}
+    teacher_source = config.teacher
 
-    # Stage 1: teacher generations (SeqKD)
+    # Stage 0 (teacher_init: sft): the teacher fine-tuned on the task first, once, shared by methods and seeds
+    if needs_teacher and params.get("teacher_init", "given") == "sft":
+        from kdbench.train.pipeline import prepared_teacher
+
+        teacher_source, t_facts = prepared_teacher(config, params, store, run, say, str(data_path))
+        stages.mark("teacher", t_facts)
+        teacher = loaded_teacher = load_model(teacher_source, trainable=False, dtype=config.teacher_dtype)
+
+    # Stage 1: teacher generations (SeqKD); each keeps the EOS its teacher stopped with (none if cut)
+    train_ends = [GOLD_END] * len(train_examples)
     if responses == "teacher":
-        train_examples, facts = generation_stage(config, params, decoding, teacher, teacher_tokenizer,
-                                                 train_examples, run, store, say)
+        train_examples, train_ends, facts = generation_stage(config, params, decoding, teacher, teacher_tokenizer,
+                                                             train_examples, run, store, say,
+                                                             model_name=teacher_source)
         stages.mark("generate", facts)
         extra_cost.update(generated_tokens=facts["generated_tokens"], generation_reused=facts["reused"],
                           generation_seconds=facts["build_seconds"])
 
-    train_set = build_dataset(train_examples, tokenizer, style=config.prompt_style,
-                              max_prompt_length=config.max_prompt_length, max_length=config.max_length)
+    train_set = SFTDataset([tokenize_response(e, tokenizer, style=config.prompt_style,
+                                              max_prompt_length=config.max_prompt_length,
+                                              max_length=config.max_length, end=end)
+                            for e, end in zip(train_examples, train_ends)])
     valid_set = build_dataset(valid_examples, tokenizer, style=config.prompt_style,
                               max_prompt_length=config.max_prompt_length, max_length=config.max_length) if valid_examples else None
     if not train_set.n_response_tokens:
@@ -291,7 +311,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
     if use_cache:
         from kdbench.teacher_cache import build_topk_cache
 
-        common = dict(teacher_name=config.teacher, k=config.teacher_topk, temperature=float(params["temperature"]),
+        common = dict(teacher_name=teacher_source, k=config.teacher_topk, temperature=float(params["temperature"]),
                       vocab_size=params["vocab_size"], store=store, batch_size=config.generation_batch_size,
                       logprobs_dtype=config.teacher_cache_dtype, pad_token_id=tokenizer.pad_token_id,
                       teacher_dtype=config.teacher_dtype, log=say)
@@ -433,7 +453,10 @@ def recipe_decoding(config: TrainConfig, params: dict, responses: str):
 def generation_stage(config: TrainConfig, params: dict, decoding, teacher, teacher_tokenizer, examples,
                      run: RunDir, store, say, *, model_name: str | None = None, kind: str = "teacher-generations"):
     """SeqKD's data: the teacher's response to every training prompt (artifact store; a killed
-    generation resumes from the partial file in the run directory). Returns (examples, facts).
+    generation resumes from the partial file in the run directory). Returns (examples, ends, facts):
+    the examples with the generated text as ``output`` and, per example, its
+    :class:`~kdbench.train.responses.ResponseEnd` (the EOS token the model stopped with, or none when
+    cut at ``max_new_tokens``), recorded with every stored generation.
 
     ``model_name`` / ``kind`` let the preference pipelines generate with another model (the original
     student: ``kind="student-generations"``) through the same cached, resumable stage."""
@@ -444,34 +467,41 @@ def generation_stage(config: TrainConfig, params: dict, decoding, teacher, teach
     from kdbench.generate import HFBackend
     from kdbench.store import append_jsonl, hash_obj, read_jsonl
     from kdbench.teacher_cache import model_fingerprint
+    from kdbench.train.responses import ResponseEnd
 
     prompts = [format_prompt(e.instruction, e.input, style=config.prompt_style, tokenizer=teacher_tokenizer)
                for e in examples]
     ids = [f"{i}" for i in range(len(examples))]
     seed = int(params.get("generation_seed", 0))
     inputs = {"teacher": model_fingerprint(model_name or config.teacher), "prompts": hash_obj(prompts),
-              "decoding": dataclasses.asdict(decoding), "seed": seed}
+              "decoding": dataclasses.asdict(decoding), "seed": seed,
+              "record": "text+finished+eos_token"}  # earlier records lacked the response ends: not reused
     partial = run.path / "stages" / f"generate-{store.key(kind, inputs)}.partial.jsonl"
+
+    def record(generation) -> dict:
+        end = ResponseEnd.of_ids(generation.eos_token_id, teacher_tokenizer)  # None: cut at the limit
+        return {"id": generation.id, "text": generation.text, "new_tokens": generation.new_tokens, **end.record()}
 
     def build(tmp: Path) -> dict:
         partial.parent.mkdir(parents=True, exist_ok=True)
-        done = {r["id"]: r for r in read_jsonl(partial)}
+        done = {r["id"]: r for r in read_jsonl(partial) if "eos_token" in r}
         todo = [i for i in range(len(examples)) if ids[i] not in done]
         if done:
             say(f"resuming {kind}: {len(done)} of {len(examples)} done")
         backend = HFBackend(teacher, teacher_tokenizer)
 
         def keep(batch):
-            append_jsonl(partial, [{"id": g.id, "text": g.text, "new_tokens": g.new_tokens, "finished": g.finished}
-                                   for g in batch])
-            done.update({g.id: {"id": g.id, "text": g.text, "new_tokens": g.new_tokens} for g in batch})
+            rows = [record(g) for g in batch]
+            append_jsonl(partial, rows)
+            done.update({r["id"]: r for r in rows})
 
         if todo:
             backend.generate([prompts[i] for i in todo], [ids[i] for i in todo], decoding, seed, on_batch=keep)
         with open(tmp / "generations.jsonl", "w", encoding="utf-8") as handle:
             for i in ids:
-                handle.write(json.dumps({"id": i, "text": done[i]["text"], "new_tokens": done[i]["new_tokens"]}) + "\n")
-        return {"n": len(ids), "generated_tokens": sum(int(done[i]["new_tokens"]) for i in ids)}
+                handle.write(json.dumps(done[i], ensure_ascii=False) + "\n")
+        return {"n": len(ids), "generated_tokens": sum(int(done[i]["new_tokens"]) for i in ids),
+                "unfinished": sum(not done[i]["finished"] for i in ids)}
 
     say(f"{kind.replace('-', ' ')} ({decoding.describe()}) for {len(examples)} prompts")
     artifact = store.get_or_build(kind, inputs, build, log=say)
@@ -479,10 +509,11 @@ def generation_stage(config: TrainConfig, params: dict, decoding, teacher, teach
     rows = {r["id"]: r for r in read_jsonl(artifact.path / "generations.jsonl")}
     generated = [Example(instruction=e.instruction, input=e.input, output=rows[ids[i]]["text"], id=e.id, extra=e.extra)
                  for i, e in enumerate(examples)]
+    ends = [ResponseEnd.from_record(rows[i]) for i in ids]
     facts = {"reused": artifact.reused, "path": str(artifact.path), "build_seconds": artifact.meta.get("build_seconds", 0.0),
              "generated_tokens": int(artifact.meta.get("generated_tokens", 0)),  # the method's cost, even if reused
-             "decoding": decoding.describe()}
-    return generated, facts
+             "unfinished": sum(not end.finished for end in ends), "decoding": decoding.describe()}
+    return generated, ends, facts
 
 
 def _version_kwargs(config: TrainConfig) -> dict:

@@ -406,15 +406,14 @@ class DistillTrainer(Trainer):
 
 def sample_responses(model, tokenizer, prompts: list[list[int]], ids: list[str], decoding, seed: int):
     """Responses of ``model`` (the *unwrapped* model: generation never goes through DDP) to token-id
-    prompts: per prompt the new tokens plus EOS when the model ended, and the number of tokens generated.
-    Each row's sampling seed derives from ``seed`` and its id (:mod:`kdbench.generate`)."""
+    prompts: per prompt the new tokens plus the EOS id the model emitted when it stopped (one of its
+    EOS ids, kept as produced); a response cut at ``max_new_tokens`` has no EOS. Also returns the
+    number of tokens generated. Each row's sampling seed derives from ``seed`` and its id
+    (:mod:`kdbench.generate`)."""
     from kdbench.generate import HFBackend
 
-    backend = HFBackend(model, tokenizer)
-    generated = backend._generate_batch(prompts, ids, decoding, seed=seed)
-    eos = backend.eos_ids[0] if backend.eos_ids else None
-    responses = [list(tokens) + ([eos] if finished and eos is not None else []) for tokens, finished in generated]
-    return responses, sum(len(tokens) for tokens, _ in generated)
+    generated = HFBackend(model, tokenizer).generate_ids(prompts, ids, decoding, seed=seed)
+    return [row.with_eos() for row in generated], sum(len(row.tokens) for row in generated)
 
 
 def _n_tokens(inputs) -> int:

@@ -9,11 +9,13 @@
    (β = ``teacher_dpo_beta`` = 0.05, reference = π_ref) on the preference data, or ``params.dpo_teacher``.
 2. ``student``: where training starts — ``--student`` (``init: student``), its SFT checkpoint on the
    chosen responses (``init: sft``, ADPA's default), ``params.sft_model``, or for ADPA+ the DCKD student
-   (the ``dckd`` recipe trained as a stage, or ``params.dckd_model``).
+   (the ``dckd`` recipe trained as a stage from that same SFT student — adpa_dckd.md Alg. 2 — or
+   ``params.dckd_model``). Every stage trains with its own ``*_settings`` (the paper's, §4.1 / App. F).
 3. ``generate`` (ADPA): ŷ = the starting student's response to every training prompt, generated once
    (greedy by default) and cached.
 4. ``train``: :class:`GuidedTrainer` — CE on y_w plus DCKD's α·FKL(π_dpo‖π_θ) on y_w and y_l, or ADPA's
-   γ·advantage loss on ŷ; the teachers run in the same step, never wrapped or checkpointed.
+   γ·advantage loss on ŷ; the teachers run in the same step, never wrapped or checkpointed; the policy
+   trains without dropout unless ``disable_dropout: false``.
 
 Teachers and student must share a vocabulary (token-level signals); a mismatch stops the run before any
 file is written.
@@ -36,7 +38,7 @@ from kdbench.train.pipeline import (Pair, PairCollator, PairDataset, PreferenceT
 
 # what ADPA+ hands its DCKD stage: a given SFT student (sft_model) is where that stage starts, as in dckd itself
 _DCKD_PARAMS = ("alpha", "kl_reduction", "temperature", "teacher_topk", "ref_teacher", "teacher_dpo_beta",
-                "teacher_sft_settings", "teacher_dpo_settings", "init", "sft_model", "sft_settings")
+                "teacher_sft_settings", "teacher_dpo_settings", "init", "sft_model", "sft_settings", "disable_dropout")
 
 
 class GuidedTrainer(PreferenceTrainer):
@@ -152,14 +154,15 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     if params.get("ref_teacher", "given") == "sft":
         path, facts["ref"] = model_stage(config, store, run, say, kind="sft-model", method="sft", student=config.teacher,
                                          data=chosen_file, settings=params.get("teacher_sft_settings"),
-                                         description="the SFT teacher pi_ref on the chosen responses")
+                                         teacher_stage=True, description="the SFT teacher pi_ref on the chosen responses")
         ref_dir = str(path)
     dpo_dir = given_model(params, "dpo_teacher", "a DPO-aligned teacher")
     if dpo_dir is None:
         dpo_dir, facts["dpo"] = model_stage(
             config, store, run, say, kind="dpo-teacher", method="dpo", student=ref_dir, data=config.data,
             params={"beta": float(params["teacher_dpo_beta"]), "reference": "student"},
-            settings=params.get("teacher_dpo_settings"), description="pi_dpo: DPO of pi_ref on the preference data")
+            settings=params.get("teacher_dpo_settings"), teacher_stage=True,
+            description="pi_dpo: DPO of pi_ref on the preference data")
     else:
         facts["dpo"] = {"given": str(dpo_dir)}
     stages.mark("teachers", facts)
@@ -184,10 +187,11 @@ def train_guided(config, entry, params: dict, *, log: Callable[[str], None] | No
     # Stage: ŷ (ADPA): the starting student's responses, once
     if params["loss"] == "adpa":
         decoding = recipe_decoding(config, params, "teacher")
-        outputs, g_facts = generation_stage(config, params, decoding, lazy_model(start, trainable=False), tokenizer,
-                                            [p.example for p in pairs], run, store, say, model_name=start,
-                                            kind="student-generations")
-        train_pairs = [Pair(p.example, p.chosen, o.output or tokenizer.eos_token) for p, o in zip(pairs, outputs)]
+        outputs, ends, g_facts = generation_stage(config, params, decoding, lazy_model(start, trainable=False),
+                                                  tokenizer, [p.example for p in pairs], run, store, say,
+                                                  model_name=start, kind="student-generations")
+        # ŷ as the student produced it: its text and the EOS it stopped with, none when cut at the limit
+        train_pairs = [Pair(p.example, p.chosen, o.output, rejected_end=end) for p, o, end in zip(pairs, outputs, ends)]
         stages.mark("generate", g_facts)
         generated = g_facts["generated_tokens"]
     else:

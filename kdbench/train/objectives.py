@@ -85,6 +85,8 @@ def _validate_dpkd_token(params: dict) -> None:
         raise ConfigError(f"Parameter beta must be greater than 0 (got {params['beta']}).")
     if _number(params, "lm_weight") < 0:
         raise ConfigError(f"Parameter lm_weight must not be negative (got {params['lm_weight']}).")
+    _validate_stage_settings(params)
+    _validate_switches(params)
 
 
 def _validate_token_kd(params: dict) -> None:
@@ -107,6 +109,8 @@ def _validate_token_kd(params: dict) -> None:
     if not _number(params, "temperature") > 0:
         raise ConfigError(f"Parameter temperature must be greater than 0 (got {params['temperature']}).")
     _validate_generation(params)
+    _validate_stage_settings(params)
+    _validate_switches(params)
 
 
 def _validate_generation(params: dict) -> None:
@@ -125,6 +129,24 @@ def _validate_generation(params: dict) -> None:
 
 def _validate_sft(params: dict) -> None:
     _validate_generation(params)
+    _validate_stage_settings(params)
+    _validate_switches(params)
+
+
+def _validate_stage_settings(params: dict) -> None:
+    """Every ``*_settings`` parameter (a stage's training settings) is a mapping."""
+    for name, value in params.items():
+        if name.endswith("_settings") and not isinstance(value, dict):
+            raise ConfigError(f"Parameter {name} must be a mapping of training settings, e.g. {{learning_rate: 1e-4}}.")
+
+
+def _validate_switches(params: dict) -> None:
+    """The recipe switches shared by several objectives: ``disable_dropout`` and ``teacher_init``."""
+    if "disable_dropout" in params and not isinstance(params["disable_dropout"], bool):
+        raise ConfigError(f"Parameter disable_dropout must be true or false (got {params['disable_dropout']!r}).")
+    if params.get("teacher_init", "given") not in ("given", "sft"):
+        raise ConfigError("Parameter teacher_init must be given (--teacher is already fine-tuned on the task) or sft "
+                          "(fine-tune it on --data first, once, cached).")
 
 
 def _number(params: dict, name: str) -> float:
@@ -204,6 +226,18 @@ def preference_reference(params: dict) -> str | None:
     return params.get("reference", "teacher")
 
 
+#: Each form's reading when ``length_normalize`` is null: DPKD's Eq. 9 divides each log-ratio by its
+#: response length; IPO's Eq. 17 (and DPKD's Table 2, METHODS.md) sums them — ``true`` gives TRL's
+#: ``loss_type="ipo"``, which divides.
+LENGTH_NORMALIZED_BY_DEFAULT = {"dpkd": True, "ipo": False}
+
+
+def length_normalized(params: dict) -> bool:
+    """Whether the recipe's dpkd / ipo form divides each log-ratio by its response length."""
+    value = params.get("length_normalize")
+    return LENGTH_NORMALIZED_BY_DEFAULT.get(preference_form(params), False) if value is None else bool(value)
+
+
 def _reference_logps(pairs: PairBatch, params: dict):
     if preference_reference(params) == "teacher":
         return pairs.teacher_chosen, pairs.teacher_rejected
@@ -240,16 +274,18 @@ def _preference(pairs: PairBatch, params: dict) -> dict:
         reward_c, reward_r = beta * pc / c_len, beta * pr / r_len
     elif form == "dpkd":
         beta = float(params["beta"])
-        normalize = bool(params.get("length_normalize", True))
+        normalize = length_normalized(params)
         per_pair = dpkd(pc, pr, pairs.teacher_chosen, pairs.teacher_rejected, pairs.chosen_lengths,
                         pairs.rejected_lengths, beta=beta, length_normalize=normalize, reduction="none")
         reward_c = beta * (pc - pairs.teacher_chosen) / (c_len if normalize else 1.0)
         reward_r = beta * (pr - pairs.teacher_rejected) / (r_len if normalize else 1.0)
     elif form == "ipo":
         ref_c, ref_r = _reference_logps(pairs, params)
-        per_pair = ipo(pc, pr, ref_c, ref_r, tau=float(params["tau"]), chosen_lengths=pairs.chosen_lengths,
-                       rejected_lengths=pairs.rejected_lengths, reduction="none")
-        reward_c, reward_r = (pc - ref_c) / c_len, (pr - ref_r) / r_len
+        normalize = length_normalized(params)  # summed by default (IPO Eq. 17); true: TRL's per-token form
+        lengths = {"chosen_lengths": pairs.chosen_lengths, "rejected_lengths": pairs.rejected_lengths} if normalize else {}
+        per_pair = ipo(pc, pr, ref_c, ref_r, tau=float(params["tau"]), reduction="none", **lengths)
+        reward_c = (pc - ref_c) / (c_len if normalize else 1.0)
+        reward_r = (pr - ref_r) / (r_len if normalize else 1.0)
     elif form == "cpo":
         beta = float(params["beta"])
         per_pair = cpo(pc, pr, pairs.chosen_lengths, beta=beta, nll=params.get("cpo_nll", "token_mean"),
@@ -282,9 +318,13 @@ def _validate_preference(params: dict) -> None:
         raise ConfigError("Parameters beta1 and beta2 cannot both be 0 (the loss would be constant).")
     if form == "cpo" and params.get("cpo_nll", "token_mean") not in ("token_mean", "sequence_sum"):
         raise ConfigError("Parameter cpo_nll must be token_mean or sequence_sum.")
-    for name in ("dsft_settings", "sft_settings", "teacher_dpo_settings"):
-        if name in params and not isinstance(params[name], dict):
-            raise ConfigError(f"Parameter {name} must be a mapping of training settings, e.g. {{learning_rate: 1e-4}}.")
+    normalize = params.get("length_normalize")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise ConfigError(f"Parameter length_normalize must be true, false or null (got {normalize!r}).")
+    if normalize is not None and form not in LENGTH_NORMALIZED_BY_DEFAULT:
+        raise ConfigError(f"Parameter length_normalize applies to the dpkd and ipo forms, not {form}; leave it null.")
+    _validate_stage_settings(params)
+    _validate_switches(params)
     for name in ("lm_weight", "kl_weight"):
         if name in params and _number(params, name) < 0:
             raise ConfigError(f"Parameter {name} must not be negative (got {params[name]}).")
@@ -377,9 +417,8 @@ def _validate_guided(params: dict) -> None:
                           "(fine-tune it on the chosen responses first).")
     if params.get("init", "student") not in ("sft", "student"):
         raise ConfigError(f"Parameter init must be sft or student (got {params['init']!r}).")
-    for name in ("sft_settings", "teacher_sft_settings", "teacher_dpo_settings", "dckd_settings"):
-        if name in params and not isinstance(params[name], dict):
-            raise ConfigError(f"Parameter {name} must be a mapping of training settings, e.g. {{learning_rate: 1e-4}}.")
+    _validate_stage_settings(params)
+    _validate_switches(params)
     _validate_generation(params)
 
 

@@ -6,14 +6,17 @@ data — resumes or reuses stage by stage ("reusing cached ... artifact" in the 
 
 1. ``generate``: y_t = the teacher's greedy output on every training prompt (the same artifact as
    the ``dsft`` / ``seqkd`` generation stage) and y_s = the *original* student's greedy output
-   (``student-generations``). One pair (chosen y_t, rejected y_s) per prompt.
+   (``student-generations``). One pair (chosen y_t, rejected y_s) per prompt; each response ends
+   with the EOS its model emitted, or none when cut (:mod:`kdbench.train.responses`).
 2. ``dsft``: the student fine-tuned on (x, y_t) with the ``dsft`` recipe (``dsft-model``
-   artifact), unless ``params.dsft_model`` names a ready checkpoint. It is the policy's
-   starting point and the frozen reference.
+   artifact, its own ``dsft_settings``: :mod:`kdbench.train.stage_settings`), unless
+   ``params.dsft_model`` names a ready checkpoint. It is the policy's starting point and the frozen
+   reference (``reference: student``: the original student instead).
 3. ``logprobs``: summed log-probs of chosen and rejected under the frozen reference and/or the
    teacher, computed once (``sequence-logprobs`` artifact, one per model and tokenized pair set).
    Each model scores the response *text* with its own tokenizer and prompt template, so the teacher
-   may have another vocabulary than the student.
+   may have another vocabulary than the student; every log-softmax runs over the tokenizer's
+   vocabulary rows, the policy's in the step too.
 4. ``train``: :class:`PreferenceTrainer` — the policy's log-probs in the step
    (:func:`kdbench.losses.sequence.sequence_logps`), the recipe's preference loss
    (:mod:`kdbench.train.objectives`, ``preference``), mean over all pairs of the optimizer step.
@@ -40,18 +43,19 @@ from kdbench.errors import ConfigError, DataError
 from kdbench.store import RunDir, atomic_write_json, atomic_write_text, hash_obj
 from kdbench.train.engine import DistillTrainer, take_batches
 from kdbench.train.objectives import PairBatch, cross_entropy_sum, preference_reference
-
-#: TrainConfig fields that do not change what a dSFT stage produces (left out of its artifact key).
-_NOT_IN_DSFT_KEY = ("output_dir", "run_name", "cache_dir", "report_to", "method", "params")
-
+from kdbench.train.policy import disable_dropout
+from kdbench.train.responses import GOLD_END, ResponseEnd, tokenize_response
 
 @dataclass
 class Pair:
-    """One preference pair: the prompt's example (``output`` unused), chosen and rejected texts."""
+    """One preference pair: the prompt's example (``output`` unused), chosen and rejected texts and how
+    each ends (a generated response keeps the EOS its model emitted, or none when it was cut)."""
 
     example: object  # kdbench.data.Example
     chosen: str
     rejected: str
+    chosen_end: ResponseEnd = GOLD_END
+    rejected_end: ResponseEnd = GOLD_END
 
 
 def load_preference_pairs(path: str | Path) -> list[Pair]:
@@ -76,15 +80,16 @@ def load_preference_pairs(path: str | Path) -> list[Pair]:
 
 # ------------------------------------------------------------------------------------------ tokenized pairs
 def tokenize_pairs(pairs: list[Pair], tokenizer, *, style: str, max_prompt_length: int, max_length: int) -> list[dict]:
-    """Per pair: chosen and rejected as prompt + response + EOS with ``tokenizer`` (labels −100 on the prompt)."""
-    from kdbench.data import tokenize_example
-
+    """Per pair: chosen and rejected as prompt + response + its end with ``tokenizer`` (labels −100 on
+    the prompt); the end is the EOS the response's model emitted, none for a cut response, the
+    tokenizer's EOS for a dataset response (:mod:`kdbench.train.responses`)."""
     out = []
     for pair in pairs:
         row = {}
         for side in ("chosen", "rejected"):
-            item = tokenize_example(pair.example, tokenizer, style=style, max_prompt_length=max_prompt_length,
-                                    max_length=max_length, response=getattr(pair, side))
+            item = tokenize_response(pair.example, tokenizer, style=style, max_prompt_length=max_prompt_length,
+                                     max_length=max_length, response=getattr(pair, side),
+                                     end=getattr(pair, f"{side}_end"))
             row[side] = (item.input_ids, item.labels)
         out.append(row)
     return out
@@ -96,9 +101,14 @@ def _pad(sequences: list[tuple[list[int], list[int]]], pad_token_id: int) -> dic
     return PadCollator(pad_token_id)([{"input_ids": ids, "labels": labels} for ids, labels in sequences])
 
 
-def frozen_sequence_logps(model, tokenized: list[dict], pad_token_id: int, batch_size: int) -> dict:
+def frozen_sequence_logps(model, tokenized: list[dict], pad_token_id: int, batch_size: int,
+                          vocab_size: int | None = None) -> dict:
     """Summed log-probs of every chosen and rejected response under a frozen ``model``: {"chosen": [P],
-    "rejected": [P]} lists of floats (float32 math, eval mode, no gradient)."""
+    "rejected": [P]} lists of floats (float32 math, eval mode, no gradient).
+
+    ``vocab_size``: the output rows the log-softmax is taken over — the tokenizer's vocabulary, the same
+    rows as the policy's log-probs in the step (:attr:`PreferenceTrainer.logit_rows`); the padded rows a
+    checkpoint may carry beyond it (Qwen2.5) are not tokens. ``None``: every row."""
     from kdbench.losses.sequence import sequence_logps
 
     was_training = model.training
@@ -112,7 +122,7 @@ def frozen_sequence_logps(model, tokenized: list[dict], pad_token_id: int, batch
                     batch = _pad([row[side] for row in tokenized[start:start + batch_size]], pad_token_id)
                     logits = model(input_ids=batch["input_ids"].to(device),
                                    attention_mask=batch["attention_mask"].to(device)).logits
-                    logps = sequence_logps(logits[:, :-1], batch["labels"][:, 1:].to(device))
+                    logps = sequence_logps(logits[:, :-1, :vocab_size], batch["labels"][:, 1:].to(device))
                     out[side].extend(float(v) for v in logps)
     finally:
         model.train(was_training)
@@ -122,15 +132,18 @@ def frozen_sequence_logps(model, tokenized: list[dict], pad_token_id: int, batch
 def cached_logps(store, kind_label: str, model_name: str, model_loader: Callable, tokenizer, pairs: list[Pair],
                  config, say) -> tuple[dict, dict]:
     """:func:`frozen_sequence_logps` of ``model_name`` on ``pairs`` through the artifact store (its own
-    tokenizer and prompt template). Returns (logps, facts)."""
+    tokenizer and prompt template; the log-softmax over its tokenizer's vocabulary rows, as the policy's).
+    Returns (logps, facts)."""
     from kdbench.teacher_cache import model_fingerprint
 
     tokenized = tokenize_pairs(pairs, tokenizer, style=config.prompt_style, max_prompt_length=config.max_prompt_length,
                                max_length=config.max_length)
-    inputs = {"model": model_fingerprint(model_name), "sequences": hash_obj(tokenized)}
+    rows = len(tokenizer)
+    inputs = {"model": model_fingerprint(model_name), "sequences": hash_obj(tokenized), "logit_rows": rows}
 
     def build(tmp: Path) -> dict:
-        logps = frozen_sequence_logps(model_loader(), tokenized, tokenizer.pad_token_id, config.generation_batch_size)
+        logps = frozen_sequence_logps(model_loader(), tokenized, tokenizer.pad_token_id, config.generation_batch_size,
+                                      vocab_size=rows)
         atomic_write_json(tmp / "logps.json", logps)
         return {"pairs": len(pairs), "forward_tokens": sum(len(r[s][0]) for r in tokenized for s in ("chosen", "rejected"))}
 
@@ -228,16 +241,27 @@ class PreferenceTrainer(DistillTrainer):
     Diagnostics per pair (``train_log.jsonl``): the implicit rewards of chosen and rejected, their margin,
     the reward accuracy and, with online pairs, the sequence-level reverse KL estimate log q(y_s) − log p(y_s)
     and the exact reverse KL on the first response token (DPKD's Table 3).
+
+    The policy trains without dropout unless ``params.disable_dropout`` is false (:mod:`kdbench.train.policy`).
     """
 
     def __init__(self, *args, online: OnlinePairs | None = None, lm_mode: str | None = None, kl_weight: float = 0.0,
                  kl_divergence: str = "rkl", **kwargs):
         super().__init__(*args, **kwargs)
+        if self.params.get("disable_dropout", True):  # TRL's disable_dropout: no dropout noise in the rewards
+            disable_dropout(self.model)
         self.online = online
         self.lm_mode = lm_mode
         self.kl_weight = float(kl_weight)
         self.kl_divergence = kl_divergence
         self._step_totals: dict | None = None
+
+    @property
+    def logit_rows(self) -> int:
+        """The output rows every log-softmax of the step is taken over (policy, in-step teacher): the
+        tokenizer's vocabulary, the same rows as the cached frozen log-probs (:func:`frozen_sequence_logps`).
+        A checkpoint's padded output rows beyond it (Qwen2.5 ships them) are not tokens."""
+        return int(self.params.get("vocab_size") or len(self.gen_tokenizer))
 
     # ---------------------------------------------------------------- the step's batches and counts
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
@@ -280,17 +304,16 @@ class PreferenceTrainer(DistillTrainer):
         prompts = [ids[:int(batch["prompt_length"][row])] for row, (ids, _) in enumerate(chosen)]
         key = f"{self.online.seed}/{self.state.global_step}/{micro}/{self.accelerator.process_index}"
         ids = [f"{int(e)}@{self.state.global_step}" for e in batch["example_index"]]
+        # y_s as sampled: its tokens and the EOS id the student emitted (none when cut at max_new_tokens)
         responses, generated = sample_responses(self.accelerator.unwrap_model(self.model), self.gen_tokenizer, prompts,
                                                 ids, self.online.decoding, example_seed(self.online.seed, key) % (2**31))
-        eos = self.gen_tokenizer.eos_token_id
-        responses = [r if r else [eos] for r in responses]  # a row cut at the model's last position: score EOS
         rejected = [(p + r, [-100] * len(p) + r) for p, r in zip(prompts, responses)]
         device = batch["input_ids"].device
         out = {k: v for k, v in batch.items() if k not in ("input_ids", "labels", "attention_mask")}
         out.update({k: v.to(device) for k, v in _pad(chosen + rejected, self.gen_tokenizer.pad_token_id).items()})
         with torch.no_grad():
             logits = self.teacher(input_ids=out["input_ids"], attention_mask=out["attention_mask"]).logits
-            vocab = self.params.get("vocab_size") or logits.shape[-1]
+            vocab = self.logit_rows
             logps = sequence_logps(logits[:, :-1, :vocab], out["labels"][:, 1:])
             first = logits[torch.arange(n, device=device), out["prompt_length"].to(device) - 1, :vocab]
         out["teacher_chosen"], out["teacher_rejected"] = logps[:n].float(), logps[n:].float()
@@ -314,7 +337,7 @@ class PreferenceTrainer(DistillTrainer):
 
         n_pairs = inputs["example_index"].numel()
         outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
-        vocab = self.params.get("vocab_size") or outputs.logits.shape[-1]
+        vocab = self.logit_rows
         logits = outputs.logits[:, :-1, :vocab]
         targets = inputs["labels"][:, 1:]
         logps = sequence_logps(logits, targets)  # [2P]
@@ -375,7 +398,7 @@ class PreferenceTrainer(DistillTrainer):
         def sums(model, inputs) -> list[float]:
             n = inputs["example_index"].numel()
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            vocab = self.params.get("vocab_size") or logits.shape[-1]
+            vocab = self.logit_rows
             targets = inputs["labels"][:, 1:]
             logps = sequence_logps(logits[:, :-1, :vocab], targets)
             lengths = (targets != -100).sum(-1)
@@ -433,45 +456,57 @@ def given_model(params: dict, name: str, what: str, tokenizer=None) -> Path | No
 
 def model_stage(config, store, run: RunDir, say, *, kind: str, method: str, student: str, data: str,
                 teacher: str | None = None, params: dict | None = None, settings: dict | None = None,
-                description: str = "") -> tuple[Path, dict]:
+                description: str = "", teacher_stage: bool = False) -> tuple[Path, dict]:
     """A model another stage starts from (the dSFT model, an SFT student or teacher, a DPO-aligned
     teacher, a DCKD student): recipe ``method`` trained once per (models, data, settings) in the artifact
     store (``kind``). Its run lives under this run's ``stages/`` folder while it trains, so a killed stage
-    resumes from its checkpoints; later runs with the same inputs reuse it ("reusing cached ...")."""
+    resumes from its checkpoints; later runs with the same inputs reuse it ("reusing cached ...").
+
+    ``settings``: the stage's training settings (the recipe's ``<stage>_settings``, the papers' values,
+    merged with the user's); the main run's learning rate, epochs, batch size, LM corpus and method terms
+    never reach it (:mod:`kdbench.train.stage_settings`). ``teacher_stage``: a teacher-preparation stage,
+    trained with one fixed seed so every training seed shares it."""
+    from kdbench.config import build
     from kdbench.store import hash_file
     from kdbench.teacher_cache import model_fingerprint
     from kdbench.train.api import TrainConfig, train
+    from kdbench.train.stage_settings import STAGE_FORMAT, stage_key, stage_values
 
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    overrides = dict(settings or {})
-    unknown = sorted(set(overrides) - set(values))
-    if unknown:
-        raise ConfigError(f"The {kind} stage's settings have {unknown[0]!r}, which is not a training setting.")
-    values.update(overrides)
+    values = stage_values(config, settings, kind=kind, teacher_stage=teacher_stage)
     values.update(method=method, student=student, teacher=teacher, data=data, params=dict(params or {}),
                   output_dir=str(run.path / "stages"), run_name=kind, select="last",
                   continue_from=None)  # a continued run's checkpoint belongs to its main stage, not this one
-    stage_config = TrainConfig(**values)
+    stage_config = build(TrainConfig, values, prefix=f"the {kind} stage's settings")
 
     def data_key(value):
         return hash_file(value) if value and Path(value).is_file() else value
 
-    inputs = {"method": method, "student": model_fingerprint(student),
+    inputs = {"format": STAGE_FORMAT, "method": method, "student": model_fingerprint(student),
               "teacher": model_fingerprint(teacher) if teacher else None, "data": data_key(data),
-              "valid_data": data_key(stage_config.valid_data),
-              "settings": {k: v for k, v in to_dict(stage_config).items() if k not in _NOT_IN_DSFT_KEY},
+              "valid_data": data_key(stage_config.valid_data), "settings": stage_key(to_dict(stage_config)),
               "params": stage_config.params}
 
-    def build(tmp: Path) -> dict:
+    def build_stage(tmp: Path) -> dict:
         result = train(stage_config, log=say, progress=False)
         shutil.copytree(result.model_dir, tmp / "model")
         shutil.rmtree(run.path / "stages" / kind, ignore_errors=True)
-        return {"optimizer_steps": result.cost.get("optimizer_steps"), "final_train_loss": result.final_train_loss}
+        return {"optimizer_steps": result.cost.get("optimizer_steps"), "final_train_loss": result.final_train_loss,
+                "lm_tokens": result.cost.get("lm_tokens", 0), "learning_rate": stage_config.learning_rate}
 
-    say(f"{kind} stage ({description or method})")
-    artifact = store.get_or_build(kind, inputs, build, log=say)
+    say(f"{kind} stage ({description or method}; learning rate {stage_config.learning_rate:g}, "
+        f"{_stage_length(stage_config)}, batch {stage_config.batch_size} x {stage_config.grad_accum})")
+    artifact = store.get_or_build(kind, inputs, build_stage, log=say)
     return artifact.path / "model", {"reused": artifact.reused, "path": str(artifact.path),
-                                     "build_seconds": artifact.meta.get("build_seconds", 0.0)}
+                                     "build_seconds": artifact.meta.get("build_seconds", 0.0),
+                                     "settings": {k: getattr(stage_config, k) for k in
+                                                  ("learning_rate", "num_epochs", "max_steps", "batch_size",
+                                                   "grad_accum", "seed")}}
+
+
+def _stage_length(stage_config) -> str:
+    if stage_config.max_steps > 0:
+        return f"{stage_config.max_steps} steps"
+    return f"{stage_config.num_epochs:g} epochs"
 
 
 def _dsft_stage(config, params: dict, store, run: RunDir, say) -> tuple[Path, dict]:
@@ -513,6 +548,20 @@ def policy_start(config, params: dict, store, run: RunDir, say, sft_data: str) -
     path, facts = model_stage(config, store, run, say, kind="sft-model", method="sft", student=config.student,
                               data=sft_data, settings=params.get("sft_settings"),
                               description="the student's SFT checkpoint")
+    return str(path), facts
+
+
+def prepared_teacher(config, params: dict, store, run: RunDir, say, data: str) -> tuple[str, dict]:
+    """The teacher a recipe distils from (METHODS.md, "Teacher preparation"): ``--teacher`` as given
+    (``teacher_init: given``, the default: it is already fine-tuned on the task) or, ``teacher_init: sft``,
+    ``--teacher`` fine-tuned on ``data`` first — as MiniLLM, DistiLLM, AKL and DPKD prepared theirs — with
+    ``teacher_sft_settings``, once per (teacher, data, settings): a cached ``sft-model`` stage with a fixed
+    seed, shared by every method and training seed on that teacher and data."""
+    if params.get("teacher_init", "given") != "sft":
+        return config.teacher, {"given": config.teacher}
+    path, facts = model_stage(config, store, run, say, kind="sft-model", method="sft", student=config.teacher,
+                              data=data, settings=params.get("teacher_sft_settings"), teacher_stage=True,
+                              description="the teacher fine-tuned on the task, teacher_init: sft")
     return str(path), facts
 
 
@@ -565,7 +614,8 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         prompts = [p.example for p in pairs]
     else:
         sft_stage = params.get("init", "sft") == "sft" and not params.get("sft_model")
-        gold_needed = source == "dpkd" and (sft_stage or (not config.lm_data and float(params.get("lm_weight", 0)) > 0))
+        gold_needed = source == "dpkd" and (sft_stage or params.get("teacher_init", "given") == "sft"
+                                            or (not config.lm_data and float(params.get("lm_weight", 0)) > 0))
         prompts = load_examples(data_path, require_output=gold_needed)
     if not config.valid_data:  # the same split as train() makes for the dSFT / SFT stages: the same prompts
         kept = {id(e) for e in split_validation(prompts, config.valid_fraction, config.seed)[0]}
@@ -612,6 +662,13 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
         return finished
     stages = Stages(run)
     extra_cost: dict = {"generated_tokens": 0, "frozen_forward_tokens": 0}
+    # Stage (teacher_init: sft, DPKD's "fine-tuned teacher"): --teacher fine-tuned on the task first, cached
+    if params.get("teacher_init", "given") == "sft":
+        teacher_data = chosen_as_examples(pairs, run) if from_file else config.data
+        prepared, t_facts = prepared_teacher(config, params, store, run, say, teacher_data)
+        stages.mark("teacher", t_facts)
+        config = dataclasses.replace(config, teacher=prepared)  # every later stage and the step use it
+        teacher_holder.clear()
     # Stage: the policy's starting point (dSFT model; DPKD's SFT student)
     if source == "distill":
         dsft_dir, d_facts = _dsft_stage(config, params, store, run, say)
@@ -625,31 +682,34 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     else:
         policy_source = config.student
 
-    # Stage: generations (y_t: the teacher; y_s: the original student, or the SFT student for DPKD offline)
+    # Stage: generations (y_t: the teacher; y_s: the original student, or the SFT student for DPKD offline).
+    # Each response keeps the EOS its model stopped with; one cut at max_new_tokens has none.
     if not from_file:
-        teacher_outputs, t_facts = generation_stage(config, params, decoding, LazyModel(teacher_model),
-                                                    teacher_tokenizer, prompts, run, store, say)
+        teacher_outputs, teacher_ends, t_facts = generation_stage(config, params, decoding, LazyModel(teacher_model),
+                                                                  teacher_tokenizer, prompts, run, store, say)
         facts_gen = {"teacher": t_facts}
         extra_cost["generated_tokens"] += t_facts["generated_tokens"]
         if online:  # y_s is sampled in every step; the pair's rejected text is a placeholder until then
-            student_texts = [t.output for t in teacher_outputs]
+            student_texts, student_ends = [t.output for t in teacher_outputs], teacher_ends
         else:
             generator = config.student if source == "distill" else policy_source
-            student_outputs, s_facts = generation_stage(
+            student_outputs, student_ends, s_facts = generation_stage(
                 config, params, decoding, lazy_model(generator, trainable=False), tokenizer, prompts,
                 run, store, say, model_name=generator, kind="student-generations")
             student_texts = [s.output for s in student_outputs]
             facts_gen["student"] = s_facts
             extra_cost["generated_tokens"] += s_facts["generated_tokens"]
-        pairs = [Pair(e, t.output, s) for e, t, s in zip(prompts, teacher_outputs, student_texts)]
+        pairs = [Pair(e, t.output, s, t_end, s_end)
+                 for e, t, s, t_end, s_end in zip(prompts, teacher_outputs, student_texts, teacher_ends, student_ends)]
         if valid_prompts:  # held-out pairs: the teacher's and the starting policy's responses, generated once
             generator = config.student if source == "distill" else policy_source
-            valid_teacher, v_facts = generation_stage(config, params, decoding, LazyModel(teacher_model), teacher_tokenizer,
-                                                      valid_prompts, run, store, say)
-            valid_student, w_facts = generation_stage(
+            valid_teacher, valid_teacher_ends, v_facts = generation_stage(
+                config, params, decoding, LazyModel(teacher_model), teacher_tokenizer, valid_prompts, run, store, say)
+            valid_student, valid_student_ends, w_facts = generation_stage(
                 config, params, decoding, lazy_model(generator, trainable=False), tokenizer,
                 valid_prompts, run, store, say, model_name=generator, kind="student-generations")
-            valid_pairs = [Pair(e, t.output, s.output) for e, t, s in zip(valid_prompts, valid_teacher, valid_student)]
+            valid_pairs = [Pair(e, t.output, s.output, t_end, s_end) for e, t, s, t_end, s_end
+                           in zip(valid_prompts, valid_teacher, valid_student, valid_teacher_ends, valid_student_ends)]
             facts_gen["validation"] = {"teacher": v_facts, "student": w_facts}
             extra_cost["generated_tokens"] += v_facts["generated_tokens"] + w_facts["generated_tokens"]
         stages.mark("generate", facts_gen)
@@ -660,10 +720,13 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     facts: dict[str, dict] = {}
     uses_ref = form == "dadpo" or (form in ("dpo", "ipo") and reference in ("dsft", "student"))
     uses_teacher = (form == "dadpo" or reference == "teacher") and not online
+    # the frozen reference: the dSFT model (the policy's start) or, reference: student, the *original*
+    # student before any stage (for a preference file the policy starts there anyway)
+    ref_source = config.student if reference == "student" else policy_source
+    ref_label = "reference (the original student)" if ref_source == config.student else "reference (dSFT model)"
     if uses_ref:
-        label = "reference (dSFT model)" if source == "distill" else "reference (initial student)"
-        frozen["ref"], facts["ref"] = cached_logps(store, label, policy_source,
-                                                   lambda: load_model(policy_source, trainable=False), tokenizer,
+        frozen["ref"], facts["ref"] = cached_logps(store, ref_label, ref_source,
+                                                   lambda: load_model(ref_source, trainable=False), tokenizer,
                                                    pairs, config, say)
     if uses_teacher:
         frozen["teacher"], facts["teacher"] = cached_logps(store, "teacher", config.teacher, teacher_model,
@@ -672,7 +735,7 @@ def train_preference(config, entry, params: dict, *, log: Callable[[str], None] 
     if valid_pairs:  # the held-out pairs' frozen log-probs (the teacher's too for online DPKD)
         if uses_ref:
             valid_frozen["ref"], facts["valid_ref"] = cached_logps(
-                store, "validation reference", policy_source, lambda: load_model(policy_source, trainable=False),
+                store, f"validation {ref_label}", ref_source, lambda: load_model(ref_source, trainable=False),
                 tokenizer, valid_pairs, config, say)
         if form == "dadpo" or reference == "teacher":
             valid_frozen["teacher"], facts["valid_teacher"] = cached_logps(
