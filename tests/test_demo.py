@@ -144,8 +144,9 @@ def test_controls_and_sensitivity_are_reported_for_several_seeds(tmp_path):
 def test_full_preset_trains_every_recipe_and_ends_with_the_report(tmp_path):
     from kdbench import registry
 
-    preset = preset_with("full", {"corpus": {"n_people": 16, "n_cities": 4}, "teacher_steps": 40, "student_steps": 8,
-                                  "batch_size": 16, "max_new_tokens": 24, "eval_limit": 30})
+    preset = preset_with("full", {"corpus": {"n_people": 16, "n_cities": 4, "language_people": 16}, "teacher_steps": 40,
+                                  "student_pretrain_steps": 12, "student_epochs": 1, "preference_epochs": 1,
+                                  "checkpoints": 2, "batch_size": 16, "max_new_tokens": 24, "eval_limit": 30})
     run_demo(preset, out_dir=tmp_path / "full", cache_dir=tmp_path / "cache", progress=False)
     evaluated = {p.name for p in (tmp_path / "full" / "eval").iterdir()}
     assert evaluated == {"teacher"} | {f"{name}-seed1" for name in registry.names("trainers")}
