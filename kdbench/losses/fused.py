@@ -19,7 +19,7 @@ cast: the peak holds the float32 sum plus one slice, never the float32 sum and t
 from __future__ import annotations
 
 from kdbench.errors import ConfigError, DataError
-from kdbench.losses._reduce import check_reduction, compute_dtype, counted_mask, counted_rows
+from kdbench.losses.reduction import check_reduction, compute_dtype, counted_mask, counted_rows
 from kdbench.losses.token import ANALYTIC_GRADIENTS, divergence_rows, scale_logits
 
 

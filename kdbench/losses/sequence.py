@@ -11,8 +11,8 @@ Notation: c = chosen, r = rejected, π = policy, ref = reference, te = teacher, 
 from __future__ import annotations
 
 from kdbench.errors import ConfigError, DataError
-from kdbench.losses._chunked import default_chunk_rows, rowwise_loss
-from kdbench.losses._reduce import check_reduction, compute_dtype, counted_mask, counted_rows, reduce_pairs
+from kdbench.losses.chunking import default_chunk_rows, rowwise_loss
+from kdbench.losses.reduction import check_reduction, compute_dtype, counted_mask, counted_rows, reduce_pairs
 
 
 def token_logps(logits, labels, mask=None, *, temperature=1.0, chunk_rows=None):

@@ -16,7 +16,7 @@ Every function has one signature::
 * ``chunk_rows``: positions per chunk (default: about 4 MiB of float32 per temporary).
 
 Memory: the loss is evaluated over chunks of positions and its gradient is formed per chunk
-(:mod:`kdbench.losses._chunked`), so beyond the inputs and their gradient only chunk-sized float32
+(:mod:`kdbench.losses.chunking`), so beyond the inputs and their gradient only chunk-sized float32
 temporaries exist. Gradients flow to the student and, if it requires grad, to the teacher (AKL's
 weights are detached, as in the authors' code).
 
@@ -31,8 +31,8 @@ from __future__ import annotations
 import math
 
 from kdbench.errors import ConfigError, DataError
-from kdbench.losses._chunked import default_chunk_rows, rowwise_loss
-from kdbench.losses._reduce import check_reduction, compute_dtype, counted_mask, counted_rows, reduce_positions
+from kdbench.losses.chunking import default_chunk_rows, rowwise_loss
+from kdbench.losses.reduction import check_reduction, compute_dtype, counted_mask, counted_rows, reduce_positions
 from kdbench.losses.sparse import SparseTeacher, collapse_student, rest_from_top, validate_sparse
 
 HEAD_RULES = ("paper", "cumulative_le")
