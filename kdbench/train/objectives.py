@@ -90,7 +90,7 @@ def _validate_dpkd_token(params: dict) -> None:
 
 
 def _validate_token_kd(params: dict) -> None:
-    from kdbench.losses.token import divergence_rows
+    from kdbench.losses.divergences import get_divergence
 
     if params.get("kl_direction") and params["kl_direction"] not in KL_DIRECTIONS:
         raise ConfigError(f"Parameter kl_direction must be one of {', '.join(KL_DIRECTIONS)} (got {params['kl_direction']!r}).")
@@ -98,7 +98,7 @@ def _validate_token_kd(params: dict) -> None:
     extra = params.get("divergence_params") or {}
     if not isinstance(extra, dict):
         raise ConfigError("Parameter divergence_params must be a mapping, e.g. {beta: 0.5}.")
-    divergence_rows(str(divergence), **extra)  # unknown divergence, unknown or out-of-range parameter
+    get_divergence(str(divergence)).resolve(**extra)  # unknown divergence, unknown or out-of-range parameter
     if params.get("kd_weighting") not in ("mix", "additive"):
         raise ConfigError("Parameter kd_weighting must be 'mix' ((1-r)·CE + r·KD) or 'additive' (CE + r·KD).")
     ratio = _number(params, "kd_ratio")
