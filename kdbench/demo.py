@@ -221,17 +221,12 @@ def _methods(preset: Preset) -> list[str]:
 
 
 def training_file(method: str) -> str:
-    """Which corpus file a recipe trains on: preference pairs for ``pairs: file`` recipes; the student's
-    unlabelled prompts for recipes whose responses come from the teacher (SeqKD, dSFT, the daDPO
-    family); the student's labelled subset otherwise."""
-    from kdbench import registry
+    """Which corpus file a recipe trains on, from what the recipe says its data is
+    (:func:`kdbench.train.recipes.recipe_data`): the preference pairs, the student's unlabelled prompts (the
+    teacher answers them) or the student's labelled subset."""
+    from kdbench.train.recipes import recipe_data
 
-    body = registry.get("trainers", method).body
-    if body.get("pairs") == "file":
-        return "preferences"
-    if body.get("responses") == "teacher" or body.get("pairs") == "distill":
-        return "student_unlabelled"
-    return "student_train"
+    return {"pairs": "preferences", "prompts": "student_unlabelled", "responses": "student_train"}[recipe_data(method)]
 
 
 def generation_params(method: str, max_new_tokens: int) -> dict:

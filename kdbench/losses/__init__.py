@@ -15,7 +15,8 @@ Definitions and decisions: ``docs/methods.md`` (and ``METHODS.md`` of the spec).
 * Fused (logits never materialized): :func:`fused_token_loss`.
 """
 
-from kdbench.losses.divergences import Divergence, get_divergence, register_divergence, unregister_divergence
+from kdbench.losses.divergences import (Divergence, akl_weights, get_divergence, register_divergence,
+                                        unregister_divergence)
 from kdbench.losses.fused import fused_token_loss
 from kdbench.losses.guided import adpa, dckd, dpkd_token
 from kdbench.losses.sequence import (
@@ -35,7 +36,6 @@ from kdbench.losses.token import (
     DIVERGENCES,
     akl,
     akl_r,
-    akl_weights,
     divergence_loss,
     fkl,
     fkl_rkl,

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from kdbench.errors import ConfigError
+from kdbench.losses.reduction import compute_dtype
+from kdbench.losses.sparse import SparseTeacher, collapse_student, rest_from_top
 
 HEAD_RULES = ("paper", "cumulative_le")
 
@@ -253,7 +255,9 @@ class Divergence:
     ``rows``: the per-position math (module docstring); ``defaults``: its parameters (name → default; a
     recipe's ``divergence_params`` may set exactly these); ``check``: validates and normalizes the parameter
     values (raises :class:`~kdbench.errors.ConfigError`; default: each is a weight in [0, 1]); ``analytic``:
-    its closed-form gradient for the dense path (``None``: per-chunk autograd); ``help``: one line.
+    its closed-form gradient for the dense path (``None``: per-chunk autograd); ``diagnose(student_logits,
+    teacher_logits, temperature, params) -> {name: [B, T]}``: per-position diagnostics a trainer logs as means
+    over counted tokens (AKL's head weight); ``help``: one line.
     """
 
     name: str
@@ -261,6 +265,7 @@ class Divergence:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     check: Callable[[dict], dict] = unit_interval_params
     analytic: Callable[..., Any] | None = None
+    diagnose: Callable[..., dict] | None = None
     help: str = ""
 
     def resolve(self, **params) -> dict:
@@ -271,6 +276,46 @@ class Divergence:
             raise ConfigError(f"divergence {self.name!r} takes no parameter(s) {', '.join(sorted(unknown))}; "
                               f"it accepts {', '.join(self.defaults) or 'none'}.")
         return self.check({**self.defaults, **params})
+
+
+def akl_weights(student_logits, teacher_logits, *, temperature=1.0, mu=0.5, head_rule="paper", eps=1e-12):
+    """The AKL weights (w_head, w_tail), each [B, T], for inspection and tests (no gradient).
+
+    ``teacher_logits`` may be dense [B, T, V] or a SparseTeacher. w_head + w_tail = 1 − O(ε) unless p = q.
+    """
+    import torch
+
+    akl_params(mu, head_rule, eps, False)
+    batch_shape = tuple(student_logits.shape[:2])
+    with torch.no_grad():
+        if isinstance(teacher_logits, SparseTeacher):
+            dtype = compute_dtype(student_logits, teacher_logits.logprobs)
+            log_q = collapse_student(torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1),
+                                     teacher_logits.ids.long())
+            rest = teacher_logits.rest_logprob
+            rest = rest_from_top(teacher_logits.logprobs.to(dtype)) if rest is None else rest.to(dtype)
+            if teacher_logits.ids.shape[-1] == student_logits.shape[-1]:
+                rest = torch.full_like(rest, -math.inf)
+            log_p = torch.cat([teacher_logits.logprobs.to(dtype), rest.unsqueeze(-1)], dim=-1)
+            rest_last = True
+        else:
+            dtype = compute_dtype(student_logits, teacher_logits)
+            log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
+            log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
+            rest_last = False
+        bins = log_p.shape[-1]
+        w_head, w_tail = akl_weight_rows(log_p.reshape(-1, bins), log_q.reshape(-1, bins), mu=mu,
+                                         head_rule=head_rule, eps=eps, rest_last=rest_last)
+    return w_head.reshape(batch_shape), w_tail.reshape(batch_shape)
+
+
+def _akl_diagnostics(swap: bool):
+    def diagnose(student_logits, teacher_logits, temperature: float, params: dict) -> dict:
+        w_head, _ = akl_weights(student_logits, teacher_logits, temperature=temperature, mu=params.get("mu", 0.5),
+                                head_rule=params.get("head_rule", "paper"))
+        return {"akl_fkl_weight": 1 - w_head if swap else w_head}  # AKL-r swaps the weights: FKL gets g_tail
+
+    return diagnose
 
 
 def _akl_check(swap: bool) -> Callable[[dict], dict]:
@@ -314,8 +359,8 @@ for _record in (
     Divergence("skl", _rows_skl, {"alpha": 0.1}, help="Skew KL of DistiLLM."),
     Divergence("srkl", _rows_srkl, {"alpha": 0.1}, help="Skew reverse KL of DistiLLM."),
     Divergence("akl", _rows_akl, dict(_AKL_DEFAULTS), check=_akl_check(False), analytic=_analytic_akl,
-               help="Adaptive KL (akl.md Eqs. 11-15)."),
+               diagnose=_akl_diagnostics(False), help="Adaptive KL (akl.md Eqs. 11-15)."),
     Divergence("akl_r", _rows_akl, dict(_AKL_DEFAULTS), check=_akl_check(True), analytic=_analytic_akl,
-               help="AKL with the head / tail weights swapped (akl.md Eq. 16)."),
+               diagnose=_akl_diagnostics(True), help="AKL with the head / tail weights swapped (akl.md Eq. 16)."),
 ):
     register_divergence(_record)

@@ -58,6 +58,15 @@ def sequence_logps(logits, labels, mask=None, *, temperature=1.0, chunk_rows=Non
     return token_logps(logits, labels, mask, temperature=temperature, chunk_rows=chunk_rows).sum(-1)
 
 
+def cross_entropy_sum(logits, targets):
+    """Σ over counted positions (``targets`` ≠ −100) of −log q(target): ``logits`` [B, T, V] upcast to float32,
+    ``targets`` [B, T] (METHODS.md conventions; the training objectives' CE term)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
 def cross_entropy(logits, labels, mask=None, *, reduction="mean", chunk_rows=None):
     """Token cross-entropy −log π(y_t | ·): mean over counted positions, sum, or "none" → [B, T].
 

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 
 from kdbench.errors import ConfigError, DataError
 from kdbench.losses.chunking import default_chunk_rows, rowwise_loss
-from kdbench.losses.divergences import DIVERGENCE_FORMS, Divergence, akl_params, akl_weight_rows, get_divergence
+from kdbench.losses.divergences import DIVERGENCE_FORMS, Divergence, get_divergence
 from kdbench.losses.reduction import check_reduction, compute_dtype, counted_mask, counted_rows, reduce_positions
 from kdbench.losses.sparse import SparseTeacher, collapse_student, rest_from_top, validate_sparse
 
@@ -227,37 +227,6 @@ def akl_r(student_logits, teacher_logits, mask=None, *, temperature=1.0, reducti
     """AKL-r (akl.md Eq. 16): AKL with the two weights swapped, g_tail/(…)·FKL + g_head/(…)·RKL. As :func:`akl`."""
     return _named("akl_r", student_logits, teacher_logits, mask, temperature, reduction,
                   scale_by_temperature_squared, chunk_rows, mu=mu, head_rule=head_rule, eps=eps)
-
-
-def akl_weights(student_logits, teacher_logits, *, temperature=1.0, mu=0.5, head_rule="paper", eps=1e-12):
-    """The AKL weights (w_head, w_tail), each [B, T], for inspection and tests (no gradient).
-
-    ``teacher_logits`` may be dense [B, T, V] or a SparseTeacher. w_head + w_tail = 1 − O(ε) unless p = q.
-    """
-    import torch
-
-    akl_params(mu, head_rule, eps, False)
-    batch_shape = tuple(student_logits.shape[:2])
-    with torch.no_grad():
-        if isinstance(teacher_logits, SparseTeacher):
-            dtype = compute_dtype(student_logits, teacher_logits.logprobs)
-            log_q = collapse_student(torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1),
-                                     teacher_logits.ids.long())
-            rest = teacher_logits.rest_logprob
-            rest = rest_from_top(teacher_logits.logprobs.to(dtype)) if rest is None else rest.to(dtype)
-            if teacher_logits.ids.shape[-1] == student_logits.shape[-1]:
-                rest = torch.full_like(rest, -math.inf)
-            log_p = torch.cat([teacher_logits.logprobs.to(dtype), rest.unsqueeze(-1)], dim=-1)
-            rest_last = True
-        else:
-            dtype = compute_dtype(student_logits, teacher_logits)
-            log_q = torch.log_softmax(student_logits.to(dtype) / temperature, dim=-1)
-            log_p = torch.log_softmax(teacher_logits.to(dtype) / temperature, dim=-1)
-            rest_last = False
-        bins = log_p.shape[-1]
-        w_head, w_tail = akl_weight_rows(log_p.reshape(-1, bins), log_q.reshape(-1, bins), mu=mu,
-                                         head_rule=head_rule, eps=eps, rest_last=rest_last)
-    return w_head.reshape(batch_shape), w_tail.reshape(batch_shape)
 
 
 class _DivergenceFunctions(Mapping):
