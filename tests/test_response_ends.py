@@ -147,7 +147,7 @@ def test_adpa_student_responses_keep_the_emitted_eos(tiny, tmp_path):
 def test_online_responses_keep_the_emitted_eos(tiny, tmp_path):
     """GKD's on-policy batches and DPKD's online y_s: the student samples in the step; a row that stops at
     the second (larger) EOS id is trained and scored with it, a row cut at the limit carries no EOS."""
-    from kdbench.train.pipeline import PairCollator
+    from kdbench.train.pairs import PairCollator
     from kdbench.train.data_sources import TrainCollator
 
     root, tokenizer = tiny
@@ -168,19 +168,19 @@ def test_online_responses_keep_the_emitted_eos(tiny, tmp_path):
     batch = TrainCollator(tokenizer.pad_token_id)([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
 
     def gkd_responses():
-        out = trainer._maybe_on_policy(dict(batch), 0)
+        out = trainer.sampling.transform(trainer, dict(batch), 0)
         return [_response(row) for row in out["labels"].tolist()]
 
     check(trainer, gkd_responses, len(trainer.train_dataset))
 
-    dpkd = _train(root, tmp_path / "dpkd", "dpkd", {"max_new_tokens": MAX_NEW_TOKENS, "init": "student",
-                                                      "lm_weight": 0.0})
+    dpkd = _train(root, tmp_path / "dpkd", "dpkd", {"max_new_tokens": MAX_NEW_TOKENS, "init": "student"},
+                  lm_weight=0.0)
     trainer = dpkd.trainer
     pairs = PairCollator(tokenizer.pad_token_id)([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     n = pairs["example_index"].numel()
 
     def dpkd_responses():
-        out = trainer._online_pairs(dict(pairs), 0)
+        out = trainer.sampling.transform(trainer, dict(pairs), 0)
         return [_response(row) for row in out["labels"][n:].tolist()]
 
     check(trainer, dpkd_responses, n)
