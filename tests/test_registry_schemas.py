@@ -99,9 +99,9 @@ def test_lm_eval_task_file_keys_reach_the_harness(user_registry, tmp_path):
     """tasks/*.yaml (type lm_eval): shot counts, metrics and the local task folder come from the file."""
     from kdbench import harness
 
-    assert harness.load_suite("oll").tasks[0].num_fewshot == 25
+    assert harness.load_harness_suite("oll").tasks[0].num_fewshot == 25
     user_registry("tasks", "oll", lambda body: body["tasks"][0].update(num_fewshot=3, metric="acc"))
-    edited = harness.load_suite("oll").tasks[0]
+    edited = harness.load_harness_suite("oll").tasks[0]
     assert (edited.num_fewshot, edited.metrics) == (3, ("acc",))
 
 
