@@ -183,6 +183,3 @@ def dadpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
                       - (policy_rejected_logps - teacher_rejected_logps))
     return reduce_pairs(_neg_logsigmoid(beta1 * ref_margin + beta2 * teacher_margin), reduction)
 
-
-#: Sequence-level preference losses by the names recipes use.
-PREFERENCE_LOSSES = {"dpo": dpo, "ipo": ipo, "simpo": simpo, "cpo": cpo, "dpkd": dpkd, "dadpo": dadpo}
