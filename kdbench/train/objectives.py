@@ -115,7 +115,7 @@ def _dpkd_token(batch: Batch, params: DPKDTokenParams) -> dict:
 class Objective:
     """One objective a recipe can name.
 
-    ``kind``: the trainer family that runs it (``token``, ``preference``, ``guided``: kdbench.train.kinds);
+    ``kind``: the trainer family that runs it (``token``, ``preference``, ``guided``: kdbench.train.api.KINDS);
     ``loss``: for token-level objectives, ``loss(batch, params) -> {"loss": Σ over counted tokens, parts...}``
     (``None`` for the families whose loss is a form chosen by a parameter); ``params``: its typed parameter
     groups (the first one is passed to ``loss``); ``needs_teacher``: a teacher signal in every step.

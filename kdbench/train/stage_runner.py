@@ -4,14 +4,14 @@ A recipe lists its stages in order (``stages: [prepare_teacher, teacher_response
 :class:`Stage` record of :data:`STAGES`. :func:`run_stages` runs them on one :class:`StageContext` — the run's
 settings, recipe, data and the models each role currently points at — and records each stage's facts under
 its name in the run's ``stages.json`` (:class:`kdbench.store.StageRecords`). The last stage is always
-``train``: the recipe's kind builds its trainer there (:mod:`kdbench.train.kinds`).
+``train``: the recipe's kind builds its trainer there (:data:`kdbench.train.api.KINDS`, ``kind_*.py``).
 
 The building blocks the stages call are cached in the artifact store by their inputs
 (:mod:`kdbench.train.stages`), so a rerun — or another method on the same data — reuses them. A stage with
 nothing to do for the recipe's parameters (``teacher_init: given``, pairs read from the data) records why it
-was skipped. Stages of one family live with that family (``teacher_topk_cache`` in
-:mod:`kdbench.train.kind_token`, ``frozen_logps`` in :mod:`kdbench.train.kind_preference`, the π_ref / π_dpo /
-DCKD-student stages in :mod:`kdbench.train.kind_guided`); adding one is a :func:`register_stage` call.
+was skipped. The shared stages are here; a family's own live with it (``frozen_logps`` in
+:mod:`kdbench.train.pair_stages`, the π_ref / π_dpo / DCKD-student stages in :mod:`kdbench.train.guided_stages`);
+adding one is a :func:`register_stage` call.
 """
 
 from __future__ import annotations
