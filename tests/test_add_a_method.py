@@ -263,3 +263,79 @@ def test_a_loss_registered_from_the_test_trains_on_the_teachers_responses(tiny, 
     from kdbench.train.recipes import resolve_recipe
 
     assert resolve_recipe("floor_seqkd").objective_params == FloorParams(floor=0.25)
+
+
+# ------------------------------------------------------------------------------------------ a sampling form
+class _ReplayProbe:
+    """A sampling form with state (a replay buffer's bookkeeping): it records every example it served."""
+
+    counter = "probe_batches"
+
+    def __init__(self):
+        self.served: list[int] = []
+
+    def transform(self, trainer, batch, micro):
+        self.served += [int(i) for i in batch["example_index"]]
+        trainer.counters[self.counter] += 1
+        return batch
+
+    def on_evaluate(self, trainer, metrics):
+        pass
+
+    def state_dict(self):
+        return {"served": list(self.served)}
+
+    def load_state_dict(self, state):
+        self.served = list(state["served"])
+
+
+@pytest.fixture
+def replay_probe():
+    from kdbench.train.sampling import SAMPLING_FORMS, SamplingSpec, register_sampling_form
+
+    built: list[_ReplayProbe] = []
+
+    def build(recipe, config, decoding, tokenizer):
+        built.append(_ReplayProbe())
+        return built[-1]
+
+    register_sampling_form(SamplingSpec("replay_probe", build, kinds=("token",), generates=False))
+    yield built
+    SAMPLING_FORMS.pop("replay_probe", None)
+
+
+def test_a_sampling_forms_state_is_saved_in_checkpoints_and_restored_on_resume(tiny, tmp_path, registry_folder,
+                                                                               replay_probe):
+    from transformers import TrainerCallback
+
+    _recipe(registry_folder, "sft_probe", """
+        name: sft_probe
+        description: SFT with a stateful sampling form (what a replay buffer needs from the engine).
+        objective: sft
+        data: responses
+        stages: [train]
+        sampling: replay_probe
+        """)
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    from kdbench.train import TrainConfig, train
+
+    def run(out, callbacks=None):
+        config = TrainConfig(method="sft_probe", student=str(tiny / "student"), data=str(tiny / "prompts.jsonl"),
+                             output_dir=str(out), max_steps=4, save_steps=2, batch_size=2, prompt_style="compact",
+                             logging_steps=1, seed=3, cache_dir=str(out / "cache"))
+        return train(config, progress=False, callbacks=callbacks)
+
+    uninterrupted = run(tmp_path / "a")
+    assert uninterrupted.cost["probe_batches"] == 4
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", [StopAt()])
+    saved = json.loads(next((tmp_path / "b").glob("*/checkpoints/checkpoint-2/kdbench_sampling-0.json")).read_text())
+    assert saved == {"served": replay_probe[0].served[:4]}  # two steps of two examples, as served
+    resumed = run(tmp_path / "b")
+    assert resumed.cost["resumed"] and resumed.cost["probe_batches"] == 4
+    assert replay_probe[-1].served == replay_probe[0].served  # the restored buffer went on as if never stopped
