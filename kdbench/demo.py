@@ -231,11 +231,11 @@ def training_file(method: str) -> str:
 
 def generation_params(method: str, max_new_tokens: int) -> dict:
     """The preset's generation limit for recipes that generate (SeqKD, dSFT, DPKD, the daDPO family,
-    ADPA's ŷ, GKD), so no stage generates past what the preset evaluates."""
-    from kdbench import registry
+    ADPA's ŷ, GKD), so no stage generates past what the preset evaluates. The recipe says whether it generates
+    (its stages or sampling form take generation parameters)."""
+    from kdbench.train.recipes import resolve_recipe
 
-    params = registry.get("trainers", method).body.get("params") or {}
-    return {"max_new_tokens": max_new_tokens} if "max_new_tokens" in params else {}
+    return {"max_new_tokens": max_new_tokens} if "max_new_tokens" in resolve_recipe(method).params else {}
 
 
 def stage_params(method: str, preset: Preset) -> dict:
@@ -246,14 +246,13 @@ def stage_params(method: str, preset: Preset) -> dict:
     embedded benchmark's small random-init models untrained. The preset states each stage's learning rate,
     steps and batch instead: student stages (the SFT student, dSFT, ADPA+'s DCKD student) as a student run,
     an SFT teacher at the teacher's rate, pi_dpo at ``teacher_dpo_lr``."""
-    from kdbench import registry
-
     import dataclasses
 
     from kdbench.train import TrainConfig
+    from kdbench.train.recipes import resolve_recipe
     from kdbench.train.stage_settings import OPTIMIZATION_SETTINGS
 
-    recipe = registry.get("trainers", method).body.get("params") or {}
+    recipe = resolve_recipe(method).params  # the stages it declares bring their *_settings
     # every optimisation setting, so none of the recipe's paper values (warmup, weight decay, ...) mixes in:
     # the demo's own runs' values (TrainConfig's defaults), the preset's steps and batch
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in OPTIMIZATION_SETTINGS}
