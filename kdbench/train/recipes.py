@@ -152,7 +152,7 @@ def resolve_recipe(method: str, overrides: dict | None = None) -> Recipe:
         groups.append(form.params)
         for name, value in params.items():  # a parameter only some forms take, set for another one
             if name == "length_normalize" and value is not None and name not in group_fields(form.params):
-                takers = [f.name for f in family_forms(objective.kind).values() if name in group_fields(f.params)]
+                takers = sorted(f.name for f in family_forms(objective.kind).values() if name in group_fields(f.params))
                 raise ConfigError(f"Parameter length_normalize applies to the {' and '.join(takers)} forms, not "
                                   f"{form.name}; leave it null.")
     recipe = Recipe(entry.name, entry.description, str(body.get("citation", "")), entry.path, objective,
