@@ -25,6 +25,7 @@ from kdbench.config import option, to_dict
 from kdbench.errors import ConfigError
 from kdbench.demo_report import DemoResult, judge_against_teacher, write_report_html
 from kdbench.store import ArtifactStore, atomic_write_json, atomic_write_text
+from kdbench.synthetic.arms import stage_params
 from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
 
 
@@ -36,12 +37,29 @@ class Preset:
     teacher_steps: int = option(800, "Teacher optimizer steps.")
     teacher_lr: float = option(1e-3, "Teacher learning rate.")
     student_size: str = option("gpt2-nano", "Student size.")
-    student_steps: int = option(300, "Student optimizer steps per method.")
+    student_pretrain_steps: int = option(
+        0, "Steps of language pretraining of the student on the corpus's language world (needs "
+           "corpus.language_people); 0 = every training seed starts from its own random initialisation.")
+    student_steps: int = option(300, "Student optimizer steps per arm when student_epochs is 0 (a fixed budget).")
+    student_epochs: float = option(
+        0.0, "Data-scaled budget: every arm trains for this many passes over its own training set "
+             "(kdbench.synthetic.arms); 0 = student_steps for every arm.")
+    preference_epochs: float = option(10.0, "Passes over their data for arms with a sequence-level preference loss "
+                                            "(DPO, SimPO, dDPO / rDPO / daDPO, DPKD, DCKD, ADPA).")
     student_lr: float = option(2e-3, "Student learning rate (every student run and student stage).")
+    preference_lr: float = option(2e-5, "Learning rate of those arms (DPO-type training at the token methods' "
+                                        "rate collapses the policy).")
+    select: str = option("last", "Checkpoint each arm keeps: last, or best on held-out data (validation CE; "
+                                 "held-out pairs' loss for preference arms).")
     teacher_dpo_lr: float = option(1e-5, "Learning rate of the DPO-aligned teacher stage (pi_dpo of DCKD / ADPA); "
                                          "DPO at the student's rate destroys the teacher.")
+    checkpoints: int = option(4, "Checkpoints (validation and selection points) per training run.")
+    teacher_signal: str = option("online", "Teacher signal of token-level KD arms: online or topk (kdbench train).")
     batch_size: int = option(32, "Micro-batch size.")
     methods: list[str] = option(factory=lambda: ["sft", "kd"], help="Methods trained on the student.")
+    controls: list[str] = option(
+        factory=list, help="Validity controls trained as extra arms: sft_all, kd_permuted, kd_untrained, dpo_swapped "
+                           "(kdbench.synthetic.arms).")
     train_seeds: list[int] = option(factory=lambda: [1], help="Training seeds per method.")
     eval_seeds: list[int] = option(factory=list, help="Sampling seeds for evaluation; empty = greedy decoding.")
     max_new_tokens: int = option(128, "Generation limit.")
@@ -49,19 +67,47 @@ class Preset:
     multiple_choice: bool = option(False, "Also score the four-option questions on held-out facts (lm-eval).")
     full_report: bool = option(False, "End with the full report (Markdown, HTML with plots, CSV) in the output folder.")
 
+    def __post_init__(self):
+        from kdbench.synthetic.arms import CONTROLS
+
+        checks = [
+            (self.select in ("last", "best"), "select must be 'last' or 'best'."),
+            (self.teacher_signal in ("online", "topk"), "teacher_signal must be 'online' or 'topk'."),
+            (self.checkpoints >= 1, "checkpoints must be at least 1."),
+            (self.student_epochs >= 0 and self.preference_epochs > 0,
+             "student_epochs must be 0 (fixed steps) or more, preference_epochs more than 0."),
+            (self.student_steps >= 1 and self.student_pretrain_steps >= 0, "student_steps must be at least 1."),
+            (not self.student_pretrain_steps or self.corpus.language_people,
+             "student_pretrain_steps needs a language corpus: set corpus.language_people too."),
+            (self.train_seeds and len(set(self.train_seeds)) == len(self.train_seeds),
+             "train_seeds must list at least one seed, each once."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"Setting {message}")
+        unknown = [c for c in self.controls if c not in CONTROLS]
+        if unknown:
+            raise ConfigError(f"Unknown control {unknown[0]!r}; choose from: {', '.join(CONTROLS)}.")
+
+
+# The embedded benchmark's settings (docs/design.md, "The embedded benchmark"): students pretrained on a
+# language world, noisy labels, data-scaled budgets with model selection, fair starts.
+SMOKE_WORLD = CorpusConfig(n_people=60, n_cities=12, label_noise=0.25, language_people=60)
+STANDARD_WORLD = CorpusConfig(n_people=100, n_cities=16, test_fraction=0.25, label_noise=0.25, language_people=100)
+MEASURED = dict(student_epochs=60.0, preference_epochs=10.0, preference_lr=1e-4, select="best", checkpoints=8)
 
 PRESETS: dict[str, Preset] = {
-    "smoke": Preset(),
+    "smoke": Preset(name="smoke", corpus=SMOKE_WORLD, student_pretrain_steps=600, **MEASURED,
+                    methods=["sft", "kd", "dpo"]),
     "standard": Preset(
-        name="standard",
-        corpus=CorpusConfig(n_people=100, n_cities=16, student_label_fraction=0.3),
-        teacher_size="gpt2-mini", teacher_steps=1500,
-        student_size="gpt2-nano", student_steps=400,
-        methods=["sft", "kd", "rkl", "akl"], train_seeds=[1, 2, 3],
-        eval_seeds=[], multiple_choice=True,
+        name="standard", corpus=STANDARD_WORLD, teacher_steps=1500, student_pretrain_steps=1000, **MEASURED,
+        methods=["sft", "kd", "rkl", "akl", "dsft", "dpo"], controls=["sft_all", "kd_permuted", "dpo_swapped"],
+        train_seeds=[1, 2, 3], multiple_choice=True,
     ),
-    # every recipe registered in trainers/ (resolved at run time), the offline suites, the full report
-    "full": Preset(name="full", methods=["*"], multiple_choice=True, full_report=True),
+    # every recipe registered in trainers/ (resolved at run time) on the smoke world, fair starts, the
+    # offline suites, the full report
+    "full": Preset(name="full", corpus=SMOKE_WORLD, student_pretrain_steps=600, **MEASURED, methods=["*"],
+                   multiple_choice=True, full_report=True),
 }
 
 
@@ -96,19 +142,41 @@ def build_teacher(preset: Preset, corpus_dir: Path, store: ArtifactStore, log: C
     return artifact.path / "model", artifact.reused, time.time() - started
 
 
-def build_student_init(preset: Preset, corpus_dir: Path, store: ArtifactStore, seed: int) -> Path:
+def build_student_init(preset: Preset, corpus_dir: Path, store: ArtifactStore, seed: int,
+                       log: Callable[[str], None] | None = None) -> Path:
+    """The students' starting point. With a language corpus and ``student_pretrain_steps`` it is one model
+    pretrained on the language world (the world's templates and skills, none of its facts) and shared by
+    every training seed, as a pretrained checkpoint is; otherwise a random initialisation per seed."""
     from kdbench.models import make_model
+    from kdbench.train import TrainConfig, train
+
+    pretrained = bool(preset.corpus.language_people and preset.student_pretrain_steps)
 
     def build(tmp: Path) -> dict:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(corpus_dir / "tokenizer"))
-        make_model(preset.student_size, tokenizer, seed=seed, max_positions=256).save_pretrained(str(tmp / "model"))
-        tokenizer.save_pretrained(str(tmp / "model"))
-        return {}
+        init_dir = tmp / ("init" if pretrained else "model")
+        make_model(preset.student_size, tokenizer, seed=0 if pretrained else seed,
+                   max_positions=256).save_pretrained(str(init_dir))
+        tokenizer.save_pretrained(str(init_dir))
+        if not pretrained:
+            return {}
+        result = train(TrainConfig(method="sft", student=str(init_dir), data=str(corpus_dir / FILES["language"]),
+                                   valid_fraction=0.05, output_dir=str(tmp / "runs"), run_name="student-language",
+                                   seed=0, learning_rate=preset.teacher_lr, max_steps=preset.student_pretrain_steps,
+                                   batch_size=preset.batch_size, max_length=256, max_prompt_length=128,
+                                   prompt_style="compact", logging_steps=50, group_by_length=True,
+                                   save_steps=max(100, preset.student_pretrain_steps // 4)),
+                       log=log, command=["kdbench", "demo", "(student language pretraining)"], progress=False)
+        shutil.move(str(result.model_dir), str(tmp / "model"))
+        shutil.rmtree(init_dir)
+        return {"train_cost": result.cost}
 
-    inputs = {"corpus": to_dict(preset.corpus), "size": preset.student_size, "seed": seed}
-    return store.get_or_build("demo-student-init", inputs, build).path / "model"
+    inputs = {"corpus": to_dict(preset.corpus), "size": preset.student_size, "seed": 0 if pretrained else seed}
+    if pretrained:
+        inputs.update(pretrain_steps=preset.student_pretrain_steps, lr=preset.teacher_lr, batch_size=preset.batch_size)
+    return store.get_or_build("demo-student-init", inputs, build, log=log).path / "model"
 
 
 def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = None, cache_dir: str | Path | None = None,
@@ -118,7 +186,9 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
     from kdbench.generate import DecodingConfig
     from kdbench.report import leaderboard_markdown
     from kdbench.store import find_run_dirs
-    from kdbench.train import TrainConfig, train
+    from kdbench.synthetic.assess import compute_markdown, load_arms, validity_markdown
+    from kdbench.synthetic.likelihood import score_references
+    from kdbench.train import train
 
     from kdbench.real_demo import REAL_PRESETS, RealPreset, run_real_demo
 
@@ -147,22 +217,29 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
     timings["teacher_seconds"] = round(seconds, 1)
     say(f"teacher: {'reused from cache' if reused else 'trained'} in {seconds:.1f}s ({teacher_dir})")
 
+    from kdbench.synthetic.arms import arm_train_config, plan_arms
+    from kdbench.synthetic.controls import control_teacher
+
+    arms = plan_arms(_methods(preset), list(preset.controls))
+    teachers = {"teacher": teacher_dir}
+    for kind in sorted({a.teacher for a in arms} - {"teacher"}):
+        teachers[kind] = control_teacher(kind, teacher_dir, size=preset.teacher_size, store=store)
+    models: dict[tuple[str, int], Path] = {}
     trained: list[tuple[str, int, Path]] = []
-    for method in _methods(preset):
-        for seed in preset.train_seeds:
+    train_runs: dict[tuple[str, int], str] = {}
+    for seed in preset.train_seeds:
+        init_dir = build_student_init(preset, corpus_dir, store, seed, log=say)
+        for arm in arms:
             t0 = time.time()
-            result = train(TrainConfig(
-                method=method, student=str(build_student_init(preset, corpus_dir, store, seed)),
-                teacher=str(teacher_dir), data=str(corpus_dir / FILES[training_file(method)]),
-                valid_data=str(corpus_dir / FILES["validation"]), output_dir=str(out / "train"),
-                run_name=f"{method}-seed{seed}", seed=seed, learning_rate=preset.student_lr,
-                max_steps=preset.student_steps, batch_size=preset.batch_size, max_length=256, max_prompt_length=128,
-                prompt_style="compact", logging_steps=25, group_by_length=True, cache_dir=str(store.root),
-                save_steps=max(50, preset.student_steps // 3),
-                params={**generation_params(method, preset.max_new_tokens), **stage_params(method, preset)}),
-                log=say, command=["kdbench", "demo", preset.name], progress=progress)
-            timings[f"train_{method}_seed{seed}_seconds"] = round(time.time() - t0, 1)
-            trained.append((method, seed, result.model_dir))
+            config = arm_train_config(arm, preset, seed=seed, corpus_dir=corpus_dir, init_dir=init_dir,
+                                      teachers=teachers, models=models, output_dir=out / "train",
+                                      cache_dir=str(store.root))
+            result = train(config, log=say, command=["kdbench", "demo", preset.name], progress=progress)
+            timings[f"train_{arm.label}_seed{seed}_seconds"] = round(time.time() - t0, 1)
+            models[(arm.label, seed)] = result.model_dir
+            train_runs[(arm.label, seed)] = str(result.run.path)
+            trained.append((arm.label, seed, result.model_dir))
+    trained.sort(key=lambda item: ([a.label for a in arms].index(item[0]), item[1]))
 
     decoding = DecodingConfig(greedy=not preset.eval_seeds, max_new_tokens=preset.max_new_tokens,
                               max_prompt_length=128, batch_size=64)
@@ -176,6 +253,11 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
                             run_name=name, label=label),
                  log=say, command=["kdbench", "demo", preset.name], progress=progress)
         timings[f"eval_{name}_seconds"] = round(time.time() - t0, 1)
+    t0 = time.time()  # teacher-forced readings of the same test items (kdbench.synthetic.likelihood)
+    score_references(corpus_dir, [out / "eval" / (label if seed is None else f"{label}-seed{seed}")
+                                  for label, seed, _ in to_evaluate], [model for _, _, model in to_evaluate],
+                     limit=preset.eval_limit)
+    timings["reference_readings_seconds"] = round(time.time() - t0, 1)
     if preset.multiple_choice:
         t0 = time.time()
         score_multiple_choice(corpus_dir, to_evaluate, out, log=say)
@@ -198,15 +280,25 @@ def run_demo(preset: Preset | str = "smoke", *, out_dir: str | Path | None = Non
     t0 = time.time()
     report_html = write_report_html(out, f"kdbench demo --preset {preset.name}")
     timings["report_html_seconds"] = round(time.time() - t0, 1)
+    by_label = {a.label: a for a in arms}
+    listed = [{"label": "teacher", "seed": 0, "method": "sft", "start": "-", "control": None, "train": None,
+               "eval": str(out / "eval" / "teacher")}]
+    listed += [{"label": label, "seed": seed, "method": by_label[label].method, "start": by_label[label].start,
+                "control": by_label[label].control, "train": train_runs[(label, seed)],
+                "eval": str(out / "eval" / f"{label}-seed{seed}")} for label, seed, _ in trained]
+    atomic_write_json(out / "demo.json", {"preset": to_dict(preset), "timings": timings, "teacher_reused": reused,
+                                          "corpus_dir": str(corpus_dir), "teacher_dir": str(teacher_dir),
+                                          "report_html": str(report_html), "runs": listed})
     runs = find_run_dirs([out / "eval"])
     markdown = leaderboard_markdown(runs, title=f"kdbench demo --preset {preset.name}", baseline_label="sft",
                                     reference_label="teacher",
                                     data_note=f"embedded synthetic world (seed {preset.corpus.seed}, "
                                               f"{counts.get('test')} test examples)")
+    markdown = markdown.rstrip("\n") + "\n\n" + compute_markdown(load_arms(out))
     atomic_write_text(out / "leaderboard.md", markdown)
-    atomic_write_json(out / "demo.json", {"preset": to_dict(preset), "timings": timings, "teacher_reused": reused,
-                                          "corpus_dir": str(corpus_dir), "teacher_dir": str(teacher_dir),
-                                          "report_html": str(report_html)})
+    if preset.controls or len(preset.train_seeds) > 1:
+        atomic_write_text(out / "validity.md", validity_markdown(out))
+        say(f"validity: {out / 'validity.md'}")
     return DemoResult(out, markdown, timings, reused, report_html)
 
 
@@ -218,50 +310,6 @@ def _methods(preset: Preset) -> list[str]:
         names = registry.names("trainers")
         return ["sft"] + [n for n in names if n != "sft"]
     return list(preset.methods)
-
-
-def training_file(method: str) -> str:
-    """Which corpus file a recipe trains on, from what the recipe says its data is
-    (:func:`kdbench.train.recipes.recipe_data`): the preference pairs, the student's unlabelled prompts (the
-    teacher answers them) or the student's labelled subset."""
-    from kdbench.train.recipes import recipe_data
-
-    return {"pairs": "preferences", "prompts": "student_unlabelled", "responses": "student_train"}[recipe_data(method)]
-
-
-def generation_params(method: str, max_new_tokens: int) -> dict:
-    """The preset's generation limit for recipes that generate (SeqKD, dSFT, DPKD, the daDPO family,
-    ADPA's ŷ, GKD), so no stage generates past what the preset evaluates. The recipe says whether it generates
-    (its stages or sampling form take generation parameters)."""
-    from kdbench.train.recipes import resolve_recipe
-
-    return {"max_new_tokens": max_new_tokens} if "max_new_tokens" in resolve_recipe(method).params else {}
-
-
-def stage_params(method: str, preset: Preset) -> dict:
-    """The preset's own training settings for every stage ``method`` builds (its ``*_settings`` params).
-
-    The recipes' stage defaults are the papers' settings for pretrained LLMs (an SFT stage at 2e-5 for
-    three epochs of batch 128, pi_dpo at 5e-7: docs/methods.md, "Stage settings"); they would leave the
-    embedded benchmark's small random-init models untrained. The preset states each stage's learning rate,
-    steps and batch instead: student stages (the SFT student, dSFT, ADPA+'s DCKD student) as a student run,
-    an SFT teacher at the teacher's rate, pi_dpo at ``teacher_dpo_lr``."""
-    import dataclasses
-
-    from kdbench.train import TrainConfig
-    from kdbench.train.recipes import resolve_recipe
-    from kdbench.train.stage_settings import OPTIMIZATION_SETTINGS
-
-    recipe = resolve_recipe(method).params  # the stages it declares bring their *_settings
-    # every optimisation setting, so none of the recipe's paper values (warmup, weight decay, ...) mixes in:
-    # the demo's own runs' values (TrainConfig's defaults), the preset's steps and batch
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in OPTIMIZATION_SETTINGS}
-    run = {**defaults, "max_steps": preset.student_steps, "batch_size": preset.batch_size, "grad_accum": 1}
-    student = {**run, "learning_rate": preset.student_lr}
-    stages = {"sft_settings": student, "dsft_settings": student, "dckd_settings": student,
-              "teacher_sft_settings": {**run, "learning_rate": preset.teacher_lr},
-              "teacher_dpo_settings": {**run, "learning_rate": preset.teacher_dpo_lr}}
-    return {name: dict(settings) for name, settings in stages.items() if name in recipe}
 
 
 MC_SUITE = {"name": "synthetic-mc", "type": "lm_eval", "protocol": "kdbench synthetic multiple choice",
@@ -312,4 +360,4 @@ def preset_with(name: str, overrides: dict):
     return build(Preset, merged)
 
 
-__all__ = ["PRESETS", "Preset", "DemoResult", "run_demo", "preset_with"]
+__all__ = ["PRESETS", "Preset", "DemoResult", "run_demo", "preset_with", "stage_params"]

@@ -12,14 +12,16 @@ import pytest
 from kdbench.check import check
 from kdbench.demo import PRESETS, preset_with, run_demo
 from kdbench.errors import ConfigError
+from kdbench.synthetic.arms import budget_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _mini_preset():
-    return preset_with("smoke", {"corpus": {"n_people": 16, "n_cities": 4},
-                                 "teacher_steps": 40, "student_steps": 12, "batch_size": 16, "max_new_tokens": 24,
-                                 "eval_limit": 30})
+def _mini_preset(**overrides):
+    return preset_with("smoke", {"corpus": {"n_people": 16, "n_cities": 4, "language_people": 16},
+                                 "teacher_steps": 40, "student_pretrain_steps": 12, "student_epochs": 2,
+                                 "preference_epochs": 1, "checkpoints": 2, "batch_size": 16, "max_new_tokens": 24,
+                                 "eval_limit": 30, "methods": ["sft", "kd"], **overrides})
 
 
 def test_mini_demo_runs_end_to_end_and_reuses_the_teacher(tmp_path):
@@ -34,8 +36,20 @@ def test_mini_demo_runs_end_to_end_and_reuses_the_teacher(tmp_path):
         run = tmp_path / "a" / "eval" / name
         assert json.loads((run / "run.json").read_text())["status"] == "complete"
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        assert {m["metric"] for m in metrics} == {"rougeL", "exact_match"}
+        assert {(m["suite"], m["metric"]) for m in metrics} == {
+            ("synthetic", "rougeL"), ("synthetic", "exact_match"),  # decoded answers
+            ("synthetic-ref", "token_accuracy"), ("synthetic-ref", "pair_accuracy")}  # teacher-forced readings
         assert any(m["subset"].startswith("bucket:") for m in metrics)
+    # data-scaled budgets and model selection, the same rule for both arms; steps and compute on the board
+    corpus_dir = Path(json.loads((tmp_path / "a" / "demo.json").read_text())["corpus_dir"])
+    n_rows = sum(1 for _ in open(corpus_dir / "student_train.jsonl"))
+    for name in ("sft-seed1", "kd-seed1"):
+        cost = json.loads((tmp_path / "a" / "train" / name / "cost.json").read_text())
+        assert cost["selected"] == "best" and cost["selected_checkpoint"]
+        assert cost["optimizer_steps"] == budget_steps(n_rows, 16, 2, 2)[0]
+    assert "## Training budget and compute" in board and re.search(r"^\| kd \| init \| \d+ / \d+ \|", board, re.M)
+    listed = json.loads((tmp_path / "a" / "demo.json").read_text())["runs"]
+    assert [(r["label"], r["seed"]) for r in listed] == [("teacher", 0), ("sft", 1), ("kd", 1)]
     # report.html next to leaderboard.md, with the forest, length-bucket and win/tie/loss figures
     assert first.report_html == tmp_path / "a" / "report.html"
     html = first.report_html.read_text()
@@ -78,25 +92,61 @@ def test_unknown_preset_and_bad_override_are_clear_errors():
 
 @pytest.mark.slow
 def test_smoke_preset_teacher_beats_sft_and_passes_the_gate(tmp_path):
-    """The README's first command: the teacher's Rouge-L CI lies above the SFT student's, and the
-    committed regression baseline accepts the run."""
+    """The README's first command: the teacher's Rouge-L CI lies above the SFT student's, KD beats SFT
+    significantly on the same examples, and the committed regression baseline accepts the run."""
+    from kdbench.synthetic.assess import load_arms, arm_scores
+    from kdbench.validity import contrast
+
     result = run_demo("smoke", out_dir=tmp_path / "smoke", progress=False)
     board = result.leaderboard_md
     match = re.search(r"teacher vs sft rougeL 95% CIs: \[([\d.]+), ([\d.]+)\] vs \[([\d.]+), ([\d.]+)\] \((.*?)\)", board)
     assert match, board
     t_low, t_high, s_low, s_high = map(float, match.groups()[:4])
     assert t_low > s_high, board
+    arms = {a.label: a for a in load_arms(tmp_path / "smoke")}
+    for metric in ("rougeL", "token_accuracy"):
+        kd_vs_sft = contrast("kd", arm_scores(arms["kd"], metric), "sft", arm_scores(arms["sft"], metric))
+        assert kd_vs_sft.effect > 0 and kd_vs_sft.p < 0.05, (metric, kd_vs_sft.effect, kd_vs_sft.p)
+    assert "## Training budget and compute" in board
     passed, comparisons = check(REPO / "results" / "baseline", [tmp_path / "smoke" / "eval"])
     assert passed, [f"{c.name}: {c.baseline} -> {c.current}" for c in comparisons if c.status != "ok"]
     assert set(PRESETS) >= {"smoke", "standard"}
 
 
 @pytest.mark.slow
+def test_controls_and_sensitivity_are_reported_for_several_seeds(tmp_path):
+    """A miniature run with every control and two seeds writes validity.md: ranking with compute,
+    controls per seed, an MDE for every pair of students; DPO and its swapped control start from SFT."""
+    from kdbench.synthetic.assess import control_verdicts, load_arms
+
+    preset = _mini_preset(methods=["sft", "kd", "dpo"], controls=["sft_all", "kd_permuted", "dpo_swapped"],
+                          train_seeds=[1, 2])
+    run_demo(preset, out_dir=tmp_path / "mini", cache_dir=tmp_path / "cache", progress=False)
+    text = (tmp_path / "mini" / "validity.md").read_text()
+    for heading in ("## Ranking (Rouge-L)", "## Controls: Rouge-L", "## Controls: pair accuracy",
+                    "## Minimum detectable effect: Rouge-L"):
+        assert heading in text, text
+    names = [v.name for v in control_verdicts(load_arms(tmp_path / "mini"))]
+    assert "SFT on all labelled data beats SFT on the labelled subset" in names
+    assert "KD against a permuted teacher does not beat SFT" in names
+    assert "DPO with chosen and rejected swapped scores below DPO" in names
+    assert all(len(v.contrast.per_seed) == 2 for v in control_verdicts(load_arms(tmp_path / "mini")))
+    import yaml
+
+    for label in ("dpo", "dpo_swapped"):  # fair start: the SFT student of the same seed
+        config = yaml.safe_load((tmp_path / "mini" / "train" / f"{label}-seed2" / "config.yaml").read_text())
+        assert Path(config["student"]) == tmp_path / "mini" / "train" / "sft-seed2" / "model"
+    pairs = len(["|" for line in text.splitlines() if line.startswith("| ") and " − " in line.split("|")[1]])
+    assert pairs >= 3 * 5  # every pair of the 5 students, for each of the three readings' MDE tables
+
+
+@pytest.mark.slow
 def test_full_preset_trains_every_recipe_and_ends_with_the_report(tmp_path):
     from kdbench import registry
 
-    preset = preset_with("full", {"corpus": {"n_people": 16, "n_cities": 4}, "teacher_steps": 40, "student_steps": 8,
-                                  "batch_size": 16, "max_new_tokens": 24, "eval_limit": 30})
+    preset = preset_with("full", {"corpus": {"n_people": 16, "n_cities": 4, "language_people": 16}, "teacher_steps": 40,
+                                  "student_pretrain_steps": 12, "student_epochs": 1, "preference_epochs": 1,
+                                  "checkpoints": 2, "batch_size": 16, "max_new_tokens": 24, "eval_limit": 30})
     run_demo(preset, out_dir=tmp_path / "full", cache_dir=tmp_path / "cache", progress=False)
     evaluated = {p.name for p in (tmp_path / "full" / "eval").iterdir()}
     assert evaluated == {"teacher"} | {f"{name}-seed1" for name in registry.names("trainers")}

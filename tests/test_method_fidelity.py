@@ -283,7 +283,11 @@ def test_demo_presets_set_every_stage_explicitly():
         for key in (k for k in recipe if k.endswith("_settings")):
             assert set(OPTIMIZATION_SETTINGS) <= set(given[key]), (name, key)
             assert resolved[key] == given[key], (name, key)  # no paper default (warmup, decay, ...) mixes in
-            assert given[key]["max_steps"] == preset.student_steps
+            if preset.student_epochs > 0:  # the preset's data-scaled budget: a number of passes, no fixed steps
+                assert given[key]["max_steps"] == -1 and given[key]["num_epochs"] in (preset.student_epochs,
+                                                                                     preset.preference_epochs)
+            else:
+                assert given[key]["max_steps"] == preset.student_steps
     assert stage_params("dckd", preset)["teacher_dpo_settings"]["learning_rate"] < preset.student_lr
 
 

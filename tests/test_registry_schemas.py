@@ -91,11 +91,11 @@ def test_recipe_params_are_exactly_the_declared_pieces_parameters(user_registry)
 def test_recipe_file_keys_change_what_the_recipe_is(user_registry):
     """Each top-level key of a trainers/ file is read: data (what the demo gives the recipe), stages, sampling,
     lm (the LM term's default weight), params."""
-    from kdbench.demo import training_file
+    from kdbench.synthetic.arms import arm_for
     from kdbench.train.recipes import resolve_recipe
 
     before = resolve_recipe("dpkd")
-    assert before.lm.weight == 0.5 and before.sampling_active and training_file("dpkd") == "student_train"
+    assert before.lm.weight == 0.5 and before.sampling_active and arm_for("dpkd").data == "student_train"
 
     def edit(body):
         body["lm"]["weight"] = 0.25
@@ -109,7 +109,7 @@ def test_recipe_file_keys_change_what_the_recipe_is(user_registry):
     after = resolve_recipe("dpkd")
     assert after.lm.weight == 0.25 and after.stages == ("frozen_logps", "train")
     assert not after.sampling_active and after.form_params.beta == 0.3
-    assert training_file("dpkd") == "preferences"  # the demo asks the recipe which data it needs
+    assert arm_for("dpkd").data == "preferences"  # the demo asks the recipe which data it needs
     # without the sampling form, its parameter (pairs) is no longer a valid key (each edit starts from the shipped file)
     path = user_registry("trainers", "dpkd", lambda body: body.update(sampling=None))
     with pytest.raises(ConfigError, match=re.escape(f"{path}: unknown key 'params.pairs'")):

@@ -11,6 +11,7 @@ rows of tests/test_bad_inputs.py.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -124,7 +125,10 @@ def test_the_divergence_advice_leads_to_a_run_that_trains(tiny, tmp_path):
     new_log = [json.loads(line) for line in open(new_run / "train_log.jsonl")]
     losses = [r["loss"] for r in new_log if "loss" in r]
     assert [r["step"] for r in new_log if "loss" in r] == list(range(1, 13))
-    assert all(loss < 2 * first for loss in losses)
+    # trains: every loss finite, far below where the failed run blew up, and it ends below where it began
+    # (the rise in its first steps depends on the corpus's tokenizer: one bound does not fit every corpus)
+    diverged = max(r["loss"] for r in log if "loss" in r and math.isfinite(r["loss"]))
+    assert all(math.isfinite(loss) and loss < diverged / 10 for loss in losses) and losses[-1] < first, losses
     lrs = [r["learning_rate"] for r in new_log if r.get("step", 0) > step and "learning_rate" in r]
     assert max(lrs) <= 0.3 + 1e-9  # the schedule continues at the new peak, never at the old one
     assert _status(new_run)["status"] == "complete"

@@ -101,3 +101,57 @@ def test_invalid_config_is_a_clear_error():
         CorpusConfig(n_people=4)
     with pytest.raises(ConfigError, match="between 0 and 1"):
         CorpusConfig(test_fraction=1.5)
+
+
+@pytest.fixture(scope="module")
+def noisy_corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("noisy")
+    config = CorpusConfig(n_people=24, n_cities=4, label_noise=0.3, language_people=16)
+    return folder, build_corpus(config, folder), config
+
+
+def test_careless_annotator_writes_the_plausible_wrong_answer(noisy_corpus, tmp_path):
+    folder, info, config = noisy_corpus
+    truth = {r["key"]: r for r in load_corpus_rows(folder, "teacher_train") if "rejected" in r}
+    student_all = load_corpus_rows(folder, "student_all")
+    assert {r["key"] for r in student_all} == set(truth)
+    noisy = [r for r in student_all if r["output"] != truth[r["key"]]["output"]]
+    assert all(r["output"] == truth[r["key"]]["rejected"] for r in noisy)
+    assert len(noisy) == info["noisy_labels"]["student_all"]
+    assert 0.2 < len(noisy) / len(student_all) < 0.4  # the configured rate, one draw per instance
+    student = load_corpus_rows(folder, "student_train")
+    assert all(r in student_all for r in student)  # the labelled subset carries the same labels
+    assert all(set(r) == {"key", "category", "instruction", "input", "output"} for r in student)
+    # the preference pairs, validation and test keep the right answers
+    assert all(p["chosen"] == truth[p["key"]]["output"] for p in load_corpus_rows(folder, "preferences"))
+    swapped = load_corpus_rows(folder, "preferences_swapped")
+    assert [(p["chosen"], p["rejected"]) for p in swapped] == \
+        [(p["rejected"], p["chosen"]) for p in load_corpus_rows(folder, "preferences")]
+    valid = load_corpus_rows(folder, "validation_preferences")
+    assert valid and {p["key"] for p in valid} <= {r["key"] for r in load_corpus_rows(folder, "validation")}
+    build_corpus(CorpusConfig(n_people=24, n_cities=4), tmp_path)  # the same world without the noise
+    assert load_corpus_rows(tmp_path, "test") == load_corpus_rows(folder, "test")
+
+
+def test_language_world_shares_the_templates_but_no_name(noisy_corpus):
+    folder, info, config = noisy_corpus
+    language = load_corpus_rows(folder, "language")
+    assert len(language) == info["counts"]["language"] > 0
+    names = {r["key"].split("/")[1] for r in load_corpus_rows(folder, "teacher_train")}
+    language_names = {r["key"].split("/")[1] for r in language}
+    assert names and language_names and not names & language_names
+    words = lambda rows: {w for r in rows for w in (r["instruction"] + " " + r["output"]).split()}
+    assert not words(language) & names  # no fact of the benchmark's world is mentioned
+    assert {r["category"] for r in language} >= set(CATEGORIES)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    ids = tokenizer(language[0]["output"], add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_noise_and_language_settings_are_checked():
+    with pytest.raises(ConfigError, match="label_noise"):
+        CorpusConfig(label_noise=0.5)
+    with pytest.raises(ConfigError, match="language_people"):
+        CorpusConfig(language_people=3)

@@ -7,6 +7,7 @@ artifact of the run store.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -30,6 +31,13 @@ class CorpusConfig:
     student_label_fraction: float = option(
         0.3, "Fraction of the training instances whose responses the student may see; the rest are "
              "unlabelled prompts (usable by SeqKD / on-policy methods).")
+    label_noise: float = option(
+        0.0, "Fraction of the student's labelled responses written by a careless annotator: the instance's "
+             "plausible wrong answer instead of the right one (the teacher, which read the world, knows better; "
+             "preference pairs, validation and test keep the right answers).")
+    language_people: int = option(
+        0, "People in a second world with disjoint names whose instances teach the student the world's language "
+           "(templates, passages, formats) but none of its facts; 0 = no such corpus (students start untrained).")
 
     def __post_init__(self):
         if self.n_people < 8 or self.n_cities < 2 or self.n_people < 4 * self.n_cities:
@@ -37,6 +45,10 @@ class CorpusConfig:
         for name in ("valid_fraction", "test_fraction", "student_label_fraction"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"Setting {name} must be between 0 and 1 (exclusive).")
+        if not 0.0 <= self.label_noise < 0.5:
+            raise ConfigError("Setting label_noise must be in [0, 0.5): a majority of the labels must be right.")
+        if self.language_people and self.language_people < 8:
+            raise ConfigError("Setting language_people must be 0 (no language corpus) or at least 8.")
         if self.valid_fraction + self.test_fraction >= 0.9:
             raise ConfigError("valid_fraction + test_fraction must leave at least 10% of the data for training.")
 
@@ -45,10 +57,15 @@ FILES = {
     "teacher_train": "teacher_train.jsonl",      # all labelled training instances + world documents
     "student_train": "student_train.jsonl",      # the student's labelled subset
     "student_unlabelled": "student_unlabelled.jsonl",  # prompts only
+    "student_all": "student_all.jsonl",          # every training instance, labelled as the student's subset is
     "preferences": "preferences.jsonl",          # chosen / rejected on the student's labelled prompts
+    "preferences_swapped": "preferences_swapped.jsonl",  # the same pairs, chosen and rejected swapped (a control)
     "validation": "validation.jsonl",
+    "validation_preferences": "validation_preferences.jsonl",  # held-out pairs for preference runs' selection
+    "validation_preferences_swapped": "validation_preferences_swapped.jsonl",  # the control's held-out pairs
     "test": "test.jsonl",
     "multiple_choice": "multiple_choice.jsonl",  # four-option questions on held-out facts
+    "language": "language.jsonl",                # another world's instances: language without this world's facts
 }
 
 
@@ -69,6 +86,21 @@ def world_documents(world) -> list[dict]:
     return docs
 
 
+def noisy_label(key: str, seed: int, rate: float) -> bool:
+    """Whether the careless annotator got instance ``key`` wrong (a deterministic draw per key)."""
+    digest = int(hashlib.sha256(f"noise:{seed}:{key}".encode()).hexdigest()[:12], 16) / float(16 ** 12)
+    return digest < rate
+
+
+def language_rows(config: CorpusConfig, exclude_names: set[str]) -> list[dict]:
+    """Every instance and document of a second world (its own seed, names disjoint from ``exclude_names``):
+    the language and skills of the benchmark's tasks with none of the benchmark world's facts."""
+    cities = max(2, min(config.n_cities, config.language_people // 4))
+    world = make_world(config.language_people, cities, seed=config.seed + 10_000, exclude_names=exclude_names)
+    rows = instances(world, config.seed + 10_000) + world_documents(world)
+    return [{k: r[k] for k in ("key", "category", "instruction", "input", "output")} for r in rows]
+
+
 def build_corpus(config: CorpusConfig, out_dir: Path) -> dict:
     """Write the corpus files and the tokenizer into ``out_dir``; returns counts."""
     out_dir = Path(out_dir)
@@ -84,26 +116,42 @@ def build_corpus(config: CorpusConfig, out_dir: Path) -> dict:
     rng = random.Random(f"student-{config.seed}")
     train = sorted(splits["train"], key=lambda r: r["key"])
     labelled_keys = set(rng.sample([r["key"] for r in train], k=max(1, round(config.student_label_fraction * len(train)))))
-    student_train = [r for r in train if r["key"] in labelled_keys]
+    # the student's labels: right, or (at rate label_noise, one draw per instance) the plausible wrong answer
+    noisy = {r["key"] for r in train
+             if r["rejected"] != r["output"] and noisy_label(r["key"], config.seed, config.label_noise)}
+    # the student's files hold only what an annotated instruction set holds: no references, no wrong answers
+    student_all = [{**{k: r[k] for k in ("key", "category", "instruction", "input")},
+                    "output": r["rejected"] if r["key"] in noisy else r["output"]} for r in train]
+    student_train = [r for r in student_all if r["key"] in labelled_keys]
     unlabelled = [{k: r[k] for k in ("key", "category", "instruction", "input")} for r in train
                   if r["key"] not in labelled_keys]
     preferences = [{"key": r["key"], "instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
-                    "rejected": r["rejected"]} for r in student_train if r["rejected"] != r["output"]]
+                    "rejected": r["rejected"]}
+                   for r in train if r["key"] in labelled_keys and r["rejected"] != r["output"]]
+    swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in preferences]
+    valid_pairs = [{"key": r["key"], "instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
+                    "rejected": r["rejected"]} for r in splits["validation"] if r["rejected"] != r["output"]]
     teacher_train = train + world_documents(world)
+    names = {p.name for p in world.people} | {c.name for c in world.cities}
+    language = language_rows(config, names) if config.language_people else []
     mc = multiple_choice_questions(world, config.seed, sorted(r["key"] for r in splits["test"]
                                                               if r["category"] == "open_qa"))
 
     # evaluation files list every valid reference in ``output`` (MiniLLM's format allows a list)
     evaluation = {name: [{**r, "output": r["references"]} for r in splits[name]] for name in ("validation", "test")}
     outputs = {"teacher_train": teacher_train, "student_train": student_train, "student_unlabelled": unlabelled,
-               "preferences": preferences, "validation": evaluation["validation"], "test": evaluation["test"],
-               "multiple_choice": mc}
+               "student_all": student_all, "preferences": preferences, "preferences_swapped": swapped,
+               "validation": evaluation["validation"], "validation_preferences": valid_pairs,
+               "validation_preferences_swapped": [{**p, "chosen": p["rejected"], "rejected": p["chosen"]}
+                                                  for p in valid_pairs],
+               "test": evaluation["test"], "multiple_choice": mc, "language": language}
     for name, records in outputs.items():
         with open(out_dir / FILES[name], "w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, sort_keys=True) + "\n")
     train_tokenizer([r for recs in outputs.values() for r in recs], out_dir / "tokenizer")
     return {"counts": {name: len(records) for name, records in outputs.items()},
+            "noisy_labels": {"student_train": len(noisy & labelled_keys), "student_all": len(noisy)},
             "categories": dict(Counter(r["category"] for r in splits["test"]))}
 
 

@@ -90,10 +90,11 @@ def _names(rng: random.Random, count: int, syllables: tuple[int, int], taken: se
     return names
 
 
-def make_world(n_people: int, n_cities: int, seed: int) -> World:
-    """A seeded world: ``n_people`` people spread over ``n_cities`` cities."""
+def make_world(n_people: int, n_cities: int, seed: int, *, exclude_names: set[str] | None = None) -> World:
+    """A seeded world: ``n_people`` people spread over ``n_cities`` cities. ``exclude_names``: names no
+    person or city of this world may have (a second world with disjoint names)."""
     rng = random.Random(f"world-{seed}")
-    taken: set[str] = set()
+    taken: set[str] = set(exclude_names or ())
     city_names = _names(rng, n_cities, (2, 2), taken)
     products = rng.sample(PRODUCTS, k=min(n_cities, len(PRODUCTS)))
     cities = [City(name, REGIONS[i % len(REGIONS)], products[i % len(products)]) for i, name in enumerate(city_names)]
