@@ -73,7 +73,7 @@ CASES = {
     "dpkd-simpo": ("dpkd", {"preference_form": "simpo", "beta": 2.0, "max_new_tokens": 8}, "prompts"),
     "dpkd_token": ("dpkd_token", {}, "prompts"),
     "dsft_kl": ("dsft_kl", {"max_new_tokens": 8}, "prompts"),
-    "dsft_kl-forward": ("dsft_kl", {"max_new_tokens": 8, "kl_direction": "forward"}, "prompts"),
+    "dsft_kl-forward": ("dsft_kl", {"max_new_tokens": 8, "divergence": "fkl"}, "prompts"),
     "ddpo_kl": ("ddpo_kl", {"max_new_tokens": 8}, "prompts"),
     "dckd": ("dckd", {}, "prefs"),
     "dckd-top5": ("dckd", {"loss_topk": 5}, "prefs"),
