@@ -103,7 +103,7 @@ def test_cached_generations_keep_the_emitted_eos_and_cut_ones_have_none(tiny, tm
     student = _with_two_eos(root / "student", tmp_path / "student2", student_eos, tokenizer)
 
     dsft = _train(root, tmp_path / "dsft", "dsft", {"max_new_tokens": MAX_NEW_TOKENS}, teacher=str(teacher))
-    stored = _records(Path(json.loads((dsft.run.path / "stages.json").read_text())["generate"]["path"]))
+    stored = _records(Path(json.loads((dsft.run.path / "stages.json").read_text())["teacher_responses"]["path"]))
     assert all(isinstance(r["finished"], bool) for r in stored)
     assert stored[0]["finished"] and stored[0]["eos_token"] == tokenizer.convert_ids_to_tokens(teacher_eos)
     assert teacher_eos > eos  # the old code appended min(EOS ids) or the tokenizer's EOS: never this one
@@ -117,7 +117,7 @@ def test_cached_generations_keep_the_emitted_eos_and_cut_ones_have_none(tiny, tm
 
     # the teacher without the second EOS, one new token: every response is cut and ends with no EOS
     cut = _train(root, tmp_path / "cut", "dsft", {"max_new_tokens": 1})
-    stored = _records(Path(json.loads((cut.run.path / "stages.json").read_text())["generate"]["path"]))
+    stored = _records(Path(json.loads((cut.run.path / "stages.json").read_text())["teacher_responses"]["path"]))
     assert not any(r["finished"] for r in stored) and all(r["eos_token"] is None for r in stored)
     for index in range(len(stored)):
         assert _response(cut.trainer.train_dataset[index]["labels"])[-1] != eos
