@@ -48,7 +48,9 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help="Comma-separated row labels to run.")
     options = parser.parse_args()
 
-    from kdbench.demo import PRESETS, build_student_init, build_teacher, generation_params, stage_params, training_file
+    from kdbench.demo import PRESETS, build_student_init, build_teacher
+    from kdbench.synthetic.arms import arm_for, stage_params
+    from kdbench.train.recipes import resolve_recipe
     from kdbench.config import to_dict
     from kdbench.evaluate import EvalConfig, evaluate
     from kdbench.generate import DecodingConfig
@@ -77,12 +79,13 @@ def main() -> None:
         method, settings, params = ROWS[label]
         started = time.time()
         config = dict(method=method, student=str(build_student_init(preset, corpus, store, 1)), teacher=str(teacher),
-                      data=str(corpus / FILES[training_file(method)]), valid_data=str(corpus / FILES["validation"]),
+                      data=str(corpus / FILES[arm_for(method).data]), valid_data=str(corpus / FILES["validation"]),
                       output_dir=str(out / "train"), run_name=f"{label}-seed1", seed=1, learning_rate=preset.student_lr,
                       max_steps=preset.student_steps, batch_size=preset.batch_size, max_length=256,
                       max_prompt_length=128, prompt_style="compact", logging_steps=25, group_by_length=True,
                       cache_dir=str(store.root), save_steps=max(50, preset.student_steps // 3),
-                      params={**generation_params(method, preset.max_new_tokens), **stage_params(method, preset),
+                      params={**({"max_new_tokens": preset.max_new_tokens} if "max_new_tokens" in resolve_recipe(method).params else {}),
+                              **stage_params(method, preset),
                               **params})
         config.update(settings)
         result = train(TrainConfig(**config), log=print, progress=False)

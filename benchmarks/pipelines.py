@@ -94,9 +94,9 @@ def main() -> None:
     result = train(config("adpa_plus", "preferences", out / "cache-adpa", "adpa_plus"), progress=False)
     stages = json.loads((result.run.path / "stages.json").read_text())
     results["adpa_plus"] = {
-        "dpo_teacher_build_seconds": stages["teachers"]["dpo"].get("build_seconds"),
-        "dckd_build_seconds": stages["student"].get("build_seconds"),
-        "yhat_generation_seconds": stages["generate"].get("build_seconds"),
+        "dpo_teacher_build_seconds": stages["dpo_teacher"].get("build_seconds"),
+        "dckd_build_seconds": stages["dckd_student"].get("build_seconds"),
+        "yhat_generation_seconds": stages["policy_responses"].get("build_seconds"),
         "adpa_train_seconds": result.cost["train_seconds"], "wall_seconds": result.cost["wall_seconds"],
     }
     (out / "pipelines.json").write_text(json.dumps(results, indent=2))

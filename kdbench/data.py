@@ -19,6 +19,29 @@ COMPACT_WITH_INPUT = "instruction : {instruction} input : {input} response :"
 
 PROMPT_STYLES = ("alpaca", "compact", "chat")
 
+# MiniLLM's prompt (microsoft/LMOps minillm/tools/process_data_dolly.py, Stanford Alpaca's template):
+# the "### Input:" block appears only when the input is non-empty.
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+
+
+def alpaca_prompt(instruction: str, input: str | None = None) -> str:
+    """MiniLLM's Alpaca prompt; the ``### Input:`` block only when ``input`` is a non-empty string.
+
+    Like MiniLLM, a whitespace-only input still counts as non-empty (``len(input) == 0`` is its test).
+    """
+    if input:
+        return ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
+    return ALPACA_NO_INPUT.format(instruction=instruction)
+
 
 def format_prompt(instruction: str, input_text: str = "", *, style: str = "alpaca", tokenizer: Any = None) -> str:
     """The prompt text for one example.
@@ -28,8 +51,6 @@ def format_prompt(instruction: str, input_text: str = "", *, style: str = "alpac
     (one user turn; instruction and input joined by a blank line), with the generation prompt added.
     """
     if style == "alpaca":
-        from kdbench.suites import alpaca_prompt
-
         return alpaca_prompt(instruction, input_text)
     input_text = (input_text or "").strip()
     if style == "compact":

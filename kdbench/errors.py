@@ -28,9 +28,3 @@ class ModelError(KdbenchError):
 
 class TrainingError(KdbenchError):
     """Training cannot go on (for example a non-finite loss)."""
-
-
-def require(condition: bool, message: str, error: type[KdbenchError] = ConfigError) -> None:
-    """Raise ``error(message)`` unless ``condition`` holds."""
-    if not condition:
-        raise error(message)

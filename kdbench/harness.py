@@ -27,7 +27,7 @@ from kdbench.errors import ConfigError, DataError, KdbenchError, ModelError
 from kdbench.harness_results import (HarnessResult, TaskScore, leaderboard_normalized_scores,  # noqa: F401
                                      normalize_to_random_baseline, subtask_averages, suite_averages)
 from kdbench.harness_suite import (AVERAGE_METHODS, AVERAGE_SOURCES, HarnessSuite, HarnessTask,  # noqa: F401
-                                   load_suite)
+                                   load_harness_suite)
 from kdbench.harness_tasks import local_generation_task, local_multiple_choice_task  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -259,7 +259,7 @@ def run_harness(model, tokenizer=None, *, suite: str | dict, limit: int | float 
     Raises KdbenchError (one sentence, no traceback) when lm-eval is missing, a task name is
     unknown, a dataset cannot be downloaded, or the model path does not exist.
     """
-    spec = load_suite(suite)
+    spec = load_harness_suite(suite)
     lm_eval = _import_lm_eval()
     version = lm_eval_version()
     from lm_eval.models.huggingface import HFLM
@@ -348,7 +348,7 @@ def evaluate_harness(model: str, suite: str | os.PathLike | dict, *, output_dir:
     from kdbench.models import load_tokenizer, resolve_model_path
     from kdbench.store import RunDir
 
-    spec = load_suite(suite)
+    spec = load_harness_suite(suite)
     for folder in ([] if include_path is None else include_path if isinstance(include_path, (list, tuple))
                    else [include_path]):
         if not Path(folder).expanduser().is_dir():

@@ -1,7 +1,7 @@
 """lm-eval suite files (``type: lm_eval`` in ``tasks/``): parsed into :class:`HarnessSuite` / :class:`HarnessTask`.
 
 A suite lists lm-eval tasks, each with its own shot count, headline metric, filter and (for the Open LLM
-Leaderboard v2) normalization baselines; see ``tasks/oll.yaml``. :func:`load_suite` accepts a registry name,
+Leaderboard v2) normalization baselines; see ``tasks/oll.yaml``. :func:`load_harness_suite` accepts a registry name,
 a mapping, or a path to a suite file (validated like a registry file; its ``include_path`` is resolved
 relative to the file).
 """
@@ -157,7 +157,7 @@ def read_suite_file(path: str | os.PathLike) -> dict:
     return body
 
 
-def load_suite(suite: str | os.PathLike | dict | HarnessSuite) -> HarnessSuite:
+def load_harness_suite(suite: str | os.PathLike | dict | HarnessSuite) -> HarnessSuite:
     """Parse a suite: a registry name (``"oll"``, a file in ``tasks/``), a path to a suite file, or the same
     mapping inline.
 

@@ -226,16 +226,17 @@ class LazyModel:
         self._load = load
         self._model = None
 
-    def _loaded(self):
+    def loaded(self):
+        """The model itself (loaded now if it was not yet)."""
         if self._model is None:
             self._model = self._load()
         return self._model
 
     def __getattr__(self, name):
-        return getattr(self._loaded(), name)
+        return getattr(self.loaded(), name)
 
     def __call__(self, *args, **kwargs):
-        return self._loaded()(*args, **kwargs)
+        return self.loaded()(*args, **kwargs)
 
 
 def lazy_model(name: str, **load_kwargs) -> LazyModel:

@@ -247,17 +247,22 @@ def teacher_responses(preset: RealPreset, rows: list[dict], name: str, teacher_d
     same artifact for its ``y_t`` instead of generating again."""
     from kdbench.data import Example
     from kdbench.models import lazy_model, load_tokenizer
-    from kdbench.train.api import recipe_decoding, generation_stage, resolve_recipe
+    from kdbench.train.params import GenerationParams
+    from kdbench.train.recipes import resolve_recipe
+    from kdbench.train.stages import generation_stage, recipe_decoding
 
-    _, params = resolve_recipe("dadpo", {"max_new_tokens": preset.max_new_tokens})
-    config = _base_config(preset, "dadpo", student, teacher_dir, Path("unused"), Path("unused"), out, store, params)
-    decoding = recipe_decoding(config, params, "teacher")
+    recipe = resolve_recipe("dadpo", {"max_new_tokens": preset.max_new_tokens})
+    config = _base_config(preset, "dadpo", student, teacher_dir, Path("unused"), Path("unused"), out, store,
+                          recipe.params)
+    generation = recipe.typed(GenerationParams)
+    decoding = recipe_decoding(config, generation)
     examples = [Example(instruction=r["instruction"], input=r["input"], output="", id=r["id"]) for r in rows]
     run = RunDir.create(out / "stages", f"teacher-responses-{name}", kind="generate",
                         config={"teacher": teacher_dir, "prompts": len(rows), "decoding": decoding.describe()})
 
-    generated, _, facts = generation_stage(config, params, decoding, lazy_model(teacher_dir, trainable=False),
-                                           load_tokenizer(teacher_dir), examples, run, store, say)
+    generated, _, facts = generation_stage(config, generation.generation_seed, decoding,
+                                           lazy_model(teacher_dir, trainable=False), load_tokenizer(teacher_dir),
+                                           examples, run, store, say, model_name=teacher_dir)
     path = out / "data" / f"{name}.jsonl"
     lines = [json.dumps({"id": g.id, "instruction": g.instruction, "input": g.input, "output": g.output},
                         ensure_ascii=False) for g in generated if g.output.strip()]
@@ -347,7 +352,7 @@ def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cach
     from kdbench.report import leaderboard_markdown
     from kdbench.store import find_run_dirs
     from kdbench.train import train
-    from kdbench.train.api import resolve_recipe
+    from kdbench.train.recipes import resolve_recipe
 
     say = log or (lambda message: None)
     started = time.time()
@@ -394,7 +399,7 @@ def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cach
     for method in preset.methods:
         params: dict = {}
         if method in PREFERENCE_METHODS:
-            _, recipe = resolve_recipe(method, {})
+            recipe = resolve_recipe(method, {}).params
             params["max_new_tokens"] = preset.max_new_tokens
             start = "dsft_model" if "dsft_model" in recipe else "sft_model"
             if "sft" in trained and start in recipe:  # the sft run *is* the dSFT / SFT starting point

@@ -8,7 +8,7 @@ a user entry with the same name overrides the built-in one.
 
 Adding a method is one loss function plus one recipe file; adding a suite is one task file.
 
-Every file of a kind with a schema (:data:`kdbench.registry_schemas.SCHEMAS`: ``tasks`` and ``judges``)
+Every file of a kind with a schema (:data:`kdbench.registry_schemas.SCHEMAS`: ``trainers``, ``tasks``, ``judges``)
 is validated when the kind is loaded: an unknown key, a missing required key or a value of the wrong
 type is one :class:`~kdbench.errors.ConfigError` sentence naming the file and the key. The mechanism
 (:class:`~kdbench.schema.Schema`, :class:`~kdbench.schema.Key`) lives in :mod:`kdbench.schema`, so a

@@ -1,4 +1,5 @@
-"""The schema of every registry file kind (tasks/ and judges/; trainers/ to follow).
+"""The schema of every registry file kind: tasks/, judges/ and trainers/ (the last declared with the training
+package, :mod:`kdbench.train.recipe_schema`).
 
 Each key a file may hold is listed here with its type and what it does, and every listed key is read by
 the code that runs the file (a key nobody reads is a key a user edits for nothing). A task file's
@@ -12,6 +13,7 @@ import dataclasses
 
 from kdbench.schema import (DESCRIPTION, NAME, FileSchema, Key, Schema, flag, integer, mapping, number,
                             regex_check, text, text_list)
+from kdbench.train.recipe_schema import TRAINERS
 
 
 def _metric_names() -> list[str]:
@@ -231,5 +233,5 @@ MT_BENCH_ANSWERS = Schema({
 JUDGES = FileSchema("kind", {"mt_bench": MT_BENCH, "mt_bench_pairwise": MT_BENCH_PAIRWISE, "pairwise": PAIRWISE,
                              "offline": OFFLINE, "alpaca_eval": ALPACA_EVAL, "mt_bench_answers": MT_BENCH_ANSWERS})
 
-# registry kind -> file schema (trainers/ has none yet: its recipes are checked by kdbench.train)
-SCHEMAS: dict[str, FileSchema] = {"tasks": TASKS, "judges": JUDGES}
+# registry kind -> file schema (a trainers/ file's params depend on what it declares: kdbench.train.recipe_schema)
+SCHEMAS: dict[str, FileSchema | Schema] = {"tasks": TASKS, "judges": JUDGES, "trainers": TRAINERS}

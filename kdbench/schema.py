@@ -72,10 +72,13 @@ class Key:
 
 @dataclass(frozen=True)
 class Schema:
-    """The keys a mapping may hold (see :class:`Key`); ``open`` allows keys not listed (not recommended)."""
+    """The keys a mapping may hold (see :class:`Key`); ``open`` allows keys not listed (not recommended);
+    ``check(body)``: a check of the whole mapping once its keys are valid, returning the problem as the end of
+    a sentence (``"unknown key 'params.x'; valid keys here are ..."``) or None."""
 
     keys: Mapping[str, Key] = field(default_factory=dict)
     open: bool = False
+    check: Callable[[dict], str | None] | None = None
 
     def validate(self, body: Any, file: Path | str, where: str = "") -> None:
         """Raise one ConfigError sentence for the first unknown key, missing required key or bad value."""
@@ -95,6 +98,10 @@ class Schema:
                     raise ConfigError(f"Registry file {file}: key {dotted!r} is missing; add it ({key.help}).")
                 continue
             key.validate(body[name], file, dotted)
+        if self.check is not None:
+            problem = self.check(body)
+            if problem:
+                raise ConfigError(f"Registry file {file}: {problem}")
 
     def describe(self, indent: str = "") -> list[str]:
         """One line per key (nested keys indented): the documentation of a file kind."""

@@ -26,34 +26,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdbench.data import alpaca_prompt
 from kdbench.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 DATA_ENV_VAR = "KDBENCH_DATA"
-
-# MiniLLM's prompt (microsoft/LMOps minillm/tools/process_data_dolly.py, Stanford Alpaca's template):
-# the "### Input:" block appears only when the input is non-empty.
-_ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-_ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-
-
-def alpaca_prompt(instruction: str, input: str | None = None) -> str:
-    """MiniLLM's Alpaca prompt; the ``### Input:`` block only when ``input`` is a non-empty string.
-
-    Like MiniLLM, a whitespace-only input still counts as non-empty (``len(input) == 0`` is its test).
-    """
-    if input:
-        return _ALPACA_WITH_INPUT.format(instruction=instruction, input=input)
-    return _ALPACA_NO_INPUT.format(instruction=instruction)
 
 
 @dataclass(frozen=True)

@@ -138,9 +138,9 @@ def build_reference_runs(root: Path) -> dict[str, list[RunDir]]:
 
 def build_oll_run(root: Path, label: str, arc: float) -> RunDir:
     """An lm-eval suite run written through HarnessResult.to_metric_records (the real record format)."""
-    from kdbench.harness import HarnessResult, TaskScore, load_suite, suite_averages
+    from kdbench.harness import HarnessResult, TaskScore, load_harness_suite, suite_averages
 
-    suite = load_suite("oll")
+    suite = load_harness_suite("oll")
     scores = {}
     for index, task in enumerate(suite.tasks):
         value = arc if task.task == "arc_challenge" else 0.3 + 0.05 * index

@@ -30,7 +30,7 @@ def settings(suite: harness.HarnessSuite) -> list[tuple]:
 # suite files (no lm-eval needed)
 # ----------------------------------------------------------------------------------------------
 def test_oll_v1_configuration():
-    suite = harness.load_suite("oll")
+    suite = harness.load_harness_suite("oll")
     assert suite.protocol == "OLL-v1" and suite.average_method == "unweighted_mean"
     assert settings(suite) == [
         ("arc_challenge", 25, ("acc_norm",), "none"),
@@ -47,7 +47,7 @@ def test_oll_v1_configuration():
 
 
 def test_akl_general_configuration():
-    suite = harness.load_suite("akl-general")
+    suite = harness.load_harness_suite("akl-general")
     assert settings(suite) == [
         ("arc_challenge", 5, ("acc_norm",), "none"),
         ("winogrande", 0, ("acc",), "none"),
@@ -57,7 +57,7 @@ def test_akl_general_configuration():
 
 
 def test_oll_v2_configuration():
-    suite = harness.load_suite("oll-v2")
+    suite = harness.load_harness_suite("oll-v2")
     assert suite.lm_eval_group == "leaderboard"
     assert settings(suite) == [
         ("leaderboard_bbh", 3, ("acc_norm",), "none"),
@@ -87,16 +87,16 @@ def test_oll_v2_configuration():
 def test_malformed_suite_entries_are_config_errors(change, message):
     entry = {"task": "arc_challenge", "num_fewshot": 25, "metric": "acc_norm", **change}
     with pytest.raises(ConfigError, match=message):
-        harness.load_suite({"name": "bad", "type": "lm_eval", "tasks": [entry]})
+        harness.load_harness_suite({"name": "bad", "type": "lm_eval", "tasks": [entry]})
 
 
 def test_suite_of_another_type_or_unknown_name_is_rejected():
     with pytest.raises(ConfigError, match="not lm_eval"):
-        harness.load_suite({"name": "dolly", "type": "generation", "tasks": []})
+        harness.load_harness_suite({"name": "dolly", "type": "generation", "tasks": []})
     with pytest.raises(ConfigError, match="no_such_suite"):
-        harness.load_suite("no_such_suite")
+        harness.load_harness_suite("no_such_suite")
     with pytest.raises(ConfigError, match="more than once"):
-        harness.load_suite({"name": "dup", "type": "lm_eval", "tasks": [
+        harness.load_harness_suite({"name": "dup", "type": "lm_eval", "tasks": [
             {"task": "boolq", "num_fewshot": 0, "metric": "acc"}] * 2})
 
 
@@ -135,7 +135,7 @@ def test_mmlu_averages_match_lm_eval_aggregation_over_57_subjects():
 
 
 def test_oll_v1_average_uses_the_unweighted_mmlu_subject_mean():
-    suite = harness.load_suite("oll")
+    suite = harness.load_harness_suite("oll")
     weighted = harness.subtask_averages(MMLU_FIXTURE)["size_weighted"]
     mmlu = harness._score(suite.task("mmlu"), dict.fromkeys(MMLU_FIXTURE), object(),
                           fake_lm_eval_results("mmlu", MMLU_FIXTURE, weighted))
@@ -155,7 +155,7 @@ def test_oll_v1_average_uses_the_unweighted_mmlu_subject_mean():
 
 
 def test_gsm8k_score_reads_the_named_filter():
-    entry = harness.load_suite("oll").task("gsm8k")
+    entry = harness.load_harness_suite("oll").task("gsm8k")
     results = {"results": {"gsm8k": {"exact_match,strict-match": 0.12, "exact_match,flexible-extract": 0.31}},
                "n-samples": {"gsm8k": {"effective": 1319}}}
     assert harness._score(entry, {"gsm8k": None}, None, results).value == 0.12
@@ -168,7 +168,7 @@ def test_leaderboard_normalization():
     assert harness.normalize_to_random_baseline(0.20, 0.25) == 0.0  # below chance clips to 0
     assert harness.normalize_to_random_baseline(0.37, 0.0) == pytest.approx(37.0)
 
-    suite = harness.load_suite("oll-v2")
+    suite = harness.load_harness_suite("oll-v2")
     bbh_choices = suite.task("leaderboard_bbh").subtask_choices
     bbh_sub = {name: 0.6 for name in bbh_choices}
     musr_sub = {"leaderboard_musr_murder_mysteries": 0.55, "leaderboard_musr_object_placements": 0.30,
@@ -200,7 +200,7 @@ def test_leaderboard_normalization():
     assert normalized["average"] == pytest.approx(sum(expected.values()) / 6)
     with pytest.raises(ConfigError, match="random baseline"):
         harness.leaderboard_normalized_scores(harness.HarnessResult(
-            harness.load_suite("akl-general"), "0.4.x", {"boolq": score("leaderboard_gpqa", 0.5)}, {}))
+            harness.load_harness_suite("akl-general"), "0.4.x", {"boolq": score("leaderboard_gpqa", 0.5)}, {}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def lm_eval_yaml(manager, name: str) -> dict:
 
 def test_suite_task_names_metrics_and_filters_exist_in_lm_eval(manager):
     for suite_name in ("oll", "akl-general", "oll-v2"):
-        for entry in harness.load_suite(suite_name).tasks:
+        for entry in harness.load_harness_suite(suite_name).tasks:
             assert entry.task in manager.task_index, (suite_name, entry.task)
     for name, metric in (("arc_challenge", "acc_norm"), ("hellaswag", "acc_norm"), ("truthfulqa_mc2", "acc"),
                          ("winogrande", "acc"), ("openbookqa", "acc"), ("boolq", "acc"),
@@ -234,7 +234,7 @@ def test_suite_task_names_metrics_and_filters_exist_in_lm_eval(manager):
 
 
 def test_oll_v2_matches_lm_eval_leaderboard_group(manager):
-    suite = harness.load_suite("oll-v2")
+    suite = harness.load_harness_suite("oll-v2")
     assert sorted(t.task for t in suite.tasks) == sorted(lm_eval_yaml(manager, "leaderboard")["task"])
     for entry in suite.tasks:
         body = lm_eval_yaml(manager, entry.task)

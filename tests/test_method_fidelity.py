@@ -79,17 +79,17 @@ def test_ddpo_reference_student_is_the_original_student(tiny, tmp_path):
     """The cached reference log-probs of ``reference: student`` equal the original student's sequence
     log-probs of the pairs (not the dSFT model's, which moved away from it)."""
     from kdbench.models import load_model
-    from kdbench.train.pipeline import frozen_sequence_logps
+    from kdbench.train.pairs import frozen_sequence_logps
 
     root, tokenizer = tiny
     result = _train(root, tmp_path, "ddpo", {"reference": "student", "max_new_tokens": 8,
                                              "dsft_settings": {"max_steps": 3, "learning_rate": 1e-2}})
     stages = json.loads((result.run.path / "stages.json").read_text())
-    cached = json.loads((Path(stages["logprobs"]["ref"]["path"]) / "logps.json").read_text())
+    cached = json.loads((Path(stages["frozen_logps"]["ref"]["path"]) / "logps.json").read_text())
     pairs = result.trainer.train_dataset.tokenized
     original = frozen_sequence_logps(load_model(str(root / "student"), trainable=False), pairs,
                                      tokenizer.pad_token_id, 8)
-    dsft = frozen_sequence_logps(load_model(str(_stage_model(result, "dsft")), trainable=False), pairs,
+    dsft = frozen_sequence_logps(load_model(str(_stage_model(result, "dsft_model")), trainable=False), pairs,
                                  tokenizer.pad_token_id, 8)
     assert max(abs(a - b) for a, b in zip(dsft["chosen"], original["chosen"])) > 1e-3  # the dSFT model did move
     for side in ("chosen", "rejected"):
@@ -138,8 +138,8 @@ def test_policy_and_frozen_logprobs_share_the_tokenizer_rows(tiny, tmp_path):
     for name in ("reward_chosen_per_pair", "reward_rejected_per_pair", "reward_margin_per_pair"):
         assert first[name] == pytest.approx(0.0, abs=1e-6), name
 
-    dpkd = _train(root, tmp_path / "dpkd", "dpkd", {"init": "student", "lm_weight": 0.0, "max_new_tokens": 8},
-                  student=str(student), teacher=str(student), max_steps=1, learning_rate=1e-12, eval_steps=1)
+    dpkd = _train(root, tmp_path / "dpkd", "dpkd", {"init": "student", "max_new_tokens": 8},
+                  lm_weight=0.0, student=str(student), teacher=str(student), max_steps=1, learning_rate=1e-12, eval_steps=1)
     assert dpkd.validation["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert dpkd.validation["loss"] == pytest.approx(LOG2, abs=1e-6)
 
@@ -156,7 +156,7 @@ def test_lm_data_stays_in_the_method_loss(tiny, tmp_path):
     b = _train(root, tmp_path / "b", "dpkd", stage)
     assert a.cost["lm_tokens"] > 0  # the method's own loss does use the corpus
     assert any(m.startswith("building sft-model artifact") for m in with_corpus)
-    assert _max_difference(_weights(_stage_model(a, "sft")), _weights(_stage_model(b, "sft"))) == 0.0
+    assert _max_difference(_weights(_stage_model(a, "sft_student")), _weights(_stage_model(b, "sft_student"))) == 0.0
     again: list[str] = []
     _train(root, tmp_path / "b", "dpkd", stage, lm_data=str(root / "corpus.txt"), run_name="again", log=again)
     assert any(m.startswith("reusing cached sft-model artifact") for m in again)
@@ -164,19 +164,19 @@ def test_lm_data_stays_in_the_method_loss(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------------ point 5
 def _pairs_batch():
-    from kdbench.train.objectives import PairBatch
+    from kdbench.train.preference_forms import PairBatch
 
     return PairBatch(torch.tensor([-4.0, -9.0]), torch.tensor([-7.0, -6.0]), torch.tensor([2, 6]),
                      torch.tensor([4, 3]), ref_chosen=torch.tensor([-5.0, -8.0]), ref_rejected=torch.tensor([-6.5, -6.2]),
                      teacher_chosen=torch.tensor([-5.0, -8.0]), teacher_rejected=torch.tensor([-6.5, -6.2]))
 
 
-@pytest.mark.parametrize("method, overrides", [("dpo", {"loss": "ipo"}), ("ddpo", {"loss": "ipo"}),
+@pytest.mark.parametrize("method, overrides", [("dpo", {"preference_form": "ipo"}), ("ddpo", {"preference_form": "ipo"}),
                                                ("dpkd", {"preference_form": "ipo"})])
 def test_ipo_sums_the_log_ratios_by_default_and_normalizes_as_an_option(method, overrides):
     from kdbench.losses.sequence import ipo
-    from kdbench.train.api import resolve_recipe
-    from kdbench.train.objectives import get_objective
+    from kdbench.train.recipes import resolve_recipe
+    from kdbench.train.preference_forms import preference_parts
 
     batch = _pairs_batch()
     tau = 0.1
@@ -185,23 +185,25 @@ def test_ipo_sums_the_log_ratios_by_default_and_normalizes_as_an_option(method, 
     per_token = ipo(*args, tau=tau, chosen_lengths=batch.chosen_lengths, rejected_lengths=batch.rejected_lengths,
                     reduction="none").sum()
     assert float(summed - per_token) != pytest.approx(0.0, abs=1e-3)
-    objective = get_objective("preference")
-    _, params = resolve_recipe(method, {**overrides, "tau": tau})
-    assert float(objective.fn(batch, params)["loss"]) == pytest.approx(float(summed), rel=1e-6)
-    _, params = resolve_recipe(method, {**overrides, "tau": tau, "length_normalize": True})
-    assert float(objective.fn(batch, params)["loss"]) == pytest.approx(float(per_token), rel=1e-6)
+    recipe = resolve_recipe(method, {**overrides, "tau": tau})
+    assert float(preference_parts(recipe.form, recipe.form_params, batch)["loss"]) == pytest.approx(float(summed),
+                                                                                                   rel=1e-6)
+    recipe = resolve_recipe(method, {**overrides, "tau": tau, "length_normalize": True})
+    assert float(preference_parts(recipe.form, recipe.form_params, batch)["loss"]) == pytest.approx(float(per_token),
+                                                                                                   rel=1e-6)
 
 
 def test_dpkd_form_stays_length_normalized_by_default():
     from kdbench.losses.sequence import dpkd
-    from kdbench.train.api import resolve_recipe
-    from kdbench.train.objectives import get_objective
+    from kdbench.train.recipes import resolve_recipe
+    from kdbench.train.preference_forms import preference_parts
 
     batch = _pairs_batch()
-    _, params = resolve_recipe("dpkd", {})
+    recipe = resolve_recipe("dpkd", {})
     expected = dpkd(batch.policy_chosen, batch.policy_rejected, batch.teacher_chosen, batch.teacher_rejected,
                     batch.chosen_lengths, batch.rejected_lengths, beta=0.1, reduction="none").sum()
-    assert float(get_objective("preference").fn(batch, params)["loss"]) == pytest.approx(float(expected), rel=1e-6)
+    assert float(preference_parts(recipe.form, recipe.form_params, batch)["loss"]) == pytest.approx(float(expected),
+                                                                                                   rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------ point 6
@@ -232,10 +234,10 @@ def test_stages_train_with_their_own_settings_not_the_main_runs(tiny, tmp_path):
            log=second_log)
     assert any(m.startswith("reusing cached dpo-teacher artifact") for m in second_log)
     teacher = _weights(root / "teacher")
-    assert _max_difference(_weights(_stage_model(first, "teachers", "dpo")), teacher) < 1e-5
+    assert _max_difference(_weights(_stage_model(first, "dpo_teacher")), teacher) < 1e-5
     fast = _train(root, tmp_path, "dckd", {"teacher_dpo_settings": {"max_steps": 2, "learning_rate": 1e-3}},
                   data=prefs, max_steps=1, run_name="stage-lr")
-    assert _max_difference(_weights(_stage_model(fast, "teachers", "dpo")), teacher) > 1e-4
+    assert _max_difference(_weights(_stage_model(fast, "dpo_teacher")), teacher) > 1e-4
 
 
 def _lr_text(value: float) -> str:
@@ -270,14 +272,14 @@ def test_demo_presets_set_every_stage_explicitly():
     presets give every stage of every recipe its learning rate, steps and batch explicitly."""
     from kdbench import registry
     from kdbench.demo import PRESETS, stage_params
-    from kdbench.train.api import resolve_recipe
+    from kdbench.train.recipes import resolve_recipe
     from kdbench.train.stage_settings import OPTIMIZATION_SETTINGS
 
     preset = PRESETS["full"]
     for name in registry.names("trainers"):
         recipe = registry.get("trainers", name).body.get("params") or {}
         given = stage_params(name, preset)
-        _, resolved = resolve_recipe(name, given)
+        resolved = resolve_recipe(name, given).params
         for key in (k for k in recipe if k.endswith("_settings")):
             assert set(OPTIMIZATION_SETTINGS) <= set(given[key]), (name, key)
             assert resolved[key] == given[key], (name, key)  # no paper default (warmup, decay, ...) mixes in
@@ -301,7 +303,7 @@ def test_teacher_init_sft_fine_tunes_the_teacher_once_for_every_method_and_seed(
     for name in ("akl", "kd-seed4"):
         assert any(m.startswith("reusing cached sft-model artifact") for m in logs[name]), name
         assert not any(m.startswith("building sft-model") for m in logs[name]), name
-    prepared = _weights(_stage_model(kd, "teacher"))
+    prepared = _weights(_stage_model(kd, "prepare_teacher"))
     assert _max_difference(prepared, _weights(root / "teacher")) > 1e-4  # it was fine-tuned
     used = {name: p.detach() for name, p in kd.teacher.state_dict().items()}
     assert _max_difference(prepared, {k: used[k] for k in prepared}) == 0.0  # and it is the teacher KD used

@@ -11,7 +11,7 @@ import inspect
 import pytest
 
 import kdbench.losses as losses
-from kdbench.train.api import resolve_recipe
+from kdbench.train.recipes import resolve_recipe
 
 # method name -> (divergence, the parameters the name promises)
 PROMISED = {
@@ -29,7 +29,7 @@ PROMISED = {
 
 
 def effective_divergence(method: str) -> tuple[str, dict]:
-    _, params = resolve_recipe(method, {})
+    params = resolve_recipe(method, {}).params
     name = params["divergence"]
     defaults = {k: p.default for k, p in inspect.signature(getattr(losses, name)).parameters.items()
                 if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}

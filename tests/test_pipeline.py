@@ -107,7 +107,7 @@ def test_dadpo_identities_reuse_and_frozen_models(tiny, tmp_path):
         _assert_falls(_losses(result), method)
     # frozen models unchanged: the teacher's files and the cached dSFT checkpoint
     assert hash_tree(root / "teacher") == teacher_hash
-    dsft_dir = Path(json.loads((ddpo.run.path / "stages.json").read_text())["dsft"]["path"]) / "model"
+    dsft_dir = Path(json.loads((ddpo.run.path / "stages.json").read_text())["dsft_model"]["path"]) / "model"
     dsft_hash = hash_tree(dsft_dir)
     _train(root, tmp_path, "dadpo", run_name="dadpo-again", seed=4)
     assert hash_tree(dsft_dir) == dsft_hash
@@ -128,7 +128,8 @@ def test_given_dsft_model_and_dsft_recipe_from_the_cli(tiny, tmp_path):
     assert result.exit_code == 0, result.output
     assert "reusing cached teacher-generations" in result.output  # the dsft run generated y_t
     stages = json.loads((tmp_path / "dadpo-seed1" / "stages.json").read_text())
-    assert stages["dsft"] == {"given": str(dsft_model)} and set(stages) == {"generate", "dsft", "logprobs", "train"}
+    assert stages["dsft_model"] == {"given": str(dsft_model)}
+    assert set(stages) == {"dsft_model", "teacher_responses", "student_responses", "frozen_logps", "train"}
     cost = json.loads((tmp_path / "dadpo-seed1" / "cost.json").read_text())
     assert cost["optimizer_steps"] == 3 and cost["train_pairs"] == 6 and cost["generated_tokens"] > 0
 
@@ -177,18 +178,18 @@ def test_dadpo_with_a_teacher_of_another_tokenizer(tiny, tmp_path):
     result, messages, _ = _train(root, tmp_path, "dadpo", teacher=teacher, max_steps=15)
     _assert_falls(_losses(result), "dadpo cross-tokenizer")
     stages = json.loads((result.run.path / "stages.json").read_text())
-    assert set(stages["logprobs"]) == {"ref", "teacher"}
+    assert set(stages["frozen_logps"]) == {"ref", "teacher"}
     # each model's cached log-probs are its own scoring of the pair texts with its own tokenizer (computed
     # here independently): the GPT-2-tokenizer teacher and the synthetic-tokenizer dSFT reference
     from kdbench.data import load_examples
-    from kdbench.train.api import split_validation
+    from kdbench.train.settings import split_validation
 
     prompts = split_validation(load_examples(root / "prompts.jsonl"), 0.2, 3)[0]
-    texts = {side: [json.loads(line) for line in open(Path(stages["generate"][side]["path"]) / "generations.jsonl")]
+    texts = {side: [json.loads(line) for line in open(Path(stages[f"{side}_responses"]["path"]) / "generations.jsonl")]
              for side in ("teacher", "student")}
-    scorers = {"teacher": teacher, "ref": Path(stages["dsft"]["path"]) / "model"}
+    scorers = {"teacher": teacher, "ref": Path(stages["dsft_model"]["path"]) / "model"}
     for name, model_dir in scorers.items():
-        cached = json.loads((Path(stages["logprobs"][name]["path"]) / "logps.json").read_text())
+        cached = json.loads((Path(stages["frozen_logps"][name]["path"]) / "logps.json").read_text())
         expected = _independent_logps(model_dir, prompts, texts["teacher"], texts["student"])
         assert cached["chosen"] == pytest.approx(expected["chosen"], rel=1e-5), name
         assert cached["rejected"] == pytest.approx(expected["rejected"], rel=1e-5), name

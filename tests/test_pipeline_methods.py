@@ -73,12 +73,12 @@ CASES = {
     "dpkd-simpo": ("dpkd", {"preference_form": "simpo", "beta": 2.0, "max_new_tokens": 8}, "prompts"),
     "dpkd_token": ("dpkd_token", {}, "prompts"),
     "dsft_kl": ("dsft_kl", {"max_new_tokens": 8}, "prompts"),
-    "dsft_kl-forward": ("dsft_kl", {"max_new_tokens": 8, "kl_direction": "forward"}, "prompts"),
+    "dsft_kl-forward": ("dsft_kl", {"max_new_tokens": 8, "divergence": "fkl"}, "prompts"),
     "ddpo_kl": ("ddpo_kl", {"max_new_tokens": 8}, "prompts"),
     "dckd": ("dckd", {}, "prefs"),
-    "dckd-top5": ("dckd", {"teacher_topk": 5}, "prefs"),
+    "dckd-top5": ("dckd", {"loss_topk": 5}, "prefs"),
     "adpa": ("adpa", {"max_new_tokens": 8}, "prefs"),
-    "adpa-top5": ("adpa", {"max_new_tokens": 8, "teacher_topk": 5}, "prefs"),
+    "adpa-top5": ("adpa", {"max_new_tokens": 8, "loss_topk": 5}, "prefs"),
     "adpa_plus": ("adpa_plus", {"max_new_tokens": 8}, "prefs"),
 }
 
@@ -124,8 +124,8 @@ def _facts(node) -> list[dict]:
 def test_dpkd_diagnostics_are_exact_when_the_student_is_its_teacher(tiny, tmp_path):
     """With q = p at the start, every implicit reward is 0, the loss per pair is log 2, and both reverse
     KL diagnostics (first response token, exact; sequence, sampled) are 0; they move once training does."""
-    result, _ = _train(tiny, tmp_path, "dpkd", {"init": "student", "max_new_tokens": 8, "lm_weight": 0.0},
-                       teacher=str(tiny / "student"), max_steps=6)
+    result, _ = _train(tiny, tmp_path, "dpkd", {"init": "student", "max_new_tokens": 8},
+                       lm_weight=0.0, teacher=str(tiny / "student"), max_steps=6)
     log = _log(result)
     first = log[0]
     assert first["loss_per_pair"] == pytest.approx(math.log(2), abs=1e-6)
@@ -141,8 +141,8 @@ def test_dpkd_offline_pairs_equal_dpo_with_the_teacher_as_reference(tiny, tmp_pa
     """dpkd without length normalization, no LM term, on a preference file = dpo(reference = teacher)."""
     prefs = str(tiny / "prefs.jsonl")
     dpkd, _ = _train(tiny, tmp_path, "dpkd", {"pairs": "preference_data", "length_normalize": False,
-                                              "lm_weight": 0.0, "init": "student", "beta": 0.1},
-                     data=prefs, run_name="dpkd")
+                                              "init": "student", "beta": 0.1},
+                     lm_weight=0.0, data=prefs, run_name="dpkd")
     dpo, _ = _train(tiny, tmp_path, "dpo", {"reference": "teacher", "beta": 0.1}, data=prefs, run_name="dpo")
     a, b = _params(dpkd.model_dir), _params(dpo.model_dir)
     for name in a:
@@ -156,12 +156,12 @@ def test_adpa_reuses_the_dpo_teacher_dckd_built(tiny, tmp_path):
     from kdbench.store import hash_tree
 
     dckd, first = _train(tiny, tmp_path, "dckd", stage, data=prefs, cache_dir=str(cache), max_steps=2)
-    dpo_hash = hash_tree(Path(json.loads((dckd.run.path / "stages.json").read_text())["teachers"]["dpo"]["path"]) / "model")
+    dpo_hash = hash_tree(Path(json.loads((dckd.run.path / "stages.json").read_text())["dpo_teacher"]["path"]) / "model")
     _, second = _train(tiny, tmp_path, "adpa", {**stage, "sft_settings": {"max_steps": 2}, "max_new_tokens": 8},
                        data=prefs, cache_dir=str(cache), max_steps=2)
     assert any(m.startswith("building dpo-teacher artifact") for m in first)
     assert any(m.startswith("reusing cached dpo-teacher artifact") for m in second)
-    dpo_dir = Path(json.loads((dckd.run.path / "stages.json").read_text())["teachers"]["dpo"]["path"]) / "model"
+    dpo_dir = Path(json.loads((dckd.run.path / "stages.json").read_text())["dpo_teacher"]["path"]) / "model"
     assert hash_tree(dpo_dir) == dpo_hash  # ADPA ran pi_dpo in every step and left it unchanged
     assert any(m.startswith("building student-generations artifact") for m in second)  # ŷ, once
 
@@ -229,7 +229,7 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tiny, tmp_path):
         (["dpkd", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prompts.jsonl"),
           "--set", "params.preference_form=kto"], "preference_form must be one of"),
         (["dckd", *common, "--teacher", str(tiny / "teacher"), "--data", str(tiny / "prefs.jsonl"),
-          "--set", "params.teacher_topk=0"], "teacher_topk must be"),
+          "--set", "params.loss_topk=0"], "loss_topk must be"),
     ]
     _assert_one_sentence_and_nothing_written(cases, tmp_path / "runs")
 
@@ -296,8 +296,9 @@ def test_dpkd_and_adpa_plus_from_the_cli_write_run_directories(tiny, tmp_path):
     plus = _cli(["adpa_plus", *common, "--data", str(tiny / "prefs.jsonl"),
                  "--set", "params.teacher_dpo_settings.max_steps=2", "--set", "params.dckd_settings.max_steps=2"])
     assert plus.exit_code == 0, plus.output
-    for run, expected in (("dpkd-seed1", {"sft", "generate", "logprobs", "train"}),
-                          ("adpa_plus-seed1", {"teachers", "student", "generate", "train"})):
+    for run, expected in (("dpkd-seed1", {"prepare_teacher", "sft_student", "teacher_responses", "policy_responses", "frozen_logps",
+                                           "train"}),
+                          ("adpa_plus-seed1", {"ref_teacher", "dpo_teacher", "dckd_student", "policy_responses", "train"})):
         folder = tmp_path / run
         assert set(json.loads((folder / "stages.json").read_text())) == expected, run
         assert (folder / "model" / "model.safetensors").is_file() and (folder / "cost.json").is_file()
@@ -320,7 +321,7 @@ def test_preference_runs_validate_on_held_out_pairs_and_keep_the_best(tiny, tmp_
     ddpo, _ = _train(tiny, tmp_path, "ddpo", {"max_new_tokens": 8, "dsft_settings": {"max_steps": 4}},
                      eval_steps=6, max_steps=6, run_name="ddpo-eval")
     stages = json.loads((ddpo.run.path / "stages.json").read_text())
-    assert set(stages["generate"]["validation"]) == {"teacher", "student"}
+    assert "validation" in stages["teacher_responses"] and "validation" in stages["student_responses"]
     assert ddpo.cost["validation"]["pairs"] == 2 and ddpo.cost["selected"] == "last"
 
 

@@ -138,12 +138,12 @@ def test_on_policy_batch_is_the_students_sample(tiny, tmp_path):
     trainer = result.trainer
     dataset = trainer.train_dataset
     batch = TrainCollator(trainer.gen_tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
-    out = trainer._maybe_on_policy(dict(batch), 0)
+    out = trainer.sampling.transform(trainer, dict(batch), 0)
     backend = HFBackend(trainer.model, trainer.gen_tokenizer)
-    key = f"{trainer.on_policy.seed}/{trainer.state.global_step}/0/0"
+    key = f"{trainer.sampling.seed}/{trainer.state.global_step}/0/0"
     prompts = [batch["input_ids"][r, :int(batch["prompt_length"][r])].tolist() for r in range(4)]
     expected = backend.generate_ids(prompts, [f"{i}@{trainer.state.global_step}" for i in range(4)],
-                                    trainer.on_policy.decoding, seed=example_seed(trainer.on_policy.seed, key) % 2**31)
+                                    trainer.sampling.decoding, seed=example_seed(trainer.sampling.seed, key) % 2**31)
     for row, (prompt, generated) in enumerate(zip(prompts, expected)):
         response = generated.with_eos()  # the sampled tokens and the EOS id the student emitted, if it ended
         n = len(prompt) + len(response)

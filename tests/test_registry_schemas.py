@@ -36,7 +36,7 @@ def user_registry(tmp_path, monkeypatch):
 
 FILE_KINDS = [("tasks", "dolly"), ("tasks", "oll"), ("judges", "mt_bench"), ("judges", "mt_bench_pairwise"),
               ("judges", "pairwise"), ("judges", "offline"), ("judges", "alpaca_eval_2"),
-              ("judges", "mt_bench_answers")]
+              ("judges", "mt_bench_answers"), ("trainers", "kd"), ("trainers", "dpkd"), ("trainers", "adpa_plus")]
 
 
 @pytest.mark.parametrize("kind,name", FILE_KINDS, ids=[f"{k}/{n}" for k, n in FILE_KINDS])
@@ -69,8 +69,53 @@ def test_unknown_key_through_the_cli_is_exit_2(user_registry):
 
 
 def test_every_shipped_file_validates():
-    for kind in ("tasks", "judges"):
+    for kind in ("tasks", "judges", "trainers"):
         assert registry.names(kind)
+
+
+def test_recipe_params_are_exactly_the_declared_pieces_parameters(user_registry):
+    """A trainers/ file's params may hold only what its objective, forms, stages and sampling form declare:
+    a parameter of a stage the recipe does not declare is unknown (one sentence listing the valid ones)."""
+    path = user_registry("trainers", "sft", lambda body: body["params"].update(max_new_tokens=8) if body.get("params")
+                         else body.update(params={"max_new_tokens": 8}))
+    with pytest.raises(ConfigError) as caught:
+        registry.names("trainers")
+    message = str(caught.value)
+    assert str(path) in message and "'params.max_new_tokens'" in message and len(message.splitlines()) == 1
+    # declaring the stage that generates makes the same key valid
+    user_registry("trainers", "sft", lambda body: body.update(stages=["teacher_responses", "train"], data="prompts",
+                                                              params={"max_new_tokens": 8}))
+    assert "sft" in registry.names("trainers")
+
+
+def test_recipe_file_keys_change_what_the_recipe_is(user_registry):
+    """Each top-level key of a trainers/ file is read: data (what the demo gives the recipe), stages, sampling,
+    lm (the LM term's default weight), params."""
+    from kdbench.synthetic.arms import arm_for
+    from kdbench.train.recipes import resolve_recipe
+
+    before = resolve_recipe("dpkd")
+    assert before.lm.weight == 0.5 and before.sampling_active and arm_for("dpkd").data == "student_train"
+
+    def edit(body):
+        body["lm"]["weight"] = 0.25
+        body["params"]["pairs"] = "preference_data"
+        body["stages"] = ["frozen_logps", "train"]
+        body["params"]["beta"] = 0.3
+        for key in ("init", "sft_model", "sft_settings", "teacher_init", "teacher_sft_settings"):
+            body["params"].pop(key)
+
+    user_registry("trainers", "dpkd", edit)
+    after = resolve_recipe("dpkd")
+    assert after.lm.weight == 0.25 and after.stages == ("frozen_logps", "train")
+    assert not after.sampling_active and after.form_params.beta == 0.3
+    assert arm_for("dpkd").data == "preferences"  # the demo asks the recipe which data it needs
+    # without the sampling form, its parameter (pairs) is no longer a valid key (each edit starts from the shipped file)
+    path = user_registry("trainers", "dpkd", lambda body: body.update(sampling=None))
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: unknown key 'params.pairs'")):
+        resolve_recipe("dpkd")
+    user_registry("trainers", "dpkd", lambda body: (body.update(sampling=None), body["params"].pop("pairs")))
+    assert resolve_recipe("dpkd").sampling is None and not resolve_recipe("dpkd").sampling_active
 
 
 # --- each documented key does something ----------------------------------------------------------
@@ -99,9 +144,9 @@ def test_lm_eval_task_file_keys_reach_the_harness(user_registry, tmp_path):
     """tasks/*.yaml (type lm_eval): shot counts, metrics and the local task folder come from the file."""
     from kdbench import harness
 
-    assert harness.load_suite("oll").tasks[0].num_fewshot == 25
+    assert harness.load_harness_suite("oll").tasks[0].num_fewshot == 25
     user_registry("tasks", "oll", lambda body: body["tasks"][0].update(num_fewshot=3, metric="acc"))
-    edited = harness.load_suite("oll").tasks[0]
+    edited = harness.load_harness_suite("oll").tasks[0]
     assert (edited.num_fewshot, edited.metrics) == (3, ("acc",))
 
 

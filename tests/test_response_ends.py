@@ -103,7 +103,7 @@ def test_cached_generations_keep_the_emitted_eos_and_cut_ones_have_none(tiny, tm
     student = _with_two_eos(root / "student", tmp_path / "student2", student_eos, tokenizer)
 
     dsft = _train(root, tmp_path / "dsft", "dsft", {"max_new_tokens": MAX_NEW_TOKENS}, teacher=str(teacher))
-    stored = _records(Path(json.loads((dsft.run.path / "stages.json").read_text())["generate"]["path"]))
+    stored = _records(Path(json.loads((dsft.run.path / "stages.json").read_text())["teacher_responses"]["path"]))
     assert all(isinstance(r["finished"], bool) for r in stored)
     assert stored[0]["finished"] and stored[0]["eos_token"] == tokenizer.convert_ids_to_tokens(teacher_eos)
     assert teacher_eos > eos  # the old code appended min(EOS ids) or the tokenizer's EOS: never this one
@@ -117,7 +117,7 @@ def test_cached_generations_keep_the_emitted_eos_and_cut_ones_have_none(tiny, tm
 
     # the teacher without the second EOS, one new token: every response is cut and ends with no EOS
     cut = _train(root, tmp_path / "cut", "dsft", {"max_new_tokens": 1})
-    stored = _records(Path(json.loads((cut.run.path / "stages.json").read_text())["generate"]["path"]))
+    stored = _records(Path(json.loads((cut.run.path / "stages.json").read_text())["teacher_responses"]["path"]))
     assert not any(r["finished"] for r in stored) and all(r["eos_token"] is None for r in stored)
     for index in range(len(stored)):
         assert _response(cut.trainer.train_dataset[index]["labels"])[-1] != eos
@@ -147,7 +147,7 @@ def test_adpa_student_responses_keep_the_emitted_eos(tiny, tmp_path):
 def test_online_responses_keep_the_emitted_eos(tiny, tmp_path):
     """GKD's on-policy batches and DPKD's online y_s: the student samples in the step; a row that stops at
     the second (larger) EOS id is trained and scored with it, a row cut at the limit carries no EOS."""
-    from kdbench.train.pipeline import PairCollator
+    from kdbench.train.pairs import PairCollator
     from kdbench.train.data_sources import TrainCollator
 
     root, tokenizer = tiny
@@ -168,19 +168,19 @@ def test_online_responses_keep_the_emitted_eos(tiny, tmp_path):
     batch = TrainCollator(tokenizer.pad_token_id)([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
 
     def gkd_responses():
-        out = trainer._maybe_on_policy(dict(batch), 0)
+        out = trainer.sampling.transform(trainer, dict(batch), 0)
         return [_response(row) for row in out["labels"].tolist()]
 
     check(trainer, gkd_responses, len(trainer.train_dataset))
 
-    dpkd = _train(root, tmp_path / "dpkd", "dpkd", {"max_new_tokens": MAX_NEW_TOKENS, "init": "student",
-                                                      "lm_weight": 0.0})
+    dpkd = _train(root, tmp_path / "dpkd", "dpkd", {"max_new_tokens": MAX_NEW_TOKENS, "init": "student"},
+                  lm_weight=0.0)
     trainer = dpkd.trainer
     pairs = PairCollator(tokenizer.pad_token_id)([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
     n = pairs["example_index"].numel()
 
     def dpkd_responses():
-        out = trainer._online_pairs(dict(pairs), 0)
+        out = trainer.sampling.transform(trainer, dict(pairs), 0)
         return [_response(row) for row in out["labels"][n:].tolist()]
 
     check(trainer, dpkd_responses, n)

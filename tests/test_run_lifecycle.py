@@ -50,7 +50,7 @@ def _train_args(tiny, out, *extra):
 
 def _interrupt_at_step(monkeypatch, step: int) -> None:
     """Ctrl-C at the end of optimizer step ``step`` (after checkpoint step-1's save, before step's)."""
-    from kdbench.train.engine import RichProgressCallback
+    from kdbench.train.callbacks import RichProgressCallback
 
     original = RichProgressCallback.on_step_end
 
@@ -153,7 +153,7 @@ def test_zero_trained_response_tokens_is_an_error():
     from types import SimpleNamespace
 
     from kdbench.errors import TrainingError
-    from kdbench.train.engine import train_resuming
+    from kdbench.train.run import TrainRun
 
     class Trainer:
         counters = {"response_tokens": 0}
@@ -171,7 +171,7 @@ def test_zero_trained_response_tokens_is_an_error():
 
     run = SimpleNamespace(config=lambda: {}, log=lambda message: None, path=Path("/nonexistent"))
     with pytest.raises(TrainingError, match="0 response tokens"):
-        train_resuming(Trainer(), run, Path("/nonexistent/checkpoints"), lambda message: None)
+        TrainRun(run, None, None, lambda message: None, None).fit(Trainer())
 
 
 # ---- point 6 -------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def test_seqkd_generation_resumes_where_it_stopped(wiring_world, tmp_path, monke
     assert len(calls) == ref.N_ROWS - 2  # only the prompts without a generation
 
     def generations(result):
-        stage = json.loads((result.run.path / "stages.json").read_text())["generate"]
+        stage = json.loads((result.run.path / "stages.json").read_text())["teacher_responses"]
         return [json.loads(line)["text"] for line in open(Path(stage["path"]) / "generations.jsonl")]
 
     assert generations(resumed) == generations(whole)

@@ -45,7 +45,7 @@ def test_write_killed_midway_is_never_read_as_complete(tmp_path):
     child = textwrap.dedent(f"""
         import os, time
         from pathlib import Path
-        import kdbench.store as store
+        import kdbench.store.files as store
 
         real_fdopen = os.fdopen
 

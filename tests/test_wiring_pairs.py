@@ -63,7 +63,7 @@ def test_preference_file_recipes(wiring_world, tmp_path, case):
     vocab = len(world.tokenizer)
     policy = ref.load64(world.student)
     pc, pr = _logps(policy, batches, vocab)
-    if params["loss"] == "simpo":
+    if params["preference_form"] == "simpo":
         c_len, r_len = (ref.response_lengths(b) for b in batches)
         beta, gamma = float(params["beta"]), float(params["gamma"])
         per_pair = -ref.log_sigmoid(beta * pc / c_len - beta * pr / r_len - gamma)
@@ -81,7 +81,7 @@ DISTILL_CASES = {
     "dadpo": ("dadpo", {}),
     "dadpo-betas": ("dadpo", {"beta1": 0.3, "beta2": 0.05}),
     "ddpo_kl": ("ddpo_kl", {}),
-    "ddpo_kl-forward": ("ddpo_kl", {"kl_direction": "forward"}),
+    "ddpo_kl-forward": ("ddpo_kl", {"kl_divergence": "fkl"}),
     "ddpo-teacher-reference": ("ddpo", {"reference": "teacher"}),
     "ddpo-student-reference": ("ddpo", {"reference": "student"}),
 }
@@ -113,7 +113,7 @@ def test_distilled_pair_recipes(wiring_world, tmp_path, case):
     policy = ref.load64(world.dsft)
     pc, pr = _logps(policy, batches, vocab)
     frozen = _distill_reference(world, params, batches, vocab)
-    if params["loss"] == "dadpo":
+    if params["preference_form"] == "dadpo":
         (rc, rr), (tc, tr) = frozen["dsft"], frozen["teacher"]
         h = float(params["beta1"]) * ((pc - rc) - (pr - rr)) + float(params["beta2"]) * ((pc - tc) - (pr - tr))
         per_pair = -ref.log_sigmoid(h)
@@ -126,7 +126,7 @@ def test_distilled_pair_recipes(wiring_world, tmp_path, case):
         with torch.no_grad():
             teacher_logits = ref.shifted_logits(ref.load64(world.teacher), chosen, vocab)
         targets, mask = ref.targets_mask(chosen)
-        kl_params = {"kl_direction": params["kl_direction"], "kd_ratio": 1.0, "kd_weighting": "additive"}
+        kl_params = {"divergence": params["kl_divergence"], "kd_ratio": 1.0, "kd_weighting": "additive"}
         student_logits = ref.shifted_logits(policy, chosen, vocab)
         kl_only = ref.token_kd_loss(kl_params, student_logits, teacher_logits, targets, mask) \
             - ref.ce_mean(student_logits, targets, mask)
@@ -143,7 +143,7 @@ DPKD_CASES = {
     "cpo-sequence-nll": {"preference_form": "cpo", "cpo_nll": "sequence_sum"},
     "simpo": {"preference_form": "simpo", "beta": 2.0},
     "init-student": {"init": "student"},
-    "lm-weight": {"lm_weight": 0.2, "beta": 0.4},
+    "lm-weight": {"lm_weight": 0.2, "beta": 0.4},  # lm_weight: the run's setting (the LM term's weight)
     "ipo": {"preference_form": "ipo"},
 }
 
@@ -174,10 +174,11 @@ def test_dpkd_first_step(wiring_world, tmp_path, case):
     current policy, which at step 1 is the start; offline: generated once from the start), both greedy
     here; + lm_weight × token-mean CE on the gold responses."""
     world = wiring_world
-    overrides = DPKD_CASES[case]
+    overrides = dict(DPKD_CASES[case])
+    settings = {"lm_weight": overrides.pop("lm_weight")} if "lm_weight" in overrides else {}
     overrides = {**overrides, **GEN, "greedy": True, "sft_model": str(world.student_sft)}
     params = ref.resolved("dpkd", overrides)
-    result = ref.run(world, tmp_path, "dpkd", world.batch, overrides)
+    result = ref.run(world, tmp_path, "dpkd", world.batch, overrides, **settings)
     start = world.student_sft if params["init"] == "sft" or params.get("sft_model") else world.student
     rows = ref.rows_of(world.batch)
     y_t = ref.greedy_responses(world.teacher, world.tokenizer, rows, int(params["max_new_tokens"]))
@@ -192,7 +193,7 @@ def test_dpkd_first_step(wiring_world, tmp_path, case):
     loss = _dpkd_per_pair(params, pc, pr, tc, tr, c_len, r_len).mean()
     gold = ref.pad([ref.tokenized(world.tokenizer, r, r["output"]) for r in rows], world.tokenizer.pad_token_id)
     targets, mask = ref.targets_mask(gold)
-    loss = loss + float(params["lm_weight"]) * ref.ce_mean(ref.shifted_logits(policy, gold, vocab), targets, mask)
+    loss = loss + ref.lm_weight("dpkd", settings) * ref.ce_mean(ref.shifted_logits(policy, gold, vocab), targets, mask)
     _check(world, result, start, policy, loss)
 
 
@@ -211,7 +212,7 @@ def test_dpkd_on_preference_data(wiring_world, tmp_path):
     tc, tr = _logps(ref.load64(world.teacher), batches, vocab, grad=False)
     c_len, r_len = (ref.response_lengths(b) for b in batches)
     loss = _dpkd_per_pair(params, pc, pr, tc, tr, c_len, r_len).mean()
-    loss = loss + float(params["lm_weight"]) * (-pc.sum() / c_len.sum())
+    loss = loss + ref.lm_weight("dpkd") * (-pc.sum() / c_len.sum())
     _check(world, result, world.student_sft, policy, loss)
 
 
@@ -292,7 +293,7 @@ def test_adpa_first_step(wiring_world, tmp_path, case):
     else:
         overrides["dckd_model"] = str(world.student_sft)
     params = ref.resolved(method, overrides)
-    assert params["greedy"] and not params["teacher_topk"]
+    assert params["greedy"] and not params["loss_topk"]
     result = ref.run(world, tmp_path, method, world.prefs, overrides)
     policy = ref.load64(world.student_sft)
     loss = _adpa_loss(params, world, policy, world.student_sft, ref.rows_of(world.prefs), len(world.tokenizer))
@@ -315,7 +316,7 @@ def test_adpa_plus_dckd_stage_starts_from_the_given_sft_student(wiring_world, tm
                  "dckd_settings": dict(STEP)}
     params = ref.resolved("adpa_plus", overrides)
     result = ref.run(world, tmp_path, "adpa_plus", world.prefs, overrides)
-    stage = Path(json.loads((result.run.path / "stages.json").read_text())["student"]["path"]) / "model"
+    stage = Path(json.loads((result.run.path / "stages.json").read_text())["dckd_student"]["path"]) / "model"
     rows = ref.rows_of(world.prefs)
     batches = _pairs(world, rows, [(r["chosen"], True) for r in rows], [(r["rejected"], True) for r in rows])
     policy = ref.load64(world.student_sft)

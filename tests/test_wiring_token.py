@@ -61,7 +61,7 @@ def test_sft_first_step_is_gold_cross_entropy(wiring_world, tmp_path):
 
 def test_dpkd_token_first_step_is_its_definition(wiring_world, tmp_path):
     """dpkd_token: per gold position, chosen = the teacher's argmax a_t, rejected = the student's argmax a_s;
-    −log σ(β[(log q(a_t) − log p(a_t)) − (log q(a_s) − log p(a_s))]) token mean + lm_weight·CE."""
+    −log σ(β[(log q(a_t) − log p(a_t)) − (log q(a_s) − log p(a_s))]) token mean + ce_weight·CE."""
     world = wiring_world
     params = ref.resolved("dpkd_token")
     result = ref.run(world, tmp_path, "dpkd_token", world.batch)
@@ -76,7 +76,7 @@ def test_dpkd_token_first_step_is_its_definition(wiring_world, tmp_path):
     a_t, a_s = log_p.argmax(-1), log_q.detach().argmax(-1)
     margin = (ref.gathered(log_q, a_t) - ref.gathered(log_p, a_t)) - (ref.gathered(log_q, a_s) - ref.gathered(log_p, a_s))
     preference = (-ref.log_sigmoid(float(params["beta"]) * margin) * mask).sum() / mask.sum()
-    loss = preference + float(params["lm_weight"]) * ref.ce_mean(logits, targets, mask)
+    loss = preference + float(params["ce_weight"]) * ref.ce_mean(logits, targets, mask)
     assert ref.logged(result)["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     ref.assert_one_sgd_step(world.student, result.model_dir, student, loss)
 
@@ -92,7 +92,7 @@ GENERATING = {
     "dsft": ("dsft", {}),
     "seqkd-greedy": ("seqkd", {"greedy": True}),
     "dsft_kl": ("dsft_kl", {}),
-    "dsft_kl-forward": ("dsft_kl", {"kl_direction": "forward"}),
+    "dsft_kl-forward": ("dsft_kl", {"divergence": "fkl"}),
 }
 
 
@@ -134,7 +134,7 @@ def test_seqkd_trains_on_its_cached_teacher_samples_not_the_gold(wiring_world, t
     params = ref.resolved("seqkd", {"max_new_tokens": ref.MAX_NEW_TOKENS})
     assert not params["greedy"]
     result = ref.run(world, tmp_path, "seqkd", world.batch, {"max_new_tokens": ref.MAX_NEW_TOKENS})
-    stage = json.loads((result.run.path / "stages.json").read_text())["generate"]
+    stage = json.loads((result.run.path / "stages.json").read_text())["teacher_responses"]
     generations = [json.loads(line) for line in open(Path(stage["path"]) / "generations.jsonl")]
     rows = ref.rows_of(world.batch)
     assert len(generations) == len(rows)

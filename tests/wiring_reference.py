@@ -114,9 +114,17 @@ def logged(result, step: int = 1) -> dict:
 
 def resolved(method: str, overrides: dict | None = None) -> dict:
     """The recipe's parameters with the overrides, as the trainer resolves them."""
-    from kdbench.train.api import resolve_recipe
+    from kdbench.train.recipes import resolve_recipe
 
-    return resolve_recipe(method, dict(overrides or {}))[1]
+    return resolve_recipe(method, dict(overrides or {})).params
+
+
+def lm_weight(method: str, settings: dict | None = None) -> float:
+    """The LM term's weight of a run: its ``lm_weight`` setting, else the recipe's ``lm.weight``."""
+    from kdbench.train.recipes import resolve_recipe
+
+    given = (settings or {}).get("lm_weight")
+    return float(resolve_recipe(method).lm.weight if given is None else given)
 
 
 def load64(path) -> torch.nn.Module:
@@ -293,8 +301,6 @@ def divergence_rows(name: str, log_p: torch.Tensor, log_q: torch.Tensor, extra: 
 
 
 def divergence_of(params: dict) -> str:
-    if params.get("kl_direction"):
-        return {"reverse": "rkl", "forward": "fkl"}[params["kl_direction"]]
     return str(params["divergence"])
 
 

@@ -5,18 +5,21 @@ Definitions and decisions: ``docs/methods.md`` (and ``METHODS.md`` of the spec).
 * Token-level divergences, one signature ``fn(student_logits, teacher_logits, mask=None, *,
   temperature=1.0, reduction="mean", **params)``: :func:`fkl`, :func:`rkl`, :func:`fkl_rkl`,
   :func:`jsd`, :func:`tvd`, :func:`skl`, :func:`srkl`, :func:`akl`, :func:`akl_r`
-  (by name: :data:`DIVERGENCES`). ``teacher_logits`` may be a :class:`SparseTeacher` (top-k).
+  (by name: :data:`DIVERGENCES`, or :func:`divergence_loss`). ``teacher_logits`` may be a
+  :class:`SparseTeacher` (top-k). Each divergence is one :class:`Divergence` record (row math, parameter
+  defaults and checks, closed-form gradient); :func:`register_divergence` adds one.
 * Sequence log-probs: :func:`token_logps`, :func:`sequence_logps`, :func:`cross_entropy`.
 * Preference losses on sequence log-probs: :func:`dpo`, :func:`ipo`, :func:`simpo`, :func:`cpo`,
-  :func:`dpkd`, :func:`dadpo` (by name: :data:`PREFERENCE_LOSSES`).
+  :func:`dpkd`, :func:`dadpo` (by the name a recipe uses: :data:`kdbench.train.preference_forms.PREFERENCE_FORMS`).
 * Teacher-guided: :func:`adpa`, :func:`dckd`, :func:`dpkd_token`.
 * Fused (logits never materialized): :func:`fused_token_loss`.
 """
 
+from kdbench.losses.divergences import (Divergence, akl_weights, get_divergence, register_divergence,
+                                        unregister_divergence)
 from kdbench.losses.fused import fused_token_loss
 from kdbench.losses.guided import adpa, dckd, dpkd_token
 from kdbench.losses.sequence import (
-    PREFERENCE_LOSSES,
     cpo,
     cross_entropy,
     dadpo,
@@ -32,7 +35,7 @@ from kdbench.losses.token import (
     DIVERGENCES,
     akl,
     akl_r,
-    akl_weights,
+    divergence_loss,
     fkl,
     fkl_rkl,
     jsd,
@@ -43,7 +46,8 @@ from kdbench.losses.token import (
 )
 
 __all__ = [
-    "DIVERGENCES", "PREFERENCE_LOSSES", "SparseTeacher",
+    "DIVERGENCES", "SparseTeacher", "Divergence", "divergence_loss", "get_divergence",
+    "register_divergence", "unregister_divergence",
     "fkl", "rkl", "fkl_rkl", "jsd", "tvd", "skl", "srkl", "akl", "akl_r", "akl_weights",
     "token_logps", "sequence_logps", "cross_entropy",
     "dpo", "ipo", "simpo", "cpo", "dpkd", "dadpo",

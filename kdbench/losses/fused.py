@@ -19,8 +19,9 @@ cast: the peak holds the float32 sum plus one slice, never the float32 sum and t
 from __future__ import annotations
 
 from kdbench.errors import ConfigError, DataError
-from kdbench.losses._reduce import check_reduction, compute_dtype, counted_mask, counted_rows
-from kdbench.losses.token import ANALYTIC_GRADIENTS, divergence_rows, scale_logits
+from kdbench.losses.reduction import check_reduction, compute_dtype, counted_mask, counted_rows
+from kdbench.losses.divergences import get_divergence
+from kdbench.losses.token import scale_logits
 
 
 #: Elements of one block of logits (rows × vocabulary) formed by one matmul: 2**23 = 16 MiB in bf16.
@@ -185,7 +186,7 @@ def fused_token_loss(student_hidden, student_weight, teacher_hidden, teacher_wei
     Shapes: ``student_hidden`` [B, T, H_s], ``student_weight`` [V, H_s] (the student's ``lm_head``),
     ``teacher_hidden`` [B, T, H_t], ``teacher_weight`` [V, H_t], biases [V] or None, ``mask`` [B, T],
     ``labels`` [B, T] (needed when ``ce_weight`` ≠ 0; CE is taken at temperature 1).
-    ``divergence``: a name of :data:`kdbench.losses.DIVERGENCES` with its ``**params``.
+    ``divergence``: a registered divergence (:mod:`kdbench.losses.divergences`) with its ``**params``.
     ``reduction``: "mean" over counted positions or "sum" (→ scalar; per-position values would need
     the full-vocabulary gradient, so "none" is not offered). Gradients reach the student's hidden
     states, weight and bias; the weight gradient is accumulated in float32 over blocks ([V, H_s]
@@ -199,7 +200,8 @@ def fused_token_loss(student_hidden, student_weight, teacher_hidden, teacher_wei
     check_reduction(reduction, ("mean", "sum"))
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0 (got {temperature}).")
-    rows_impl, row_params = divergence_rows(divergence, **params)
+    record = get_divergence(divergence)
+    rows_impl, row_params = record.rows, record.resolve(**params)
     if student_weight.shape[0] != teacher_weight.shape[0]:
         raise DataError(f"student vocabulary {student_weight.shape[0]} and teacher vocabulary "
                         f"{teacher_weight.shape[0]} differ; trim padded vocabulary rows so both match.")
@@ -233,7 +235,7 @@ def fused_token_loss(student_hidden, student_weight, teacher_hidden, teacher_wei
             values = values - ce_weight * log_q1.gather(-1, label_chunk.unsqueeze(-1)).squeeze(-1)
         return values
 
-    closed_form = ANALYTIC_GRADIENTS.get(rows_impl)
+    closed_form = record.analytic
     if closed_form is not None:
         def value_and_grad(student_logits, teacher_logits, label_chunk):
             log_q = torch.log_softmax(scale_logits(student_logits, dtype, tau), dim=-1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 
 from kdbench.errors import ConfigError, DataError
-from kdbench.losses._chunked import default_chunk_rows, rowwise_loss
-from kdbench.losses._reduce import check_reduction, compute_dtype, counted_mask, counted_rows, reduce_positions
+from kdbench.losses.chunking import default_chunk_rows, rowwise_loss
+from kdbench.losses.reduction import check_reduction, compute_dtype, counted_mask, counted_rows, reduce_positions
 from kdbench.losses.sequence import cross_entropy
 from kdbench.losses.sparse import SparseTeacher
 from kdbench.losses.token import fkl

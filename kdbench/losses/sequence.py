@@ -11,8 +11,8 @@ Notation: c = chosen, r = rejected, π = policy, ref = reference, te = teacher, 
 from __future__ import annotations
 
 from kdbench.errors import ConfigError, DataError
-from kdbench.losses._chunked import default_chunk_rows, rowwise_loss
-from kdbench.losses._reduce import check_reduction, compute_dtype, counted_mask, counted_rows, reduce_pairs
+from kdbench.losses.chunking import default_chunk_rows, rowwise_loss
+from kdbench.losses.reduction import check_reduction, compute_dtype, counted_mask, counted_rows, reduce_pairs
 
 
 def token_logps(logits, labels, mask=None, *, temperature=1.0, chunk_rows=None):
@@ -56,6 +56,15 @@ def sequence_logps(logits, labels, mask=None, *, temperature=1.0, chunk_rows=Non
     Labels aligned with the logits as in :func:`token_logps`; the response length |y| is ``mask.sum(-1)``.
     """
     return token_logps(logits, labels, mask, temperature=temperature, chunk_rows=chunk_rows).sum(-1)
+
+
+def cross_entropy_sum(logits, targets):
+    """Σ over counted positions (``targets`` ≠ −100) of −log q(target): ``logits`` [B, T, V] upcast to float32,
+    ``targets`` [B, T] (METHODS.md conventions; the training objectives' CE term)."""
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
 
 
 def cross_entropy(logits, labels, mask=None, *, reduction="mean", chunk_rows=None):
@@ -174,6 +183,3 @@ def dadpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_reje
                       - (policy_rejected_logps - teacher_rejected_logps))
     return reduce_pairs(_neg_logsigmoid(beta1 * ref_margin + beta2 * teacher_margin), reduction)
 
-
-#: Sequence-level preference losses by the names recipes use.
-PREFERENCE_LOSSES = {"dpo": dpo, "ipo": ipo, "simpo": simpo, "cpo": cpo, "dpkd": dpkd, "dadpo": dadpo}

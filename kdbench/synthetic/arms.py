@@ -46,27 +46,21 @@ class Arm:
 
 
 def arm_for(method: str) -> Arm:
-    """The arm of a registered recipe: its data and start by the fair-start rule (module docstring)."""
-    from kdbench import registry
+    """The arm of a registered recipe: its data and start by the fair-start rule (module docstring), from what
+    the resolved recipe declares (its data, its kind, the stages whose checkpoints it accepts)."""
+    from kdbench.train.recipes import resolve_recipe
 
-    body = registry.get("trainers", method).body
-    params = body.get("params") or {}
-    if body.get("pairs") == "file":
-        data, valid = "preferences", "validation_preferences"
-    elif body.get("responses") == "teacher" or body.get("pairs") == "distill":
-        data, valid = "student_unlabelled", "validation"
-    else:
-        data, valid = "student_train", "validation"
-    if body.get("pairs") == "distill":  # dDPO / rDPO / daDPO score held-out prompts' teacher vs student outputs
-        valid = "validation"
+    recipe = resolve_recipe(method)
+    data, valid = {"pairs": ("preferences", "validation_preferences"), "prompts": ("student_unlabelled", "validation"),
+                   "responses": ("student_train", "validation")}[recipe.training_data]
     start, stage, arm_params = "init", "student", {}
-    if body.get("objective") in ("preference", "guided"):  # sequence-level preference losses
+    if recipe.kind in ("preference", "guided"):  # sequence-level preference losses
         stage = "preference"
-        if body.get("objective") == "preference" and body.get("pairs") == "file":
+        if recipe.kind == "preference" and recipe.data == "pairs":
             start = "sft"  # DPO / SimPO: no SFT stage of their own
-    if "sft_model" in params:
+    if "sft_model" in recipe.params:
         arm_params["sft_model"] = "@sft"
-    if "dsft_model" in params:
+    if "dsft_model" in recipe.params:
         arm_params["dsft_model"] = "@dsft"
     return Arm(label=method, method=method, data=data, valid=valid, start=start, stage=stage, params=arm_params)
 
@@ -138,11 +132,11 @@ def stage_params(method: str, preset) -> dict:
     ``student_steps`` steps when the preset has a fixed budget."""
     import dataclasses
 
-    from kdbench import registry
     from kdbench.train import TrainConfig
+    from kdbench.train.recipes import resolve_recipe
     from kdbench.train.stage_settings import OPTIMIZATION_SETTINGS
 
-    recipe = registry.get("trainers", method).body.get("params") or {}
+    recipe = resolve_recipe(method).params  # the stages it declares bring their *_settings
     # every optimisation setting, so none of the recipe's paper values (warmup, weight decay, ...) mixes in:
     # the demo's own runs' values (TrainConfig's defaults), the preset's length and batch
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name in OPTIMIZATION_SETTINGS}
@@ -175,9 +169,9 @@ def arm_train_config(arm: Arm, preset, *, seed: int, corpus_dir, init_dir, teach
     With ``preset.student_epochs`` the budget is data-scaled (module docstring); otherwise every arm gets
     ``preset.student_steps``, the fixed budget of earlier kdbench versions.
     """
-    from kdbench import registry
     from kdbench.synthetic.corpus import FILES
     from kdbench.train import TrainConfig
+    from kdbench.train.recipes import resolve_recipe
 
     def model_of(label: str) -> str:
         return str(models[(label, seed)])
@@ -189,17 +183,15 @@ def arm_train_config(arm: Arm, preset, *, seed: int, corpus_dir, init_dir, teach
         max_steps, save_steps = budget_steps(count_rows(data), preset.batch_size, epochs, preset.checkpoints)
     else:
         max_steps, save_steps = preset.student_steps, max(1, preset.student_steps // preset.checkpoints)
-    body = registry.get("trainers", arm.method).body
-    recipe_params = body.get("params") or {}
+    recipe = resolve_recipe(arm.method)
     params = {**stage_params(arm.method, preset),
               **{k: (model_of(v[1:]) if isinstance(v, str) and v.startswith("@") else v) for k, v in arm.params.items()}}
-    if "max_new_tokens" in recipe_params:  # no stage generates past what the preset evaluates
+    if "max_new_tokens" in recipe.params:  # no stage generates past what the preset evaluates
         params["max_new_tokens"] = preset.max_new_tokens
-    pairs = body.get("pairs") == "file" or body.get("objective") == "guided"
-    select_metric = "loss" if pairs or body.get("objective") == "preference" else "ce"
+    select_metric = "loss" if recipe.kind in ("preference", "guided") else "ce"
     # guided recipes (DCKD, ADPA) have no held-out measure to select on: they keep their last checkpoint
-    select = "last" if body.get("objective") == "guided" else preset.select
-    token_level_on_gold = body.get("objective") == "token_kd" and body.get("responses", "gold") == "gold"
+    select = "last" if recipe.kind == "guided" else preset.select
+    token_level_on_gold = recipe.objective.name == "token_kd" and recipe.training_data == "responses"
     return TrainConfig(
         method=arm.method, student=str(init_dir) if arm.start == "init" else model_of(arm.start),
         teacher=str(teachers[arm.teacher]), data=str(data), valid_data=str(corpus_dir / FILES[arm.valid]),

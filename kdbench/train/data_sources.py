@@ -12,7 +12,7 @@ Data specs:
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -138,3 +138,37 @@ class TrainCollator:
         batch["example_index"] = torch.tensor([f["example_index"] for f in features], dtype=torch.long)
         batch["prompt_length"] = torch.tensor([f["prompt_length"] for f in features], dtype=torch.long)
         return batch
+
+
+@dataclass
+class LMSource:
+    """A tokenized plain-text corpus ([n_blocks] lists of token ids) for an LM-loss term."""
+
+    blocks: list
+    batch_size: int
+    seed: int
+    pad_token_id: int
+    order: list = field(default_factory=list)
+
+    def __post_init__(self):
+        import random
+
+        self.order = list(range(len(self.blocks)))
+        random.Random(self.seed).shuffle(self.order)
+
+    def batch(self, global_micro_index: int):
+        """(input_ids, attention_mask, labels) [b, L] of micro-batch ``global_micro_index`` (a pure
+        function of the index, so resuming draws the same LM batches)."""
+        import torch
+
+        n = len(self.order)
+        picks = [self.blocks[self.order[(global_micro_index * self.batch_size + j) % n]] for j in range(self.batch_size)]
+        longest = max(len(p) for p in picks)
+        ids = torch.full((len(picks), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(picks), longest), -100, dtype=torch.long)
+        attention = torch.zeros((len(picks), longest), dtype=torch.long)
+        for row, block in enumerate(picks):
+            ids[row, :len(block)] = torch.tensor(block)
+            labels[row, :len(block)] = torch.tensor(block)
+            attention[row, :len(block)] = 1
+        return ids, attention, labels

@@ -4,7 +4,7 @@ A generated response that stopped carries the EOS id the model actually emitted 
 several (Qwen2.5-Instruct stops at 151645 ``<|im_end|>`` or 151643 ``<|endoftext|>``, Llama-3-Instruct
 at 128009 or 128001) — and a response cut at ``max_new_tokens`` carries none, so it is never trained
 or scored as if it had ended. Dataset (gold) responses end with the tokenizer's EOS. The rule is the
-same online (:func:`kdbench.train.engine.sample_responses`) and cached (the generation stage records
+same online (:func:`kdbench.train.sampling.sample_responses`) and cached (the generation stage records
 ``finished`` and the emitted token with every generation), for the teacher's responses and the
 student's, in every pipeline.
 

@@ -1,7 +1,7 @@
 """Training settings of the stages a pipeline builds: the student's SFT checkpoint, the dSFT model,
 π_ref (an SFT teacher), π_dpo, ADPA+'s DCKD student and the SFT teacher of ``teacher_init: sft``.
 
-A stage is another recipe trained as its own run (``kdbench.train.pipeline.model_stage``). Its
+A stage is another recipe trained as its own run (:func:`kdbench.train.stages.model_stage`). Its
 settings come from three places, so that no stage silently runs at the main run's learning rate:
 
 * **Optimisation** (:data:`OPTIMIZATION_SETTINGS`: learning rate, epochs or steps, batch size,
