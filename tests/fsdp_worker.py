@@ -25,7 +25,7 @@ def tiny_model(arch: str, vocab: int = 97):
 def main(out_dir: str) -> None:
     from torch.distributed.tensor import DTensor, Shard
 
-    from kdbench.parallel.sharding import (full_parameters, full_state_dict, shard_frozen, shard_student,
+    from kdbench.parallel.sharding import (full_parameters, full_state_dict, load_sharded, shard_frozen, shard_student,
                                            sharding_report, sum_gradients_over_ranks)
 
     dist.init_process_group("gloo")
@@ -59,6 +59,17 @@ def main(out_dir: str) -> None:
                 inside = teacher(input_ids=batch).logits
         seen[f"{arch}_full_parameters_diff"] = float((inside - full_logits).abs().max())
         seen[f"{arch}_local_fraction_after_full_parameters"] = sharding_report(teacher).local_fraction
+
+        # loading a checkpoint straight into shards (each rank reads its rows) gives the same model
+        checkpoint = os.path.join(out_dir, f"{arch}-checkpoint")
+        if rank == 0:
+            reference.save_pretrained(checkpoint)
+        dist.barrier()
+        loaded = load_sharded(checkpoint)
+        seen[f"{arch}_loaded_dtensor"] = all(isinstance(p, DTensor) for p in loaded.parameters())
+        seen[f"{arch}_loaded_local_fraction"] = sharding_report(loaded).local_fraction
+        with torch.no_grad():
+            seen[f"{arch}_loaded_logits_max_abs_diff"] = float((loaded(input_ids=batch).logits - full_logits).abs().max())
 
         # gathered state dict on rank 0 equals the unsharded weights
         state = full_state_dict(teacher)

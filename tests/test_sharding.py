@@ -3,7 +3,8 @@
 The slow test runs tests/fsdp_worker.py on 2 CPU processes (torchrun, gloo) and checks what each
 rank saw: every parameter of the teacher (GPT-2 and Llama) and of the student is a DTensor
 ``Shard(0)`` over a mesh of 2 ranks holding half the bytes; the frozen sharded teacher's logits equal
-the unsharded model's exactly; ``full_parameters`` lets ranks run different numbers of forwards;
+the unsharded model's exactly, also when loaded straight into shards (``load_sharded``);
+``full_parameters`` lets ranks run different numbers of forwards;
 the gathered state dict equals the unsharded weights; one optimizer step of the sharded student
 on each rank's half of a global batch equals the unsharded step on the whole batch.
 """
@@ -66,6 +67,8 @@ def test_two_gloo_ranks_shard_student_and_teacher(tmp_path):
             assert seen[f"{arch}_logits_max_abs_diff"] == 0.0  # the all-gather is exact
             assert seen[f"{arch}_full_parameters_diff"] == 0.0
             assert seen[f"{arch}_local_fraction_after_full_parameters"] == seen[f"{arch}_teacher_local_fraction"]
+            assert seen[f"{arch}_loaded_dtensor"] and seen[f"{arch}_loaded_logits_max_abs_diff"] == 0.0
+            assert seen[f"{arch}_loaded_local_fraction"] == seen[f"{arch}_teacher_local_fraction"]
         assert seen["student_dtensor"] and seen["student_trainable"] and seen["student_mesh"] == [2]
         assert seen["student_local_fraction"] == pytest.approx(0.5, abs=0.01)
     assert ranks[0]["gpt2_state_dict_equal"] and ranks[0]["llama_state_dict_equal"]

@@ -126,6 +126,87 @@ def shard_frozen(model: nn.Module, mesh=None, *, param_dtype: torch.dtype | None
                   cpu_offload=cpu_offload)
 
 
+def load_sharded(path: str, mesh=None, *, frozen: bool = True, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load a safetensors checkpoint directory straight into a sharded model, each rank reading only its own
+    rows of every weight: the full model never exists in any process (``load_model`` + ``shard_*`` would
+    hold it whole while sharding, and the CPU allocator rarely gives that memory back).
+
+    The model is built with parameters on the meta device and real buffers (so computed buffers such as
+    rotary frequencies are right), sharded (:func:`shard_frozen`, or :func:`shard_student` with
+    ``frozen=False``), materialised shard by shard, then filled from the checkpoint with safetensors
+    slices. ModelError (one sentence) when the directory holds no safetensors weights for the model."""
+    import json
+    from pathlib import Path
+
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdbench.errors import ModelError
+
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (folder / "model.safetensors").is_file():
+        weight_map = None
+    else:
+        raise ModelError(f"No safetensors weights in {folder}; sharded loading reads model.safetensors "
+                         "(re-save the model with save_pretrained).")
+    mesh = mesh if mesh is not None else sharding_mesh()
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)), dtype=dtype)
+    model.tie_weights()  # meta-device construction leaves tied weights (GPT-2's head) as two parameters
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    if frozen:
+        shard_frozen(model, mesh)
+    else:
+        shard_student(model, mesh)
+    model.to_empty(device=mesh.device_type)
+    handles: dict[str, object] = {}
+
+    tied = getattr(model, "_tied_weights_keys", None)
+    tied = dict(tied) if isinstance(tied, dict) else {}  # tied copy -> its source (transformers 5)
+
+    def tensor_slice(name: str):
+        if weight_map is not None and name not in weight_map and name in tied:
+            name = tied[name]
+        file = folder / (weight_map[name] if weight_map is not None else "model.safetensors")
+        if str(file) not in handles:
+            handles[str(file)] = safe_open(str(file), framework="pt", device="cpu")
+        return handles[str(file)].get_slice(name)
+
+    with torch.no_grad():
+        state = dict(model.named_parameters())
+        state.update(model.named_buffers())
+        for name, target in state.items():
+            local = target.to_local() if isinstance(target, DTensor) else target
+            try:
+                try:
+                    source = tensor_slice(name)
+                except Exception:  # a tied weight saved once, under its source's name
+                    if name not in tied:
+                        raise
+                    source = tensor_slice(tied[name])
+            except Exception:  # not in the checkpoint: a buffer the model computes (kept from construction)
+                if name in buffers:
+                    local.copy_(buffers[name])
+                    continue
+                raise ModelError(f"{folder} has no weight {name!r} for this model; load it with load_model "
+                                 "and shard it with shard_frozen / shard_student instead.") from None
+            if isinstance(target, DTensor) and local.shape != target.shape:  # Shard(0): this rank's rows
+                rows = -(-target.shape[0] // mesh.size())
+                start = min(target.shape[0], mesh.get_local_rank() * rows)
+                values = source[start:start + local.shape[0]]
+            else:
+                values = source[:]
+            local.copy_(values.to(local.dtype))
+    if frozen:
+        model.eval()
+    return model
+
+
 def is_sharded(model: nn.Module) -> bool:
     """Whether ``fully_shard`` has been applied to the model (its root)."""
     from torch.distributed.fsdp import FSDPModule
