@@ -145,21 +145,26 @@ class _SuitePlan:
 
 
 def evaluate(config: EvalConfig, *, model=None, tokenizer=None, log: Callable[[str], None] | None = None,
-             command: list[str] | None = None, progress: bool = True) -> EvalResult:
+             command: list[str] | None = None, progress: bool = True, ranks=None) -> EvalResult:
     """Evaluate ``config.model`` (or an already-loaded ``model`` + ``tokenizer``) on ``config.suite``."""
     many = evaluate_many([config.suite], config, model=model, tokenizer=tokenizer, log=log, command=command,
-                         progress=progress)
+                         progress=progress, ranks=ranks)
     return next(iter(many.results.values()))
 
 
 def evaluate_many(suites: str | list[str], config: EvalConfig, *, model=None, tokenizer=None,
                   log: Callable[[str], None] | None = None, command: list[str] | None = None,
-                  progress: bool = True) -> MultiEvalResult:
+                  progress: bool = True, ranks=None) -> MultiEvalResult:
     """Evaluate one model on several reference suites (``"all"``: the five of PROTOCOLS.md §1) into one
     run directory (``eval-all-LABEL`` by default). ``config.suite`` is ignored; every other setting
     applies to every suite. Every suite's data is loaded and checked, and every prompt built,
     before the model is loaded or anything is generated, so a missing or malformed file fails in
-    seconds. Each suite's metrics are written as soon as that suite is scored; rerunning resumes."""
+    seconds. Each suite's metrics are written as soon as that suite is scored; rerunning resumes.
+
+    Under ``torchrun`` / ``accelerate launch`` (``ranks``: by default :func:`kdbench.parallel.ranks.current_ranks`)
+    every rank must call this: each generates a share of the prompts, rank 0 writes the run and its
+    metrics (the other ranks get results without records). Pass ``ranks=Ranks()`` to evaluate in one
+    process of a multi-process job."""
     from kdbench import registry
     from kdbench.store import hash_file
     from kdbench.suites import load_suite, resolve_data_file, suite_spec
@@ -179,7 +184,7 @@ def evaluate_many(suites: str | list[str], config: EvalConfig, *, model=None, to
         loaded.append((name, entry, spec, examples, data_file))
     from kdbench.parallel.ranks import current_ranks
 
-    ranks = current_ranks()  # under torchrun / accelerate launch: every rank generates a share of the prompts
+    ranks = ranks or current_ranks()  # under torchrun / accelerate launch: every rank generates a share of the prompts
     if ranks.distributed and config.backend != "transformers":
         raise ConfigError(f"Run the {config.backend} backend as one process (it spreads a model over GPUs itself); "
                           "torchrun / accelerate launch data parallelism is for backend=transformers.")

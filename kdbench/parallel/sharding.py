@@ -20,6 +20,10 @@ Every parameter becomes a ``DTensor`` placed ``Shard(0)`` over a 1-D mesh of all
 Callers' rule: a sharded model all-gathers each block's parameters inside its forward, so every rank
 must run the same number of forwards (give a rank without data a dummy row). Generation whose length
 differs per rank runs inside :func:`full_parameters`, which gathers once and holds the full weights.
+
+On CPU, run with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed (e.g. ``1048576``): glibc otherwise raises its
+mmap threshold as large blocks are freed, and the all-gather buffers each forward frees stay in the
+heap (a sharded rank's RSS then grows back towards the unsharded size; benchmarks/fsdp_teacher_memory.py).
 """
 
 from __future__ import annotations
@@ -164,43 +168,39 @@ def load_sharded(path: str, mesh=None, *, frozen: bool = True, dtype: torch.dtyp
     else:
         shard_student(model, mesh)
     model.to_empty(device=mesh.device_type)
-    handles: dict[str, object] = {}
-
     tied = getattr(model, "_tied_weights_keys", None)
     tied = dict(tied) if isinstance(tied, dict) else {}  # tied copy -> its source (transformers 5)
 
-    def tensor_slice(name: str):
-        if weight_map is not None and name not in weight_map and name in tied:
-            name = tied[name]
-        file = folder / (weight_map[name] if weight_map is not None else "model.safetensors")
-        if str(file) not in handles:
-            handles[str(file)] = safe_open(str(file), framework="pt", device="cpu")
-        return handles[str(file)].get_slice(name)
+    def read(name: str, rows: tuple[int, int] | None) -> torch.Tensor | None:
+        """The checkpoint's tensor ``name`` (or only its ``rows``), None when the checkpoint lacks it. The
+        file is opened per tensor: its memory map, and the page-cache pages it maps, last one tensor."""
+        for key in (name, tied.get(name)):  # a tied weight is saved once, under its source's name
+            if key is None or (weight_map is not None and key not in weight_map):
+                continue
+            file = folder / (weight_map[key] if weight_map is not None else "model.safetensors")
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                if key not in handle.keys():
+                    continue
+                piece = handle.get_slice(key)
+                return (piece[rows[0]:rows[1]] if rows is not None else piece[:]).clone()
+        return None
 
     with torch.no_grad():
         state = dict(model.named_parameters())
         state.update(model.named_buffers())
         for name, target in state.items():
             local = target.to_local() if isinstance(target, DTensor) else target
-            try:
-                try:
-                    source = tensor_slice(name)
-                except Exception:  # a tied weight saved once, under its source's name
-                    if name not in tied:
-                        raise
-                    source = tensor_slice(tied[name])
-            except Exception:  # not in the checkpoint: a buffer the model computes (kept from construction)
-                if name in buffers:
-                    local.copy_(buffers[name])
-                    continue
-                raise ModelError(f"{folder} has no weight {name!r} for this model; load it with load_model "
-                                 "and shard it with shard_frozen / shard_student instead.") from None
+            rows = None
             if isinstance(target, DTensor) and local.shape != target.shape:  # Shard(0): this rank's rows
-                rows = -(-target.shape[0] // mesh.size())
-                start = min(target.shape[0], mesh.get_local_rank() * rows)
-                values = source[start:start + local.shape[0]]
-            else:
-                values = source[:]
+                per_rank = -(-target.shape[0] // mesh.size())
+                start = min(target.shape[0], mesh.get_local_rank() * per_rank)
+                rows = (start, start + local.shape[0])
+            values = read(name, rows)
+            if values is None and name in buffers:  # a buffer the model computes (kept from construction)
+                values = buffers[name]
+            if values is None:
+                raise ModelError(f"{folder} has no weight {name!r} for this model; load it with load_model "
+                                 "and shard it with shard_frozen / shard_student instead.")
             local.copy_(values.to(local.dtype))
     if frozen:
         model.eval()
