@@ -221,6 +221,7 @@ def eval_(
     prompt_style: Optional[str] = typer.Option(None, "--prompt-style", help="Prompt template: alpaca, chat (the model's chat template) or compact (default: the suite's)."),
     include_path: List[Path] = typer.Option([], "--include-path", help="lm_eval suites: a folder of local lm-eval task YAML files (repeatable), as lm-eval's own --include_path."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting: --set decoding.no_repeat_ngram_size=6."),
+    backend: str = typer.Option("transformers", "--backend", help="Inference backend: transformers, or vllm (GPU; pip install 'kdbench[vllm]')."),
 ):
     """Evaluate a model on a suite (reference-based: Rouge-L/EM; lm_eval: Open LLM Leaderboard tasks, or a suite
     file of your own: --suite my_suite.yaml --include-path my_tasks/)."""
@@ -237,7 +238,7 @@ def eval_(
     if not several:
         body = read_suite_file(suite) if is_suite_file(suite) else registry.get("tasks", suite).body
         if body.get("type") == "lm_eval":
-            _eval_harness(suite, model, limit, batch_size or 8, output_dir, run_name, label, include_path)
+            _eval_harness(suite, model, limit, batch_size or 8, output_dir, run_name, label, include_path, backend)
             return
         if is_suite_file(suite):
             raise KdbenchError(f"{suite} is a reference-based suite file; put it in a tasks/ folder of a registry "
@@ -250,7 +251,7 @@ def eval_(
 
     values: dict = {"suite": suite, "model": model, "data_path": data, "greedy": greedy, "limit": limit,
                     "buckets": buckets, "output_dir": output_dir, "run_name": run_name, "label": label,
-                    "prompt_style": prompt_style}
+                    "prompt_style": prompt_style, "backend": backend}
     if seed_list:
         values["seeds"] = seed_list
     if batch_size is not None:
@@ -261,18 +262,22 @@ def eval_(
         result = evaluate_many(suite, config, log=_say, command=sys.argv)
     else:
         result = evaluate(config, log=_say, command=sys.argv)
+    from kdbench.parallel.ranks import current_ranks
+
+    if not current_ranks().is_main:  # under N processes rank 0 scores and prints
+        return
     typer.echo(leaderboard_markdown([result.run], title=f"kdbench eval --suite {suite}", baseline_label=None,
                                     reference_label=None))
     typer.echo(f"run: {result.run.path}")
 
 
 def _eval_harness(suite: str, model: str, limit, batch_size: int, output_dir: str, run_name, label,
-                  include_path: list[Path]) -> None:
+                  include_path: list[Path], backend: str = "transformers") -> None:
     from kdbench.harness import evaluate_harness
 
     run, result = evaluate_harness(model, suite, output_dir=output_dir, run_name=run_name, label=label, limit=limit,
                                    batch_size=batch_size, include_path=[str(p) for p in include_path] or None,
-                                   log=_say, command=sys.argv)
+                                   log=_say, command=sys.argv, backend=backend)
     for record in result.to_metric_records(run, result.suite.name):
         typer.echo(f"{record['subset']:<28} {record['metric']:<24} {record['value']:.4f}")
     typer.echo(f"{result.label}; run: {run.path}")

@@ -43,6 +43,7 @@ class EvalConfig:
     run_name: str | None = option(None, "Run directory name (default: eval-SUITE-MODELNAME). Rerunning resumes.")
     label: str | None = option(None, "Name shown for this model in leaderboards (default: the model folder's name).")
     n_bootstrap: int = option(1000, "Bootstrap resamples for confidence intervals.")
+    backend: str = option("transformers", "Inference backend: transformers, or vllm (GPU; pip install 'kdbench[vllm]').")
 
     def __post_init__(self):
         if self.limit is not None and self.limit < 1:
@@ -52,6 +53,9 @@ class EvalConfig:
         if self.n_bootstrap < 100:
             raise ConfigError("Setting n_bootstrap must be at least 100.")
         _parse_buckets(self.buckets, None)  # a malformed --buckets fails here, before any model is loaded
+        from kdbench.inference import check_backend
+
+        check_backend(self.backend)  # a missing vLLM fails here too
 
 
 @dataclass
@@ -141,21 +145,26 @@ class _SuitePlan:
 
 
 def evaluate(config: EvalConfig, *, model=None, tokenizer=None, log: Callable[[str], None] | None = None,
-             command: list[str] | None = None, progress: bool = True) -> EvalResult:
+             command: list[str] | None = None, progress: bool = True, ranks=None) -> EvalResult:
     """Evaluate ``config.model`` (or an already-loaded ``model`` + ``tokenizer``) on ``config.suite``."""
     many = evaluate_many([config.suite], config, model=model, tokenizer=tokenizer, log=log, command=command,
-                         progress=progress)
+                         progress=progress, ranks=ranks)
     return next(iter(many.results.values()))
 
 
 def evaluate_many(suites: str | list[str], config: EvalConfig, *, model=None, tokenizer=None,
                   log: Callable[[str], None] | None = None, command: list[str] | None = None,
-                  progress: bool = True) -> MultiEvalResult:
+                  progress: bool = True, ranks=None) -> MultiEvalResult:
     """Evaluate one model on several reference suites (``"all"``: the five of PROTOCOLS.md §1) into one
     run directory (``eval-all-LABEL`` by default). ``config.suite`` is ignored; every other setting
     applies to every suite. Every suite's data is loaded and checked, and every prompt built,
     before the model is loaded or anything is generated, so a missing or malformed file fails in
-    seconds. Each suite's metrics are written as soon as that suite is scored; rerunning resumes."""
+    seconds. Each suite's metrics are written as soon as that suite is scored; rerunning resumes.
+
+    Under ``torchrun`` / ``accelerate launch`` (``ranks``: by default :func:`kdbench.parallel.ranks.current_ranks`)
+    every rank must call this: each generates a share of the prompts, rank 0 writes the run and its
+    metrics (the other ranks get results without records). Pass ``ranks=Ranks()`` to evaluate in one
+    process of a multi-process job."""
     from kdbench import registry
     from kdbench.store import hash_file
     from kdbench.suites import load_suite, resolve_data_file, suite_spec
@@ -173,13 +182,24 @@ def evaluate_many(suites: str | list[str], config: EvalConfig, *, model=None, to
         data_file = resolve_data_file(spec, config.data_path)
         examples = load_suite(name, config.data_path, limit=config.limit)  # validates every row
         loaded.append((name, entry, spec, examples, data_file))
+    from kdbench.parallel.ranks import current_ranks
+
+    ranks = ranks or current_ranks()  # under torchrun / accelerate launch: every rank generates a share of the prompts
+    if ranks.distributed and config.backend != "transformers":
+        raise ConfigError(f"Run the {config.backend} backend as one process (it spreads a model over GPUs itself); "
+                          "torchrun / accelerate launch data parallelism is for backend=transformers.")
     if model is None:
         if not config.model:
             raise ConfigError("Give the model to evaluate (--model DIR or a Hugging Face id).")
         from kdbench.models import load_model, load_tokenizer
 
         tokenizer = load_tokenizer(config.model)
-        model = load_model(config.model, trainable=False)
+        if config.backend == "transformers":
+            model = load_model(config.model, trainable=False)
+            if ranks.distributed:
+                model.to(ranks.device())
+    elif config.backend != "transformers":
+        raise ConfigError(f"The {config.backend} backend loads the model itself: pass config.model, not a loaded model.")
     from kdbench.data import format_prompt
 
     plans: list[_SuitePlan] = []
@@ -206,22 +226,29 @@ def evaluate_many(suites: str | list[str], config: EvalConfig, *, model=None, to
     else:
         run_config.update({"data_file": first.data_file, "data_sha256": first.data_sha256,
                            "prompt_example": first.prompts[0]})
-    run = RunDir.create(config.output_dir, run_name, kind="eval", config=run_config, command=command or sys.argv)
-    for plan in plans:
-        _check_resumable(run, plan, config, tokenizer)
-    for style in dict.fromkeys(plan.style for plan in plans):
-        message = template_warning(trained_with, style)
-        if message:
-            say(message)
-            run.log(message)
+    def open_run() -> RunDir:  # rank 0 only; the other ranks get the same directory or the same error
+        opened = RunDir.create(config.output_dir, run_name, kind="eval", config=run_config, command=command or sys.argv)
+        for plan in plans:
+            _check_resumable(opened, plan, config, tokenizer)
+        for style in dict.fromkeys(plan.style for plan in plans):
+            message = template_warning(trained_with, style)
+            if message:
+                say(message)
+                opened.log(message)
+        return opened
 
-    from kdbench.generate import HFBackend
+    run = ranks.on_main(open_run)
+
+    from kdbench.inference import make_backend
     from kdbench.scoring import score
 
-    backend = HFBackend(model, tokenizer)
+    backend = make_backend(config.backend, config.model, model=model, tokenizer=tokenizer)
     results: dict[str, EvalResult] = {}
     for plan in plans:
-        outputs = _generate_suite(run, plan, seeds, backend, label, say, progress)
+        outputs = _generate_suite(run, plan, seeds, backend, label, say, progress and ranks.is_main, ranks)
+        if not ranks.is_main:  # rank 0 scores and writes the metrics
+            results[plan.name] = EvalResult(run, [], {})
+            continue
         records, per_example = score(run, plan.name, plan.examples, outputs, plan.spec,
                                      _parse_buckets(config.buckets, plan.spec.bucket_edges),
                                      n_bootstrap=config.n_bootstrap)
@@ -231,6 +258,8 @@ def evaluate_many(suites: str | list[str], config: EvalConfig, *, model=None, to
     def truncated(plan):
         return sum(r.get("prompt_truncated", False) for r in read_jsonl(run.generations_path(plan.name, seeds[0])))
 
+    if not ranks.is_main:
+        return MultiEvalResult(run, results)
     if several:
         run.finish("complete", suite=suite_name, suites=names, label=label,
                    n_examples={plan.name: len(plan.examples) for plan in plans},
@@ -241,32 +270,42 @@ def evaluate_many(suites: str | list[str], config: EvalConfig, *, model=None, to
     return MultiEvalResult(run, results)
 
 
-def _generate_suite(run: RunDir, plan: _SuitePlan, seeds: list, backend, label: str, say, progress: bool):
+def _generate_suite(run: RunDir, plan: _SuitePlan, seeds: list, backend, label: str, say, progress: bool,
+                    ranks=None):
     """Generations (seed -> example id -> text) of one suite: those on disk are kept as they are, the
-    rest generated and appended batch by batch (fsync) to ``generations/<suite>/seed<k>.jsonl``."""
+    rest generated and appended batch by batch (fsync) to ``generations/<suite>/seed<k>.jsonl`` — under
+    N processes split across the ranks through per-rank partial files merged once
+    (:func:`kdbench.parallel.split_generation.generate_split`)."""
+    from kdbench.parallel.ranks import Ranks
+    from kdbench.parallel.split_generation import generate_split
+
+    ranks = ranks or Ranks()
     ids = [e.id for e in plan.examples]
     by_id = {e.id: e for e in plan.examples}
     outputs: dict[str, dict[str, str]] = {}
     for seed in seeds:
         path = run.generations_path(plan.name, seed)
-        _drop_torn_tail(path)
-        done = {r["id"]: r for r in read_jsonl(path)}
-        todo = [i for i, example_id in enumerate(ids) if example_id not in done]
-        if done and todo:
-            say(f"{plan.name} seed {seed}: resuming, {len(ids) - len(todo)} of {len(ids)} generations already on disk")
-        if todo:
-            decoding = plan.decoding if seed != "greedy" else DecodingConfig(**{**to_dict(plan.decoding), "greedy": True})
+        if ranks.is_main:
+            _drop_torn_tail(path)
+        decoding = plan.decoding if seed != "greedy" else DecodingConfig(**{**to_dict(plan.decoding), "greedy": True})
 
-            def write(batch, seed=seed, path=path):
+        def generate(indices, write, seed=seed, decoding=decoding):
+            def on_batch(batch):
                 # each generation carries its question and references, so judging reads the run alone
-                append_jsonl(path, [{"id": g.id, "seed": seed, "output": g.text, "new_tokens": g.new_tokens,
-                                     "prompt_tokens": g.prompt_tokens, "prompt_truncated": g.prompt_truncated,
-                                     "finished": g.finished, **judging_fields(by_id[g.id])} for g in batch])
+                write([{"id": g.id, "seed": seed, "output": g.text, "new_tokens": g.new_tokens,
+                        "prompt_tokens": g.prompt_tokens, "prompt_truncated": g.prompt_truncated,
+                        "finished": g.finished, **judging_fields(by_id[g.id])} for g in batch])
 
-            with _progress(progress, f"{label} {plan.name} seed {seed}", len(todo)) as advance:
-                backend.generate([plan.prompts[i] for i in todo], [ids[i] for i in todo], decoding,
-                                 seed=None if seed == "greedy" else int(seed), on_batch=write, progress=advance)
-            done = {r["id"]: r for r in read_jsonl(path)}
+            if not indices:
+                return
+            with _progress(progress, f"{label} {plan.name} seed {seed}", len(indices)) as advance:
+                backend.generate([plan.prompts[i] for i in indices], [ids[i] for i in indices], decoding,
+                                 seed=None if seed == "greedy" else int(seed), on_batch=on_batch, progress=advance)
+
+        def resuming(n_done, total, seed=seed):
+            say(f"{plan.name} seed {seed}: resuming, {n_done} of {total} generations already on disk")
+
+        done = generate_split(ranks, path, ids, generate, on_resume=resuming)
         outputs[str(seed)] = {example_id: done[example_id]["output"] for example_id in ids}
     return outputs
 
@@ -298,9 +337,12 @@ def _drop_torn_tail(path: Path) -> None:
 def _generation_settings(plan: _SuitePlan, config: EvalConfig, tokenizer) -> dict:
     """What decides a suite's generations (compared on resume): model, data, prompt, decoding."""
     decoding = to_dict(plan.decoding)
-    return {"model": str(config.model), "data_sha256": plan.data_sha256,
-            "prompt_template": prompt_template_info(tokenizer, plan.style),
-            "decoding": {key: decoding[key] for key in _GENERATION_KEYS}}
+    settings = {"model": str(config.model), "data_sha256": plan.data_sha256,
+                "prompt_template": prompt_template_info(tokenizer, plan.style),
+                "decoding": {key: decoding[key] for key in _GENERATION_KEYS}}
+    if config.backend != "transformers":  # another backend draws other samples (runs before it had none)
+        settings["backend"] = config.backend
+    return settings
 
 
 def _check_resumable(run: RunDir, plan: _SuitePlan, config: EvalConfig, tokenizer) -> None:

@@ -11,7 +11,7 @@ position only (``logits_to_keep=1``: the full ``[batch, prompt, vocab]`` tensor 
 blocking keeps an incremental per-row table of the row's real tokens (padding never counts as
 text, which also keeps a row's bans independent of its batch).
 
-A vLLM backend fits the same :class:`Backend` interface; it is not shipped until it can be tested.
+The vLLM backend (:mod:`kdbench.inference`) fits the same :class:`Backend` interface.
 """
 
 from __future__ import annotations
@@ -202,12 +202,15 @@ class HFBackend:
                 progress(len(chunk))
         return [results[i] for i in range(len(prompts))]
 
-    def _decode(self, token_ids: list[int]) -> str:
+    def decode(self, token_ids: list[int]) -> str:
+        """A response's text: special tokens skipped, cut at the end-of-sequence text, stripped."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         eos_text = self.tokenizer.eos_token
         if eos_text and eos_text in text:  # cut at the end-of-sequence text
             text = text.split(eos_text, 1)[0]
         return text.strip()
+
+    _decode = decode  # old private name
 
     def _warpers(self, decoding: DecodingConfig):
         """Temperature, top-k, top-p (Hugging Face's warpers, applied in generate()'s order)."""

@@ -245,7 +245,7 @@ def _restore_rng_state(state) -> None:
 
 def run_harness(model, tokenizer=None, *, suite: str | dict, limit: int | float | None = None, batch_size: int = 8,
                 device: str = "cpu", include_path: str | os.PathLike | list | None = None,
-                log: Callable[[str], Any] | None = None) -> HarnessResult:
+                log: Callable[[str], Any] | None = None, backend: str = "transformers") -> HarnessResult:
     """Evaluate ``model`` on an lm-eval suite, every task with its own shot count.
 
     ``model`` is a checkpoint directory (loaded by lm-eval's ``HFLM`` on ``device``) or an already
@@ -255,6 +255,7 @@ def run_harness(model, tokenizer=None, *, suite: str | dict, limit: int | float 
     set) are restored too. ``limit`` caps documents per task (testing only: the numbers are then not
     the leaderboard's). ``include_path`` adds folders of lm-eval task YAML (e.g. from
     :func:`local_multiple_choice_task`). ``log`` receives progress lines (e.g. ``RunDir.log``).
+    ``backend="vllm"`` runs a checkpoint directory through lm-eval's own ``vllm`` model type (GPU).
 
     Raises KdbenchError (one sentence, no traceback) when lm-eval is missing, a task name is
     unknown, a dataset cannot be downloaded, or the model path does not exist.
@@ -276,6 +277,12 @@ def run_harness(model, tokenizer=None, *, suite: str | dict, limit: int | float 
     elif not Path(model).expanduser().is_dir():
         raise ModelError(f"Model directory not found: {model}; pass a checkpoint directory (config.json and "
                          "weights) or an already-loaded model with its tokenizer.")
+    if backend != "transformers":
+        from kdbench.inference import check_backend
+
+        check_backend(backend)
+        if pretrained_model:
+            raise ConfigError(f"The {backend} backend loads the model itself: pass a checkpoint directory.")
 
     include = [str(Path(p).expanduser()) for p in
                ([] if include_path is None else include_path if isinstance(include_path, (list, tuple)) else [include_path])]
@@ -295,7 +302,11 @@ def run_harness(model, tokenizer=None, *, suite: str | dict, limit: int | float 
     if pretrained_model:
         model.eval()
     try:
-        if pretrained_model:
+        if backend == "vllm":
+            from lm_eval.models.vllm_causallms import VLLM
+
+            lm = VLLM(pretrained=str(Path(model).expanduser()), batch_size="auto")
+        elif pretrained_model:
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         else:
             lm = HFLM(pretrained=str(Path(model).expanduser()), tokenizer=tokenizer, batch_size=batch_size,
@@ -325,11 +336,12 @@ def run_harness(model, tokenizer=None, *, suite: str | dict, limit: int | float 
 
 def harness_into_run(run: "RunDir", model, tokenizer=None, *, suite: str | os.PathLike | dict | HarnessSuite,
                      suite_name: str | None = None, limit: int | float | None = None, batch_size: int = 8,
-                     device: str = "cpu", include_path=None, log: Callable[[str], Any] | None = None) -> HarnessResult:
+                     device: str = "cpu", include_path=None, log: Callable[[str], Any] | None = None,
+                     backend: str = "transformers") -> HarnessResult:
     """The one lm-eval -> run directory path: :func:`run_harness`, then the suite's records written into
     ``run``'s ``metrics.jsonl`` (replacing that suite's earlier records; suite = ``suite_name`` or its name)."""
     result = run_harness(model, tokenizer, suite=suite, limit=limit, batch_size=batch_size, device=device,
-                         include_path=include_path, log=log)
+                         include_path=include_path, log=log, backend=backend)
     name = suite_name or result.suite.name
     run.write_metrics(result.to_metric_records(run, name), replace_suite=name)
     return result
@@ -338,7 +350,7 @@ def harness_into_run(run: "RunDir", model, tokenizer=None, *, suite: str | os.Pa
 def evaluate_harness(model: str, suite: str | os.PathLike | dict, *, output_dir: str | os.PathLike = "runs",
                      run_name: str | None = None, label: str | None = None, limit: int | float | None = None,
                      batch_size: int = 8, include_path=None, log: Callable[[str], Any] | None = None,
-                     command: list[str] | None = None) -> tuple["RunDir", HarnessResult]:
+                     command: list[str] | None = None, backend: str = "transformers") -> tuple["RunDir", HarnessResult]:
     """``kdbench eval`` for an lm-eval suite (a registry name or a suite file): an eval run directory
     ``output_dir/run_name`` (default ``eval-<suite>-<label>``) with the suite's records; the suite, the task
     folders and the model are checked before the run directory is created, and a run that stops with an
@@ -349,6 +361,10 @@ def evaluate_harness(model: str, suite: str | os.PathLike | dict, *, output_dir:
     from kdbench.store import RunDir
 
     spec = load_harness_suite(suite)
+    if backend != "transformers":
+        from kdbench.inference import check_backend
+
+        check_backend(backend)  # a missing vLLM: one sentence before any run directory exists
     for folder in ([] if include_path is None else include_path if isinstance(include_path, (list, tuple))
                    else [include_path]):
         if not Path(folder).expanduser().is_dir():
@@ -363,7 +379,7 @@ def evaluate_harness(model: str, suite: str | os.PathLike | dict, *, output_dir:
                                 "include_path": [str(p) for p in (include_path or [])] + list(spec.include_path)})
     try:
         result = harness_into_run(run, path, suite=spec, limit=limit, batch_size=batch_size,
-                                  include_path=include_path, log=log)
+                                  include_path=include_path, log=log, backend=backend)
     except BaseException as err:
         run.finish("failed", error=str(err)[:500] or type(err).__name__)
         raise
