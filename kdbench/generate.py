@@ -139,7 +139,7 @@ class HFBackend:
         self.eos_ids = sorted(ids)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos_ids or [0])[0]
         # tokens are drawn from the tokenizer's vocabulary only: the padded output rows a checkpoint may carry
-        # beyond it (Qwen2.5) are no tokens, and training scores the same rows (kdbench.train.pipeline)
+        # beyond it (Qwen2.5) are no tokens, and training scores the same rows (kdbench.train.pairs)
         self.vocab_rows = len(tokenizer)
         try:
             parameters = inspect.signature(model.forward).parameters
