@@ -101,7 +101,8 @@ def test_ppo_ratio_one_gradient_is_minus_advantage():
 def test_ppo_clipping_stops_the_gradient_beyond_the_trust_region():
     logps = torch.tensor([[0.5, -0.5]], dtype=torch.float64, requires_grad=True)
     old = torch.zeros(1, 2, dtype=torch.float64)
-    advantages = torch.tensor([[1.0, -1.0]], dtype=torch.float64)  # ratio e^0.5 > 1.2 with A > 0; e^-0.5 < 0.8 with A < 0
+    # ratio e^0.5 > 1.2 with A > 0 and e^-0.5 < 0.8 with A < 0: both clipped
+    advantages = torch.tensor([[1.0, -1.0]], dtype=torch.float64)
     (grad,) = torch.autograd.grad(ppo_clipped_objective(logps, old, advantages), logps)
     assert bool((grad == 0).all())
 

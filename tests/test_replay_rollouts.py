@@ -152,7 +152,7 @@ def test_rollout_buffer_runs_ppo_epochs_over_every_rollout():
     while (batch := buffer.next_minibatch()) is not None:
         seen.append(batch["input_ids"])
     assert [len(b) for b in seen] == [4, 4, 2] * 3
-    all_rows = torch.cat([generation_batch(0, n=5, length=4)["input_ids"], generation_batch(1, n=5, length=4)["input_ids"]])
+    all_rows = torch.cat([generation_batch(step, n=5, length=4)["input_ids"] for step in (0, 1)])
     for epoch in range(3):
         rows = torch.cat(seen[3 * epoch:3 * epoch + 3])
         assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, all_rows.tolist()))

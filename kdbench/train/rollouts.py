@@ -97,8 +97,8 @@ class RolloutBuffer:
 
     def load_state_dict(self, state: Mapping) -> None:
         if int(state["ppo_epochs"]) != self.ppo_epochs or int(state["minibatch_size"]) != self.minibatch_size:
-            raise ConfigError(f"the checkpoint's rollout buffer runs {state['ppo_epochs']} PPO epochs of minibatches of "
-                              f"{state['minibatch_size']}, this run {self.ppo_epochs} of {self.minibatch_size}; "
+            raise ConfigError(f"the checkpoint's rollout buffer runs {state['ppo_epochs']} PPO epochs of minibatches "
+                              f"of {state['minibatch_size']}, this run {self.ppo_epochs} of {self.minibatch_size}; "
                               "resume with the same settings.")
         self._items = [dict(item) for item in state["items"]]
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
