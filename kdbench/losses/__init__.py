@@ -13,12 +13,20 @@ Definitions and decisions: ``docs/methods.md`` (and ``METHODS.md`` of the spec).
   :func:`dpkd`, :func:`dadpo` (by the name a recipe uses: :data:`kdbench.train.preference_forms.PREFERENCE_FORMS`).
 * Teacher-guided: :func:`adpa`, :func:`dckd`, :func:`dpkd_token`.
 * Fused (logits never materialized): :func:`fused_token_loss`.
+* Policy gradient (MiniLLM, DPPO; :mod:`kdbench.losses.policy_gradient`, :mod:`kdbench.losses.dppo`):
+  :func:`minillm`, :func:`ppo_clipped_objective`, :func:`dppo`, their rewards and advantages.
+* Contrastive (DistiLLM-2; :mod:`kdbench.losses.contrastive`): :func:`distillm2` and its curriculum.
 """
 
+from kdbench.losses.contrastive import distillm2, distillm2_adaptive_alpha, distillm2_beta, response_mean_logps
 from kdbench.losses.divergences import (Divergence, akl_weights, get_divergence, register_divergence,
                                         unregister_divergence)
+from kdbench.losses.dppo import (clipped_value_loss, critic_free_advantages, dpo_implicit_rewards, dppo,
+                                 gae_advantages, kl_penalized_rewards)
 from kdbench.losses.fused import fused_token_loss
 from kdbench.losses.guided import adpa, dckd, dpkd_token
+from kdbench.losses.policy_gradient import (minillm, minillm_advantages, minillm_rewards, mixed_importance_weights,
+                                            ppo_clipped_objective, reward_to_go, teacher_mixed_logprobs)
 from kdbench.losses.sequence import (
     cpo,
     cross_entropy,
@@ -52,4 +60,9 @@ __all__ = [
     "token_logps", "sequence_logps", "cross_entropy",
     "dpo", "ipo", "simpo", "cpo", "dpkd", "dadpo",
     "adpa", "dckd", "dpkd_token", "fused_token_loss",
+    "minillm", "minillm_advantages", "minillm_rewards", "mixed_importance_weights", "ppo_clipped_objective",
+    "reward_to_go", "teacher_mixed_logprobs",
+    "dppo", "dpo_implicit_rewards", "kl_penalized_rewards", "gae_advantages", "critic_free_advantages",
+    "clipped_value_loss",
+    "distillm2", "distillm2_beta", "distillm2_adaptive_alpha", "response_mean_logps",
 ]
