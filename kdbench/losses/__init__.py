@@ -13,8 +13,16 @@ Definitions and decisions: ``docs/methods.md`` (and ``METHODS.md`` of the spec).
   :func:`dpkd`, :func:`dadpo` (by name: :data:`PREFERENCE_LOSSES`).
 * Teacher-guided: :func:`adpa`, :func:`dckd`, :func:`dpkd_token`.
 * Fused (logits never materialized): :func:`fused_token_loss`.
+* Second tier, sequence level: :func:`wpo` (+ :func:`wpo_log_weight`), :func:`plad`, :func:`ddpo_rm`,
+  :func:`dkto` (+ :func:`kto_reference_point`, :func:`mismatched_order`); token level: :func:`atkd`
+  (+ :func:`atkd_uncertainty`, :func:`atkd_threshold`), :func:`q_argmax_kd`, :func:`q_softmax_kd`, :func:`q_kd_term`.
+* Across tokenizers: :func:`uld`, :func:`dskd` and the alignments :func:`rank_alignment`,
+  :func:`prefix_alignment`, :func:`token_offsets`, :func:`alignment_scores_from_pairs`,
+  :func:`cross_model_attention_scores`.
 """
 
+from kdbench.losses.cross_tokenizer import (alignment_scores_from_pairs, cross_model_attention_scores, dskd,
+                                            prefix_alignment, rank_alignment, token_offsets, uld)
 from kdbench.losses.divergences import (Divergence, akl_weights, get_divergence, register_divergence,
                                         unregister_divergence)
 from kdbench.losses.fused import fused_token_loss
@@ -31,6 +39,9 @@ from kdbench.losses.sequence import (
     simpo,
     token_logps,
 )
+from kdbench.losses.second_tier import ddpo_rm, dkto, kto_reference_point, mismatched_order, plad, wpo, wpo_log_weight
+from kdbench.losses.second_tier_token import (atkd, atkd_threshold, atkd_uncertainty, q_argmax_kd, q_kd_term,
+                                              q_softmax_kd)
 from kdbench.losses.sparse import SparseTeacher
 from kdbench.losses.token import (
     DIVERGENCES,
@@ -53,4 +64,8 @@ __all__ = [
     "token_logps", "sequence_logps", "cross_entropy",
     "dpo", "ipo", "simpo", "cpo", "dpkd", "dadpo",
     "adpa", "dckd", "dpkd_token", "fused_token_loss",
+    "wpo", "wpo_log_weight", "plad", "ddpo_rm", "dkto", "kto_reference_point", "mismatched_order",
+    "atkd", "atkd_uncertainty", "atkd_threshold", "q_argmax_kd", "q_softmax_kd", "q_kd_term",
+    "uld", "dskd", "rank_alignment", "prefix_alignment", "token_offsets", "alignment_scores_from_pairs",
+    "cross_model_attention_scores",
 ]
