@@ -278,7 +278,8 @@ def test_dskd_with_cross_model_attention_and_hard_alignment_from_real_tokenizers
     ws, wt = torch.randn(50, 4, generator=g, dtype=torch.float64), torch.randn(60, 3, generator=g, dtype=torch.float64)
     sl = torch.tensor([s_ids[1:] + [-100]]) % 50
     tl = torch.tensor([t_ids[1:] + [-100]]) % 60
-    p_t2s, p_s2t = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    p_t2s = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    p_s2t = torch.randn(3, 4, generator=g, dtype=torch.float64)
     for s in (scores, cross_model_attention_scores(sh, th @ torch.randn(3, 4, generator=g, dtype=torch.float64))):
         got = dskd(sh, th, ws, wt, sl, tl, s, t2s_projection=lambda x: x @ p_t2s.T,
                    s2t_projection=lambda x: x @ p_s2t.T, accurate_only=False)
@@ -293,3 +294,13 @@ def test_dskd_and_alignment_errors():
              s2t_projection=lambda x: x @ p_s2t.T)
     with pytest.raises(DataError):
         alignment_scores_from_pairs([[(0, 9)]], 2, 3)
+
+
+def test_dskd_with_nothing_counted_is_zero_with_zero_gradient():
+    sh, th, ws, wt, p_t2s, p_s2t, sl, tl, scores = dskd_inputs(seed=10)
+    leaves = [x.clone().requires_grad_() for x in (sh, ws, p_t2s, p_s2t)]
+    loss = dskd(leaves[0], th, leaves[1], wt, torch.full_like(sl, -100), tl, scores,
+                t2s_projection=lambda x: x @ leaves[2].T, s2t_projection=lambda x: x @ leaves[3].T)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(leaf.grad is None or float(leaf.grad.abs().sum()) == 0.0 for leaf in leaves)

@@ -115,13 +115,14 @@ def test_ddpo_rm_matches_square_and_its_gradient():
     pc, pr, rc, rr, sc, sr = seq_logps(seed=7)
     beta = 0.3
     h = (pc - rc) - (pr - rr)
-    torch.testing.assert_close(ddpo_rm(pc, pr, rc, rr, sc, sr, beta=beta, reduction="none"), (beta * h - (sc - sr)) ** 2)
+    torch.testing.assert_close(ddpo_rm(pc, pr, rc, rr, sc, sr, beta=beta, reduction="none"),
+                               (beta * h - (sc - sr)) ** 2)
     gc, gr = grads(lambda a, b: ddpo_rm(a, b, rc, rr, sc, sr, beta=beta, reduction="none").sum(), pc, pr)
     torch.testing.assert_close(gc, 2 * beta * (beta * h - (sc - sr)))
     torch.testing.assert_close(gr, -2 * beta * (beta * h - (sc - sr)))
     # zero exactly when the implicit reward margin equals the reward model's
-    torch.testing.assert_close(ddpo_rm(pc, pr, rc, rr, beta * h, torch.zeros_like(h), beta=beta), torch.tensor(0.0,
-                                                                                                      dtype=torch.float64))
+    exact = ddpo_rm(pc, pr, rc, rr, beta * h, torch.zeros_like(h), beta=beta)
+    torch.testing.assert_close(exact, torch.tensor(0.0, dtype=torch.float64))
 
 
 # ------------------------------------------------------------------ dKTO
@@ -221,7 +222,8 @@ def test_atkd_uncertainty_split_and_padding():
     padded_t[~mask] = float("nan")
     torch.testing.assert_close(atkd(padded_s, padded_t, labels, mask), atkd(student, teacher, labels, mask))
     # labels −100 mark the uncounted positions when no mask is given
-    torch.testing.assert_close(atkd(student, teacher, labels.masked_fill(~mask, -100)), atkd(student, teacher, labels, mask))
+    torch.testing.assert_close(atkd(student, teacher, labels.masked_fill(~mask, -100)),
+                               atkd(student, teacher, labels, mask))
 
 
 def test_atkd_split_over_the_step_does_not_depend_on_accumulation():

@@ -35,7 +35,8 @@ def rank_alignment(student_mask, teacher_mask):
     import torch
 
     if student_mask.shape[0] != teacher_mask.shape[0]:
-        raise DataError(f"student and teacher batches differ ({student_mask.shape[0]} and {teacher_mask.shape[0]} rows).")
+        raise DataError(f"student and teacher batches differ ({student_mask.shape[0]} and "
+                        f"{teacher_mask.shape[0]} rows).")
     batch, s_pos, t_pos = [], [], []
     for b in range(student_mask.shape[0]):
         s_idx = (student_mask[b] != 0).nonzero().squeeze(1)
@@ -152,8 +153,6 @@ def cross_model_attention_scores(student_queries, teacher_keys, student_mask=Non
     ``student_queries`` [B, Ts, d] (the paper: projected student embeddings of the input and target
     tokens), ``teacher_keys`` [B, Tt, d]; masks [B, Ts] / [B, Tt] → scores [B, Ts, Tt] (rows of
     uncounted student positions are all −inf)."""
-    import torch
-
     scores = student_queries @ teacher_keys.transpose(-1, -2) / math.sqrt(student_queries.shape[-1])
     if teacher_mask is not None:
         scores = scores.masked_fill(~(teacher_mask != 0).unsqueeze(1), -math.inf)
