@@ -16,9 +16,17 @@ Definitions and decisions: ``docs/methods.md`` (and ``METHODS.md`` of the spec).
 * Policy gradient (MiniLLM, DPPO; :mod:`kdbench.losses.policy_gradient`, :mod:`kdbench.losses.dppo`):
   :func:`minillm`, :func:`ppo_clipped_objective`, :func:`dppo`, their rewards and advantages.
 * Contrastive (DistiLLM-2; :mod:`kdbench.losses.contrastive`): :func:`distillm2` and its curriculum.
+* Second tier, sequence level: :func:`wpo` (+ :func:`wpo_log_weight`), :func:`plad`, :func:`ddpo_rm`,
+  :func:`dkto` (+ :func:`kto_reference_point`, :func:`mismatched_order`); token level: :func:`atkd`
+  (+ :func:`atkd_uncertainty`, :func:`atkd_threshold`), :func:`q_argmax_kd`, :func:`q_softmax_kd`, :func:`q_kd_term`.
+* Across tokenizers: :func:`uld`, :func:`dskd` and the alignments :func:`rank_alignment`,
+  :func:`prefix_alignment`, :func:`token_offsets`, :func:`alignment_scores_from_pairs`,
+  :func:`cross_model_attention_scores`.
 """
 
 from kdbench.losses.contrastive import distillm2, distillm2_adaptive_alpha, distillm2_beta, response_mean_logps
+from kdbench.losses.cross_tokenizer import (alignment_scores_from_pairs, cross_model_attention_scores, dskd,
+                                            prefix_alignment, rank_alignment, token_offsets, uld)
 from kdbench.losses.divergences import (Divergence, akl_weights, get_divergence, register_divergence,
                                         unregister_divergence)
 from kdbench.losses.dppo import (clipped_value_loss, critic_free_advantages, dpo_implicit_rewards, dppo,
@@ -38,6 +46,9 @@ from kdbench.losses.sequence import (
     simpo,
     token_logps,
 )
+from kdbench.losses.second_tier import ddpo_rm, dkto, kto_reference_point, mismatched_order, plad, wpo, wpo_log_weight
+from kdbench.losses.second_tier_token import (atkd, atkd_threshold, atkd_uncertainty, q_argmax_kd, q_kd_term,
+                                              q_softmax_kd)
 from kdbench.losses.sparse import SparseTeacher
 from kdbench.losses.token import (
     DIVERGENCES,
@@ -65,4 +76,8 @@ __all__ = [
     "dppo", "dpo_implicit_rewards", "kl_penalized_rewards", "gae_advantages", "critic_free_advantages",
     "clipped_value_loss",
     "distillm2", "distillm2_beta", "distillm2_adaptive_alpha", "response_mean_logps",
+    "wpo", "wpo_log_weight", "plad", "ddpo_rm", "dkto", "kto_reference_point", "mismatched_order",
+    "atkd", "atkd_uncertainty", "atkd_threshold", "q_argmax_kd", "q_softmax_kd", "q_kd_term",
+    "uld", "dskd", "rank_alignment", "prefix_alignment", "token_offsets", "alignment_scores_from_pairs",
+    "cross_model_attention_scores",
 ]
