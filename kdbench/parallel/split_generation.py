@@ -78,6 +78,9 @@ def generate_split(ranks: Ranks, path: Path, ids: list[str], generate: Callable[
 
     generate(ranks.share(todo), write)
     ranks.barrier()
-    if todo or partial_paths(path):
+    # one process appends to the final file itself, so a resumed run never rewrites what is on disk; the
+    # merge (in example order) runs only when ranks wrote partial files, now or in an earlier run (read
+    # once, on rank 0, so every rank takes the same branch)
+    if ranks.on_main(lambda: bool(partial_paths(path))):
         ranks.on_main(lambda: merge_partials(path, ids))
     return finished_records(path)
