@@ -42,6 +42,60 @@ def _adpa_topk_rows(student_chunk, dpo_ids, dpo_logprobs, ref_ids, ref_logprobs,
     return -(q_top * (dpo_logprobs - ref_at_dpo)).sum(-1)
 
 
+def two_teacher_rows(student_logits, dpo_teacher_logits, ref_teacher_logits, rows, *, method: str, dense_rows,
+                     topk_rows, top_k=None, chunk_rows=None):
+    """Per-row values [N] (N = B·T, zero outside the counted ``rows``) of a loss that reads a DPO-aligned
+    teacher and a reference teacher (ADPA, Q-KD): both teachers dense -> ``dense_rows(student, dpo, ref,
+    dtype)`` on [n, V] chunks, or, with ``top_k``, ``topk_rows`` on each teacher's top-k; both
+    :class:`SparseTeacher` -> ``topk_rows(student [n, V], dpo_ids, dpo_logprobs, ref_ids, ref_logprobs,
+    dtype)`` on the cached [n, k] entries. One teacher of each kind is a ConfigError; dense teachers must
+    share the student's vocabulary."""
+    import torch
+
+    batch_shape = tuple(student_logits.shape[:2])
+    vocab_size = student_logits.shape[-1]
+    n_rows = batch_shape[0] * batch_shape[1]
+    student_flat = student_logits.reshape(n_rows, vocab_size)
+    chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(vocab_size)
+    sparse = [isinstance(t, SparseTeacher) for t in (dpo_teacher_logits, ref_teacher_logits)]
+    if any(sparse) and not all(sparse):
+        raise ConfigError(f"pass both {method} teachers dense or both as SparseTeacher, not one of each.")
+    if all(sparse):
+        dtype = compute_dtype(student_logits, dpo_teacher_logits.logprobs, ref_teacher_logits.logprobs)
+        tensors = []
+        for teacher in (dpo_teacher_logits, ref_teacher_logits):
+            if tuple(teacher.ids.shape[:2]) != batch_shape:
+                raise DataError(f"sparse teacher ids {tuple(teacher.ids.shape)} do not match the student's "
+                                f"positions {batch_shape}.")
+            k = teacher.ids.shape[-1]
+            tensors += [teacher.ids.reshape(n_rows, k).long(), teacher.logprobs.reshape(n_rows, k)]
+
+        def sparse_fn(s, dpo_ids, dpo_lp, ref_ids, ref_lp):
+            return topk_rows(s, dpo_ids, dpo_lp, ref_ids, ref_lp, dtype)
+
+        return rowwise_loss(sparse_fn, [student_flat, *tensors], rows, chunk, dtype)
+    for name, teacher in (("DPO teacher", dpo_teacher_logits), ("reference teacher", ref_teacher_logits)):
+        if teacher.shape != student_logits.shape:
+            raise DataError(f"{name} logits {tuple(teacher.shape)} and student logits "
+                            f"{tuple(student_logits.shape)} differ (vocabularies {teacher.shape[-1]} and "
+                            f"{vocab_size}); {method} needs a shared vocabulary.")
+    dtype = compute_dtype(student_logits, dpo_teacher_logits, ref_teacher_logits)
+    if top_k is None:
+        def dense_fn(s, d, r):
+            return dense_rows(s, d, r, dtype)
+    else:
+        if not 1 <= int(top_k) <= vocab_size:
+            raise ConfigError(f"top_k must be between 1 and the vocabulary size {vocab_size} (got {top_k}).")
+
+        def dense_fn(s, d, r):
+            dpo_lp, dpo_ids = torch.log_softmax(d.to(dtype), dim=-1).topk(int(top_k), dim=-1)
+            ref_lp, ref_ids = torch.log_softmax(r.to(dtype), dim=-1).topk(int(top_k), dim=-1)
+            return topk_rows(s, dpo_ids, dpo_lp, ref_ids, ref_lp, dtype)
+
+    return rowwise_loss(dense_fn, [student_flat, dpo_teacher_logits.reshape(n_rows, vocab_size),
+                                   ref_teacher_logits.reshape(n_rows, vocab_size)], rows, chunk, dtype)
+
+
 def adpa(student_logits, dpo_teacher_logits, ref_teacher_logits, mask=None, *, reduction="mean", top_k=None,
          missing_ref="ref_lowest", chunk_rows=None):
     """ADPA's advantage-guided loss (adpa_dckd.md Eq. 10 with METHODS.md's token mean).
@@ -57,57 +111,17 @@ def adpa(student_logits, dpo_teacher_logits, ref_teacher_logits, mask=None, *, r
 
     Shapes: student [B, T, V]; teachers [B, T, V] or SparseTeacher; mask [B, T] → scalar or [B, T].
     """
-    import torch
-
     check_reduction(reduction)
     if missing_ref not in ADPA_MISSING_REF:
         raise ConfigError(f"missing_ref must be one of {', '.join(ADPA_MISSING_REF)} (got {missing_ref!r}).")
     batch_shape = tuple(student_logits.shape[:2])
-    vocab_size = student_logits.shape[-1]
-    n_rows = batch_shape[0] * batch_shape[1]
     mask_bool = counted_mask(mask, batch_shape)
-    rows = counted_rows(mask_bool, n_rows, student_logits.device)
-    student_flat = student_logits.reshape(n_rows, vocab_size)
-    sparse = [isinstance(t, SparseTeacher) for t in (dpo_teacher_logits, ref_teacher_logits)]
-    if any(sparse) and not all(sparse):
-        raise ConfigError("pass both ADPA teachers dense or both as SparseTeacher, not one of each.")
-    chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(vocab_size)
-
-    if all(sparse):
-        dtype = compute_dtype(student_logits, dpo_teacher_logits.logprobs, ref_teacher_logits.logprobs)
-        tensors = []
-        for teacher in (dpo_teacher_logits, ref_teacher_logits):
-            if tuple(teacher.ids.shape[:2]) != batch_shape:
-                raise DataError(f"sparse teacher ids {tuple(teacher.ids.shape)} do not match the student's "
-                                f"positions {batch_shape}.")
-            k = teacher.ids.shape[-1]
-            tensors += [teacher.ids.reshape(n_rows, k).long(), teacher.logprobs.reshape(n_rows, k)]
-
-        def rows_fn(s, dpo_ids, dpo_lp, ref_ids, ref_lp):
-            return _adpa_topk_rows(s, dpo_ids, dpo_lp, ref_ids, ref_lp, missing_ref, dtype)
-
-        per_row = rowwise_loss(rows_fn, [student_flat, *tensors], rows, chunk, dtype)
-    else:
-        for name, teacher in (("DPO teacher", dpo_teacher_logits), ("reference teacher", ref_teacher_logits)):
-            if teacher.shape != student_logits.shape:
-                raise DataError(f"{name} logits {tuple(teacher.shape)} and student logits "
-                                f"{tuple(student_logits.shape)} differ (vocabularies {teacher.shape[-1]} and "
-                                f"{vocab_size}); ADPA needs a shared vocabulary.")
-        dtype = compute_dtype(student_logits, dpo_teacher_logits, ref_teacher_logits)
-        if top_k is None:
-            def rows_fn(s, d, r):
-                return _adpa_dense_rows(s, d, r, dtype)
-        else:
-            if not 1 <= int(top_k) <= vocab_size:
-                raise ConfigError(f"top_k must be between 1 and the vocabulary size {vocab_size} (got {top_k}).")
-
-            def rows_fn(s, d, r):
-                dpo_lp, dpo_ids = torch.log_softmax(d.to(dtype), dim=-1).topk(int(top_k), dim=-1)
-                ref_lp, ref_ids = torch.log_softmax(r.to(dtype), dim=-1).topk(int(top_k), dim=-1)
-                return _adpa_topk_rows(s, dpo_ids, dpo_lp, ref_ids, ref_lp, missing_ref, dtype)
-
-        per_row = rowwise_loss(rows_fn, [student_flat, dpo_teacher_logits.reshape(n_rows, vocab_size),
-                                         ref_teacher_logits.reshape(n_rows, vocab_size)], rows, chunk, dtype)
+    rows = counted_rows(mask_bool, batch_shape[0] * batch_shape[1], student_logits.device)
+    per_row = two_teacher_rows(
+        student_logits, dpo_teacher_logits, ref_teacher_logits, rows, method="ADPA", top_k=top_k,
+        chunk_rows=chunk_rows, dense_rows=_adpa_dense_rows,
+        topk_rows=lambda s, dpo_ids, dpo_lp, ref_ids, ref_lp, dtype: _adpa_topk_rows(
+            s, dpo_ids, dpo_lp, ref_ids, ref_lp, missing_ref, dtype))
     return reduce_positions(per_row.reshape(batch_shape), mask_bool, reduction)
 
 

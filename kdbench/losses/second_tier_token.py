@@ -13,6 +13,7 @@ from kdbench.errors import ConfigError, DataError
 from kdbench.losses.chunking import default_chunk_rows, rowwise_loss
 from kdbench.losses.reduction import (check_reduction, compute_dtype, counted_mask, counted_rows,
                                       reduce_positions)
+from kdbench.losses.guided import two_teacher_rows
 from kdbench.losses.sequence import cross_entropy
 from kdbench.losses.sparse import SparseTeacher
 
@@ -213,52 +214,16 @@ def q_kd_term(student_logits, dpo_teacher_logits, ref_teacher_logits, mask=None,
     π_ref's top-k). Shapes: student [B, T, V], teachers [B, T, V] or SparseTeacher, mask [B, T] →
     scalar ("mean" over counted positions, "sum") or [B, T] ("none").
     """
-    import torch
-
     check_reduction(reduction)
     if beta is not None and not beta > 0:
         raise ConfigError(f"Q-softmax-KD's beta must be > 0 (got {beta}).")
-    batch_shape, vocab_size, n_rows, mask_bool, rows = _positions(student_logits, None, mask)
-    student_flat = student_logits.reshape(n_rows, vocab_size)
-    chunk = chunk_rows if chunk_rows is not None else default_chunk_rows(vocab_size)
+    batch_shape, _, _, mask_bool, rows = _positions(student_logits, None, mask)
     beta = None if beta is None else float(beta)
-    sparse = [isinstance(t, SparseTeacher) for t in (dpo_teacher_logits, ref_teacher_logits)]
-    if any(sparse) and not all(sparse):
-        raise ConfigError("pass both Q-KD teachers dense or both as SparseTeacher, not one of each.")
-    if all(sparse):
-        dtype = compute_dtype(student_logits, dpo_teacher_logits.logprobs, ref_teacher_logits.logprobs)
-        tensors = []
-        for teacher in (dpo_teacher_logits, ref_teacher_logits):
-            if tuple(teacher.ids.shape[:2]) != batch_shape:
-                raise DataError(f"sparse teacher ids {tuple(teacher.ids.shape)} do not match the student's "
-                                f"positions {batch_shape}.")
-            k = teacher.ids.shape[-1]
-            tensors += [teacher.ids.reshape(n_rows, k).long(), teacher.logprobs.reshape(n_rows, k)]
-
-        def rows_fn(s, dpo_ids, dpo_lp, ref_ids, ref_lp):
-            return _q_topk_rows(s, dpo_ids, dpo_lp, ref_ids, ref_lp, beta, dtype)
-
-        per_row = rowwise_loss(rows_fn, [student_flat, *tensors], rows, chunk, dtype)
-    else:
-        for name, teacher in (("DPO teacher", dpo_teacher_logits), ("reference teacher", ref_teacher_logits)):
-            if teacher.shape != student_logits.shape:
-                raise DataError(f"{name} logits {tuple(teacher.shape)} and student logits "
-                                f"{tuple(student_logits.shape)} differ; Q-KD needs a shared vocabulary.")
-        dtype = compute_dtype(student_logits, dpo_teacher_logits, ref_teacher_logits)
-        if top_k is None:
-            def rows_fn(s, d, r):
-                return _q_rows(s, d, r, beta, dtype)
-        else:
-            if not 1 <= int(top_k) <= vocab_size:
-                raise ConfigError(f"top_k must be between 1 and the vocabulary size {vocab_size} (got {top_k}).")
-
-            def rows_fn(s, d, r):
-                dpo_lp, dpo_ids = torch.log_softmax(d.to(dtype), dim=-1).topk(int(top_k), dim=-1)
-                ref_lp, ref_ids = torch.log_softmax(r.to(dtype), dim=-1).topk(int(top_k), dim=-1)
-                return _q_topk_rows(s, dpo_ids, dpo_lp, ref_ids, ref_lp, beta, dtype)
-
-        per_row = rowwise_loss(rows_fn, [student_flat, dpo_teacher_logits.reshape(n_rows, vocab_size),
-                                         ref_teacher_logits.reshape(n_rows, vocab_size)], rows, chunk, dtype)
+    per_row = two_teacher_rows(
+        student_logits, dpo_teacher_logits, ref_teacher_logits, rows, method="Q-KD", top_k=top_k,
+        chunk_rows=chunk_rows, dense_rows=lambda s, d, r, dtype: _q_rows(s, d, r, beta, dtype),
+        topk_rows=lambda s, dpo_ids, dpo_lp, ref_ids, ref_lp, dtype: _q_topk_rows(
+            s, dpo_ids, dpo_lp, ref_ids, ref_lp, beta, dtype))
     return reduce_positions(per_row.reshape(batch_shape), mask_bool, reduction)
 
 
