@@ -21,19 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdbench.synthetic.corpus import FILES
-from tiny_models import build_tiny
+from tiny_models import build_tiny, write_tiny_data
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("add_a_method")
     corpus, _ = build_tiny(root)
-    rows = [json.loads(line) for line in open(corpus / FILES["student_train"])][:8]
-    (root / "prompts.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
-                                                for r in rows))
-    prefs = [json.loads(line) for line in open(corpus / FILES["preferences"])][:8]
-    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    write_tiny_data(root, corpus, n=8, n_pairs=8)
     return root
 
 

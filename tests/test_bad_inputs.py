@@ -22,8 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kdbench.cli import app
-from kdbench.synthetic.corpus import FILES
-from tiny_models import build_tiny
+from tiny_models import build_tiny, write_tiny_data
 
 REPO = Path(__file__).resolve().parents[1]
 LATIN1 = '{"instruction": "caf\xe9", "input": "", "output": "ok"}\n'.encode("latin-1")
@@ -34,11 +33,7 @@ def tiny(tmp_path_factory):
     """Tiny models (good and broken ones), training data, preference pairs and an eval corpus."""
     root = tmp_path_factory.mktemp("bad-inputs")
     corpus, _ = build_tiny(root)
-    rows = [json.loads(line) for line in open(corpus / FILES["student_train"])][:12]
-    (root / "train.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
-                                              for r in rows))
-    prefs = [json.loads(line) for line in open(corpus / FILES["preferences"])][:8]
-    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    write_tiny_data(root, corpus, n=12, n_pairs=8, prompts_name="train.jsonl")
     for name in ("no-tokenizer", "truncated", "garbage"):
         (root / name).mkdir()
         for file in ("config.json", "model.safetensors", "generation_config.json"):

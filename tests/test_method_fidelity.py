@@ -23,8 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdbench.synthetic.corpus import FILES
-from tiny_models import build_tiny
+from tiny_models import build_tiny, write_tiny_data
 
 LOG2 = math.log(2)
 
@@ -33,11 +32,7 @@ LOG2 = math.log(2)
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("fidelity")
     corpus, tokenizer = build_tiny(root)
-    rows = [json.loads(line) for line in open(corpus / FILES["student_train"])][:8]
-    (root / "prompts.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
-                                                for r in rows))
-    prefs = [json.loads(line) for line in open(corpus / FILES["preferences"])][:8]
-    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    rows = write_tiny_data(root, corpus, n=8, n_pairs=8)
     (root / "corpus.txt").write_text("\n\n".join(r["output"] for r in rows) + "\n")
     return root, tokenizer
 

@@ -17,8 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from kdbench.cli import app
-from kdbench.synthetic.corpus import FILES
-from tiny_models import build_tiny
+from tiny_models import build_tiny, write_tiny_data
 
 runner = CliRunner()
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -28,11 +27,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
     corpus, _ = build_tiny(root)
-    rows = [json.loads(line) for line in open(corpus / FILES["student_train"])][:8]
-    (root / "prompts.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
-                                                for r in rows))
-    prefs = [json.loads(line) for line in open(corpus / FILES["preferences"])][:8]
-    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    write_tiny_data(root, corpus, n=8, n_pairs=8)
     return root
 
 

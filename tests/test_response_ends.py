@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdbench.synthetic.corpus import FILES
-from tiny_models import build_tiny
+from tiny_models import build_tiny, write_tiny_data
 
 MAX_NEW_TOKENS = 8
 
@@ -27,11 +26,7 @@ MAX_NEW_TOKENS = 8
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("ends")
     corpus, tokenizer = build_tiny(root)
-    rows = [json.loads(line) for line in open(corpus / FILES["student_train"])][:6]
-    (root / "prompts.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
-                                                for r in rows))
-    prefs = [json.loads(line) for line in open(corpus / FILES["preferences"])][:6]
-    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    write_tiny_data(root, corpus, n=6, n_pairs=6)
     return root, tokenizer
 
 
