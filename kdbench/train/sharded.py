@@ -106,7 +106,9 @@ def gathered_state_dict(model) -> dict | None:
     """The student's full state dict on rank 0 (``{}`` on the others); every rank must call it."""
     from kdbench.parallel.sharding import full_state_dict
 
-    return full_state_dict(model)
+    state = full_state_dict(model)
+    # a tied weight is written once, under its source's name, as save_pretrained does for a whole model
+    return {name: tensor for name, tensor in state.items() if _tied_source(model, name) not in state}
 
 
 def save_model_files(model, output_dir: str | Path, state_dict: dict, is_main: bool) -> None:
@@ -135,10 +137,11 @@ def load_model_files(model, checkpoint: str | Path, is_main: bool) -> None:
 
 
 def _tied_source(model, name: str) -> str | None:
-    tied = getattr(model, "_tied_weights_keys", None)
-    if isinstance(tied, dict):
-        return tied.get(name)
-    return None
+    """The weight ``name`` is tied to (transformers 5: tied copy -> source), or None."""
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if tied is None:
+        tied = getattr(model, "_tied_weights_keys", None)
+    return tied.get(name) if isinstance(tied, dict) else None
 
 
 def save_optimizer_shards(model, optimizer, output_dir: str | Path) -> None:
