@@ -6,6 +6,8 @@ processes, gloo; slow).
   1-process run with the same global batch.
 * GKD (on-policy samples from the sharded student, the coin drawn per rank): the sharded run equals the
   same 2-process run without sharding, so sampling inside the gathered weights is the unsharded sampling.
+* DPKD (offline pairs, a pipeline): the generation stages split the prompts over the ranks and give the
+  1-process responses; the sharded policy's loss curve and weights equal 1 process.
 * A sharded run SIGKILLed mid-training, then rerun with the same command, ends with the weights of an
   uninterrupted sharded run (gathered model + sharded optimizer state in the checkpoints).
 """
@@ -143,6 +145,31 @@ def test_sharded_gkd_samples_as_unsharded(tiny, tmp_path):
     ddp_cost = json.loads((tmp_path / "ddp" / "gkd-seed1" / "cost.json").read_text())
     assert cost["generated_tokens"] == ddp_cost["generated_tokens"]
     _assert_same_run(tmp_path / "ddp" / "gkd-seed1", run, steps=6)
+
+
+def _generations(cache: Path, kind: str) -> list[dict]:
+    [artifact] = list((cache / kind).glob("*/generations.jsonl"))
+    return [json.loads(line) for line in artifact.read_text().splitlines()]
+
+
+def test_sharded_pipeline_dpkd_matches_one_process(tiny, tmp_path):
+    """DPKD with offline pairs: the teacher's and the starting policy's responses are generated split across the
+    2 ranks (generation stages), then the sharded policy trains on the pairs; all as 1 process."""
+    settings = ("--set", "max_steps=4", "--set", "save_steps=4", "--set", "params.pairs=offline",
+                "--set", "params.init=student", "--set", "params.max_new_tokens=6")
+    _run(_one(_args(tiny, "dpkd", tmp_path / "one", *settings, "--set", "batch_size=4"), _env(tmp_path / "cache1")),
+         _env(tmp_path / "cache1"))
+    env = _env(tmp_path / "cache2")
+    _run(_two(_args(tiny, "dpkd", tmp_path / "two", *settings, "--set", "batch_size=2", "--set", "sharding=fsdp"),
+              env), env)
+    run = tmp_path / "two" / "dpkd-seed1"
+    _assert_sharded(run, frozen=0)  # offline pairs: the teacher's log-probs come from a stage, not the step
+    stages = json.loads((run / "stages.json").read_text())
+    assert stages["teacher_responses"]["processes"] == stages["policy_responses"]["processes"] == 2
+    for kind in ("teacher-generations", "student-generations"):  # each response as one process generates it
+        assert _generations(tmp_path / "cache2", kind) == _generations(tmp_path / "cache1", kind)
+    assert not list((tmp_path / "two").rglob("*.rank*.jsonl"))  # the partial files were merged and removed
+    _assert_same_run(tmp_path / "one" / "dpkd-seed1", run, steps=4)
 
 
 def _kill_tree(pid: int) -> None:
