@@ -74,6 +74,13 @@ def accelerate_shards_student(trainer) -> bool:
     return accelerate_shards(trainer.accelerator)
 
 
+def deepspeed_runs(accelerator) -> bool:
+    """Whether accelerate runs DeepSpeed (its plugin is active: GPU launches with a DeepSpeed config)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def inner_optimizer(optimizer):
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` wrapper."""
     return getattr(optimizer, "optimizer", optimizer)

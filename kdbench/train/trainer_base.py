@@ -96,10 +96,18 @@ class StepTrainer(Trainer):
         self._loss_sum_before = 0.0  # sum of step losses up to the checkpoint this run resumed from
 
     def prepare_frozen(self, model):
-        """A frozen model for the step: eval mode, no gradient, on the training device (None passes)."""
+        """A frozen model for the step: eval mode, no gradient, on the training device (None passes); sharded
+        under ``sharding: fsdp``, or wrapped in a DeepSpeed inference engine under accelerate's DeepSpeed plugin
+        (ZeRO-3 partitions it; :mod:`kdbench.parallel.deepspeed_frozen`)."""
         if model is not None:
             model.eval()
             model.requires_grad_(False)
+            if sharded.deepspeed_runs(self.accelerator):
+                from kdbench.parallel.deepspeed_frozen import prepare_frozen_deepspeed
+
+                model = prepare_frozen_deepspeed(model, self.accelerator, self.args)
+                self.frozen_models.append(model)
+                return model
             model.to(self.args.device)
             if self.sharded:
                 sharded.shard_frozen_model(model)
