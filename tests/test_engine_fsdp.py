@@ -2,8 +2,8 @@
 processes, gloo; slow).
 
 * KD (online teacher): the student and the teacher are DTensors sharded over 2 ranks while training
-  (``cost.json``'s ``sharding``, taken in the first step), and the loss curve and final weights equal a
-  1-process run with the same global batch.
+  (``cost.json``'s ``sharding``, taken in the first step), and the loss curve, the validation, the best
+  checkpoint and the final weights equal a 1-process run with the same global batch.
 * GKD (on-policy samples from the sharded student, the coin drawn per rank): the sharded run equals the
   same 2-process run without sharding, so sampling inside the gathered weights is the unsharded sampling.
 * DPKD (offline pairs, a pipeline): the generation stages split the prompts over the ranks and give the
@@ -118,7 +118,8 @@ def _assert_same_run(run_a: Path, run_b: Path, *, steps: int) -> None:
 
 def test_sharded_kd_matches_one_process(tiny, tmp_path):
     env = _env(tmp_path / "cache")
-    settings = ("--set", "max_steps=8", "--set", "save_steps=4")
+    # select=best: validation with the sharded student and teacher, and the best checkpoint reloaded into shards
+    settings = ("--set", "max_steps=8", "--set", "save_steps=4", "--set", "select=best")
     _run(_one(_args(tiny, "kd", tmp_path / "one", *settings, "--set", "batch_size=4"), env), env)
     _run(_two(_args(tiny, "kd", tmp_path / "two", *settings, "--set", "batch_size=2", "--set", "sharding=fsdp"), env),
          env)
@@ -127,7 +128,10 @@ def test_sharded_kd_matches_one_process(tiny, tmp_path):
     assert len({c[2] for c in _curve(run)}) > 1  # batches of different token counts: normalisation is tested
     _assert_same_run(tmp_path / "one" / "kd-seed1", run, steps=8)
     cost = json.loads((run / "cost.json").read_text())
+    one = json.loads((tmp_path / "one" / "kd-seed1" / "cost.json").read_text())
     assert cost["processes"] == 2
+    assert Path(cost["selected_checkpoint"]).name == Path(one["selected_checkpoint"]).name
+    assert cost["validation"]["loss"] == pytest.approx(one["validation"]["loss"], rel=RTOL)
 
 
 def test_sharded_gkd_samples_as_unsharded(tiny, tmp_path):

@@ -106,6 +106,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"Setting {message}" if message[0].islower() else message)
+        if self.sharding == "fsdp":
+            from kdbench.train.sharded import fsdp_requested
+
+            fsdp_requested(self.sharding, launched_processes())  # one process: one sentence, before any file
         if self.continue_from:
             from kdbench.train.recovery import check_continuation_source
 
@@ -130,6 +134,16 @@ class TrainResult:
     validation: dict | None = None
     trainer: object = field(default=None, repr=False)  # the trainer (None for a run found complete)
     teacher: object = field(default=None, repr=False)  # the teacher model object the run used, if any
+
+
+def launched_processes() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``; 1 without torchrun / accelerate launch)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
 
 
 def require_inputs(config: TrainConfig, needs_teacher: bool) -> None:

@@ -321,8 +321,11 @@ class StepTrainer(Trainer):
 
     def gathered_state_dict(self) -> dict | None:
         """The trained model's full state dict for saving it (rank 0; ``{}`` elsewhere) when this rank holds
-        only a shard, else None (save the model itself). Every rank must call it."""
-        if not self.sharded or sharded.accelerate_shards_student(self):
+        only a shard (sharded here or by accelerate's FSDP2 plugin), else None (save the model itself). Every
+        rank must call it."""
+        from kdbench.parallel.sharding import is_sharded
+
+        if not self.sharded or not is_sharded(self.model):
             return None
         return sharded.gathered_state_dict(self.model)
 
