@@ -30,7 +30,7 @@ from kdbench.synthetic.corpus import FILES, CorpusConfig, build_corpus
 
 pytestmark = pytest.mark.slow
 
-RTOL = 1e-4  # measured: the 2-process sharded curves differ from 1 process by < 1e-6 relative
+RTOL = 1e-4  # measured: 1.9e-7 (kd) and 7.3e-8 (dpkd) relative between the 2-process sharded and 1-process curves
 
 
 @pytest.fixture(scope="module")

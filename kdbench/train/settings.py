@@ -71,10 +71,11 @@ class TrainConfig:
     generation_batch_size: int = option(32, "Prompts per batch when the teacher or student generates.")
     cache_dir: str | None = option(None, "Artifact store for teacher caches and generations (default: the kdbench cache).")
     report_to: str = option("none", "Logging integrations for transformers (none, tensorboard, wandb, ...).")
-    sharding: str = option("auto", "Parameter sharding over the launched processes: fsdp (FSDP2: the student and the "
-                                   "frozen teacher / reference models sharded over the ranks; launch with torchrun or "
-                                   "accelerate launch), none (data parallel: full copies), auto (fsdp when accelerate "
-                                   "launch runs an FSDP config, else none). docs/scaling.md.")
+    sharding: str | None = option(None, "Parameter sharding over the launched processes: fsdp (FSDP2: the student and "
+                                        "the frozen teacher / reference models sharded over the ranks; launch with "
+                                        "torchrun or accelerate launch), none (data parallel: full copies), auto or "
+                                        "empty (fsdp when accelerate launch runs an FSDP config, else none). "
+                                        "docs/scaling.md.")
     params: dict = option(factory=dict, help="Method parameters overriding the recipe's (see the recipe file).")
 
     def __post_init__(self):
@@ -101,7 +102,7 @@ class TrainConfig:
             (self.teacher_cache_dtype in ("float32", "float16"), "teacher_cache_dtype must be float32 or float16."),
             (self.generation_batch_size >= 1, "generation_batch_size must be at least 1."),
             (self.lm_weight is None or self.lm_weight >= 0, "lm_weight must not be negative."),
-            (self.sharding in ("auto", "fsdp", "none"), "sharding must be auto, fsdp or none."),
+            (self.sharding in (None, "auto", "fsdp", "none"), "sharding must be auto, fsdp or none."),
         ]
         for ok, message in checks:
             if not ok:

@@ -36,13 +36,13 @@ import torch
 from kdbench.errors import ConfigError
 
 OPTIMIZER_SHARDS = "optimizer_shards"
-SHARDING_VALUES = ("auto", "fsdp", "none")
 
 
-def fsdp_requested(setting: str, world_size: int) -> bool:
+def fsdp_requested(setting: str | None, world_size: int) -> bool:
     """Whether a run with ``sharding: setting`` over ``world_size`` processes shards: ``fsdp`` always (one
-    process is a ConfigError: there is nothing to shard over), ``auto`` when ``accelerate launch`` runs an
-    FSDP configuration (``ACCELERATE_USE_FSDP``) over several processes, ``none`` never."""
+    process is a ConfigError: there is nothing to shard over), ``auto`` or None (unset: runs recorded before
+    the setting existed resume unchanged) when ``accelerate launch`` runs an FSDP configuration
+    (``ACCELERATE_USE_FSDP``) over several processes, ``none`` never."""
     if setting == "none":
         return False
     if setting == "fsdp":

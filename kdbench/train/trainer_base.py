@@ -14,7 +14,8 @@ What :class:`StepTrainer` adds to ``Trainer``:
   (METHODS.md, "Token-level reduction"). Trainer's own count would not do: it counts before on-policy
   generation and only for models that accept loss kwargs.
 * **Frozen models** (teachers, references) kept *outside* the wrapped model: never DDP-wrapped, never in a
-  checkpoint, run under ``torch.no_grad`` in eval mode.
+  checkpoint, run under ``torch.no_grad`` in eval mode; sharded with the student under ``sharding: fsdp``
+  (:mod:`kdbench.train.sharded`: checkpoints then hold the gathered model and the optimizer's shards).
 * **An LM term** on a plain-text corpus: the corpus's rows for each micro-batch are a pure function of (step,
   micro-batch, process), so a resumed run draws the same LM batches.
 * **Loss window and logging**: the subclass records named parts with the count they are averaged over;
@@ -70,13 +71,13 @@ class StepTrainer(Trainer):
     LOGGED_COUNTS: dict[str, str] = {}
 
     def __init__(self, *args, params=None, tokenizer=None, teacher=None, sampling=None, lm_source=None,
-                 lm_weight: float = 0.0, logit_rows: int | None = None, sharding: str = "none", **kwargs):
+                 lm_weight: float = 0.0, logit_rows: int | None = None, sharding: str | None = "none", **kwargs):
         super().__init__(*args, **kwargs)
         # FSDP (sharding: fsdp, several processes): the student is sharded here, frozen models in prepare_frozen
-        self.sharded = sharded.fsdp_requested(sharding, self.accelerator.num_processes)
+        self.fsdp = sharded.fsdp_requested(sharding, self.accelerator.num_processes)
         self.frozen_models: list = []  # every frozen model prepare_frozen prepared
         self.sharding_seen: dict | None = None  # what this rank held in its first training step (sharded runs)
-        if self.sharded:
+        if self.fsdp:
             sharded.shard_trained_model(self)
         self.params = params  # the objective's / form's typed parameters
         self.gen_tokenizer = tokenizer
@@ -109,7 +110,7 @@ class StepTrainer(Trainer):
                 self.frozen_models.append(model)
                 return model
             model.to(self.args.device)
-            if self.sharded:
+            if self.fsdp:
                 sharded.shard_frozen_model(model)
             self.frozen_models.append(model)
         return model
@@ -128,7 +129,7 @@ class StepTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The step's micro-batches (after the sampling form) and their counts over all processes."""
         batch_samples = take_batches(epoch_iterator, num_batches)
-        if self.sharded and self.sharding_seen is None:
+        if self.fsdp and self.sharding_seen is None:
             self.sharding_seen = sharded.sharding_facts(self.model, self.frozen_models)
         with self.sampling_weights():
             for i, batch in enumerate(batch_samples):
@@ -152,7 +153,7 @@ class StepTrainer(Trainer):
 
         from kdbench.parallel.sharding import full_parameters
 
-        if self.sharded and self.sampling is not None and self.sampling.generates:
+        if self.fsdp and self.sampling is not None and self.sampling.generates:
             return full_parameters(self.model)
         return nullcontext()
 
@@ -290,32 +291,37 @@ class StepTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     # sharded student (sharding: fsdp): the gathered model and the optimizer's shards (kdbench.train.sharded)
+    @property
+    def own_sharded_checkpoints(self) -> bool:
+        """The student is sharded here (not by accelerate's FSDP plugin, whose checkpoints Trainer writes)."""
+        return self.fsdp and not sharded.accelerate_shards_student(self)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        if not self.sharded or sharded.accelerate_shards_student(self):
+        if not self.own_sharded_checkpoints:
             return super().save_model(output_dir, _internal_call)
         state = sharded.gathered_state_dict(self.model)
         sharded.save_model_files(self.model, output_dir or self.args.output_dir, state, self.args.should_save)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self.sharded or sharded.accelerate_shards_student(self):
+        if not self.own_sharded_checkpoints:
             return super()._save_optimizer_and_scheduler(output_dir)
         sharded.save_optimizer_shards(self.model, sharded.inner_optimizer(self.optimizer), output_dir)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), str(Path(output_dir) / "scheduler.pt"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
-        if not self.sharded or sharded.accelerate_shards_student(self):
+        if not self.own_sharded_checkpoints:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         sharded.load_model_files(self.model, resume_from_checkpoint, self.args.process_index == 0)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
-        if not self.sharded or sharded.accelerate_shards_student(self) or checkpoint is None:
+        if not self.own_sharded_checkpoints or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
         sharded.load_optimizer_shards(self.model, sharded.inner_optimizer(self.optimizer), checkpoint)
         sharded.load_scheduler(self.lr_scheduler, checkpoint)
 
     def _load_best_model(self) -> None:
-        if not self.sharded or sharded.accelerate_shards_student(self):
+        if not self.own_sharded_checkpoints:
             return super()._load_best_model()
         sharded.load_model_files(self.model, self.state.best_model_checkpoint, self.args.process_index == 0)
 
@@ -325,7 +331,7 @@ class StepTrainer(Trainer):
         rank must call it."""
         from kdbench.parallel.sharding import is_sharded
 
-        if not self.sharded or not is_sharded(self.model):
+        if not self.fsdp or not is_sharded(self.model):
             return None
         return sharded.gathered_state_dict(self.model)
 
