@@ -90,3 +90,59 @@ def test_unknown_key_is_refused_by_accelerate(name, tmp_path):
     path.write_text(yaml.safe_dump(body))
     with pytest.raises(ValueError, match="unknown keys"):
         ClusterConfig.from_yaml_file(str(path))
+
+
+def test_frozen_teacher_config_from_the_zero3_config(monkeypatch):
+    """The teacher's DeepSpeed inference configuration (TRL's prepare_deepspeed) built from the plugin a
+    process of `accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml` builds: ZeRO-3 kept,
+    buckets sized by the teacher's hidden size, no optimizer, batch sizes filled, nothing left at auto."""
+    from accelerate.utils import DeepSpeedPlugin
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+
+    from kdbench.parallel.deepspeed_frozen import frozen_inference_config, model_hidden_size
+
+    _launch_env("deepspeed_zero3", monkeypatch)
+    plugin = DeepSpeedPlugin()
+    before = yaml.safe_dump(plugin.deepspeed_config)
+    config = frozen_inference_config(dict(plugin.deepspeed_config, optimizer={"type": "AdamW"}), 5120,
+                                     micro_batch_size=4, gradient_accumulation_steps=2, world_size=8)
+    assert yaml.safe_dump(plugin.deepspeed_config) == before  # the student's configuration is untouched
+    parsed = HfDeepSpeedConfig(config)
+    assert parsed.is_zero3() and parsed.get_value("zero_optimization.reduce_bucket_size") == 5120 * 5120
+    assert parsed.get_value("zero_optimization.stage3_param_persistence_threshold") == 51200
+    assert parsed.get_value("zero_optimization.stage3_prefetch_bucket_size") == int(0.9 * 5120 * 5120)
+    assert "optimizer" not in config and "scheduler" not in config
+    assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (4, 4 * 1 * 8)
+    assert "auto" not in yaml.safe_dump(config)
+
+    class Llama13B:
+        hidden_size = 5120
+
+    assert model_hidden_size(Llama13B()) == 5120
+
+
+def test_frozen_teacher_config_below_zero3_is_a_replicated_copy():
+    from kdbench.errors import ConfigError
+    from kdbench.parallel.deepspeed_frozen import frozen_inference_config
+
+    zero2 = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}
+    config = frozen_inference_config(zero2, 768, micro_batch_size=2, gradient_accumulation_steps=1, world_size=2)
+    assert config["zero_optimization"] == {"stage": 0}  # ZeRO-1/2 shard nothing a frozen model has
+    with pytest.raises(ConfigError, match="zero_optimization.stage"):
+        frozen_inference_config({"train_batch_size": 8}, 768, micro_batch_size=2, gradient_accumulation_steps=1,
+                                world_size=2)
+    with pytest.raises(ConfigError, match="bf16.enabled: auto"):
+        frozen_inference_config({"zero_optimization": {"stage": 3}, "bf16": {"enabled": "auto"}}, 768,
+                                micro_batch_size=2, gradient_accumulation_steps=1, world_size=2)
+
+
+def test_frozen_teacher_without_deepspeed_is_one_sentence():
+    import importlib.util
+
+    from kdbench.errors import ConfigError
+    from kdbench.parallel.deepspeed_frozen import prepare_frozen_deepspeed
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("DeepSpeed is installed here")
+    with pytest.raises(ConfigError, match="pip install deepspeed"):
+        prepare_frozen_deepspeed(object(), object(), object())

@@ -120,6 +120,8 @@ CASES = [
     Case("train-kd-bad-param", ["train", "kd", *KD, "--set", "params.kd_rate=0.3"], "has no parameter 'kd_rate'"),
     Case("train-unknown-setting", ["train", "sft", *T, "--set", "lerning_rate=0.1"], "Unknown setting lerning_rate"),
     Case("train-zero-lr", ["train", "sft", *T, "--set", "learning_rate=0"], "learning_rate must be greater than 0"),
+    Case("train-fsdp-one-process", ["train", "kd", *KD, "--set", "sharding=fsdp"], "sharding=fsdp needs several processes"),
+    Case("train-bad-sharding", ["train", "sft", *T, "--set", "sharding=zero3"], "sharding must be auto, fsdp or none"),
     Case("train-zero-batch", ["train", "sft", *T, "--set", "batch_size=0"], "batch_size must be at least 1"),
     Case("train-lengths", ["train", "sft", *T, "--set", "max_length=8", "--set", "max_prompt_length=16"],
          "max_length must be larger than max_prompt_length"),

@@ -67,6 +67,6 @@ def train(ctx: StageContext):
         family=recipe.typed(GuidedParams), tokenizer=tokenizer,
         teacher=load_model(dpo, trainable=False, dtype=config.teacher_dtype),
         ref_teacher=load_model(ref, trainable=False, dtype=config.teacher_dtype) if uses_ref else None,
-        dropout=not recipe.typed(DropoutParams).disable_dropout, logit_rows=ctx.logit_rows)
+        dropout=not recipe.typed(DropoutParams).disable_dropout, logit_rows=ctx.logit_rows, sharding=config.sharding)
     cost = {"generated_tokens": ctx.cost.get("generated_tokens", 0), "train_pairs": len(pairs)}
     return ctx.run.train(trainer, tokenizer, validate=False, cost=cost)

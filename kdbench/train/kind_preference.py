@@ -139,6 +139,6 @@ def train(ctx: StageContext):
         sampling=sampling, lm_rows=lm_rows, lm_weight=recipe.lm_weight(config),
         lm_source=LMSource(lm_blocks, config.batch_size, config.seed, tokenizer.pad_token_id) if lm_rows == "corpus" else None,
         kl_weight=family.kl_weight, kl_divergence=family.kl_divergence,
-        dropout=not recipe.typed(DropoutParams).disable_dropout, logit_rows=ctx.logit_rows)
+        dropout=not recipe.typed(DropoutParams).disable_dropout, logit_rows=ctx.logit_rows, sharding=config.sharding)
     cost = {"generated_tokens": 0, "frozen_forward_tokens": 0, **ctx.cost, "train_pairs": len(pairs)}
     return ctx.run.train(trainer, tokenizer, validate=eval_dataset is not None, cost=cost)

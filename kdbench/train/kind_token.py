@@ -121,7 +121,8 @@ def train(ctx: StageContext):
                            callbacks=ctx.run.callbacks(ctx.callbacks, ctx.progress), objective=objective,
                            params=recipe.objective_params, teacher=teacher, teacher_cache=train_cache,
                            eval_teacher_cache=valid_cache, sampling=sampling, lm_source=lm_source,
-                           lm_weight=recipe.lm_weight(config), tokenizer=tokenizer, logit_rows=ctx.logit_rows)
+                           lm_weight=recipe.lm_weight(config), tokenizer=tokenizer, logit_rows=ctx.logit_rows,
+                           sharding=config.sharding)
     cost = {**ctx.cost, "train_examples": len(train_set), "response_tokens_per_epoch": train_set.n_response_tokens,
             "teacher_signal": config.teacher_signal if objective.needs_teacher else None}
     loaded_teacher = ctx.teacher_model().loaded() if objective.needs_teacher or "teacher_responses" in recipe.stages \

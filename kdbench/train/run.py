@@ -87,12 +87,13 @@ def version_kwargs(config) -> dict:
     return kwargs
 
 
-def save_model_atomically(model, tokenizer, model_dir: Path) -> None:
+def save_model_atomically(model, tokenizer, model_dir: Path, state_dict: dict | None = None) -> None:
     """``model`` and ``tokenizer`` saved into ``model_dir``: written to a temporary folder beside it, then
-    swapped in, so ``model_dir`` is never half written."""
+    swapped in, so ``model_dir`` is never half written. ``state_dict``: the weights to write instead of the
+    model's own (a sharded model's gathered state)."""
     tmp = model_dir.parent / f".{model_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), state_dict=state_dict)
     tokenizer.save_pretrained(str(tmp))
     if model_dir.exists():
         shutil.rmtree(model_dir)
@@ -228,12 +229,14 @@ class TrainRun:
             "best_metric": getattr(trainer.state, "best_metric", None) if best else None,
             "validation": validation,
             "resumed": resumed,
+            **({"sharding": trainer.sharding_seen} if getattr(trainer, "sharding_seen", None) else {}),
             **({trainer.sampling.counter: counters[trainer.sampling.counter]} if trainer.sampling is not None else {}),
             **cost,
             "generated_tokens": cost.get("generated_tokens", 0) + counters["generated_tokens"],
         }
+        gathered = trainer.gathered_state_dict()  # a sharded student: its weights gathered on rank 0 (collective)
         if trainer.is_world_process_zero():
-            save_model_atomically(trainer.model, tokenizer, self.model_dir)
+            save_model_atomically(trainer.model, tokenizer, self.model_dir, gathered)
             atomic_write_json(self.dir.path / "cost.json", cost)
             atomic_write_text(self.model_dir / "README.md", model_card(config, self.recipe, cost))
             self.mark("train", {"optimizer_steps": trainer.state.global_step, "selected_checkpoint": selected_checkpoint})

@@ -56,6 +56,9 @@ class SamplingForm:
     """
 
     counter = "sampled_batches"
+    #: it may run the policy in :meth:`transform`: with a sharded student every rank then gathers the
+    #: student's full weights for the step's transforms (kdbench.train.sharded); False skips the gather
+    generates = True
 
     def transform(self, trainer, batch: dict, micro: int) -> dict:
         """Micro-batch ``micro`` of the optimizer step, as the step trains on it."""

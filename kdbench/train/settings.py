@@ -71,6 +71,11 @@ class TrainConfig:
     generation_batch_size: int = option(32, "Prompts per batch when the teacher or student generates.")
     cache_dir: str | None = option(None, "Artifact store for teacher caches and generations (default: the kdbench cache).")
     report_to: str = option("none", "Logging integrations for transformers (none, tensorboard, wandb, ...).")
+    sharding: str | None = option(None, "Parameter sharding over the launched processes: fsdp (FSDP2: the student and "
+                                        "the frozen teacher / reference models sharded over the ranks; launch with "
+                                        "torchrun or accelerate launch), none (data parallel: full copies), auto or "
+                                        "empty (fsdp when accelerate launch runs an FSDP config, else none). "
+                                        "docs/scaling.md.")
     params: dict = option(factory=dict, help="Method parameters overriding the recipe's (see the recipe file).")
 
     def __post_init__(self):
@@ -97,10 +102,15 @@ class TrainConfig:
             (self.teacher_cache_dtype in ("float32", "float16"), "teacher_cache_dtype must be float32 or float16."),
             (self.generation_batch_size >= 1, "generation_batch_size must be at least 1."),
             (self.lm_weight is None or self.lm_weight >= 0, "lm_weight must not be negative."),
+            (self.sharding in (None, "auto", "fsdp", "none"), "sharding must be auto, fsdp or none."),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"Setting {message}" if message[0].islower() else message)
+        if self.sharding == "fsdp":
+            from kdbench.train.sharded import fsdp_requested
+
+            fsdp_requested(self.sharding, launched_processes())  # one process: one sentence, before any file
         if self.continue_from:
             from kdbench.train.recovery import check_continuation_source
 
@@ -125,6 +135,16 @@ class TrainResult:
     validation: dict | None = None
     trainer: object = field(default=None, repr=False)  # the trainer (None for a run found complete)
     teacher: object = field(default=None, repr=False)  # the teacher model object the run used, if any
+
+
+def launched_processes() -> int:
+    """The number of processes the launcher started (``WORLD_SIZE``; 1 without torchrun / accelerate launch)."""
+    import os
+
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
 
 
 def require_inputs(config: TrainConfig, needs_teacher: bool) -> None:

@@ -35,7 +35,7 @@ METHOD_SETTINGS = ("lm_data", "lm_weight", "teacher_signal", "teacher_topk", "te
 #: produces, and the models and data files, which the key holds by content (not by path).
 NOT_IN_KEY = ("output_dir", "run_name", "cache_dir", "report_to", "method", "params", "save_steps",
               "save_total_limit", "logging_steps", "generation_batch_size", "student", "teacher", "data",
-              "valid_data")
+              "valid_data", "sharding")
 TEACHER_STAGE_SEED = 0
 #: Part of every stage's key: stages built before generated responses kept their ends and stages had
 #: their own settings are not reused.

@@ -25,6 +25,7 @@ from typing import Callable
 
 from kdbench.config import build, to_dict
 from kdbench.errors import ConfigError
+from kdbench.parallel.ranks import current_ranks
 from kdbench.store import RunDir, append_jsonl, atomic_write_json, atomic_write_text, hash_file, hash_obj, read_jsonl
 
 
@@ -66,7 +67,7 @@ def generation_stage(config, generation_seed: int, decoding, model, tokenizer, e
         partial.parent.mkdir(parents=True, exist_ok=True)
         done = {r["id"]: r for r in read_jsonl(partial) if "eos_token" in r}
         todo = [i for i in range(len(examples)) if ids[i] not in done]
-        if done:
+        if done and todo:
             say(f"resuming {kind}: {len(done)} of {len(examples)} done")
 
         def keep(batch):
@@ -84,16 +85,53 @@ def generation_stage(config, generation_seed: int, decoding, model, tokenizer, e
                 "unfinished": sum(not done[i]["finished"] for i in ids)}
 
     say(f"{kind.replace('-', ' ')} ({decoding.describe()}) for {len(examples)} prompts")
-    artifact = store.get_or_build(kind, inputs, build_generations, log=say)
-    partial.unlink(missing_ok=True)
+    ranks = current_ranks()
+    if ranks.distributed:  # torchrun / accelerate launch: every rank generates a share (kdbench.parallel)
+        artifact = _split_generation(ranks, store, kind, inputs, build_generations, partial, ids, prompts, model,
+                                     tokenizer, decoding, int(generation_seed), record, say)
+    else:
+        artifact = store.get_or_build(kind, inputs, build_generations, log=say)
+        partial.unlink(missing_ok=True)
     rows = {r["id"]: r for r in read_jsonl(artifact.path / "generations.jsonl")}
     generated = [Example(instruction=e.instruction, input=e.input, output=rows[ids[i]]["text"], id=e.id, extra=e.extra)
                  for i, e in enumerate(examples)]
     ends = [ResponseEnd.from_record(rows[i]) for i in ids]
     facts = {"reused": artifact.reused, "path": str(artifact.path), "build_seconds": artifact.meta.get("build_seconds", 0.0),
              "generated_tokens": int(artifact.meta.get("generated_tokens", 0)),  # the method's cost, even if reused
-             "unfinished": sum(not end.finished for end in ends), "decoding": decoding.describe()}
+             "unfinished": sum(not end.finished for end in ends), "decoding": decoding.describe(),
+             "processes": ranks.world_size}
     return generated, ends, facts
+
+
+def _split_generation(ranks, store, kind: str, inputs: dict, build_generations, partial: Path, ids: list[str],
+                      prompts: list[str], model, tokenizer, decoding, seed: int, record, say):
+    """:func:`generation_stage`'s artifact under N processes: the prompts not yet generated are split across the
+    ranks (:func:`kdbench.parallel.split_generation.generate_split`: per-rank partial files beside ``partial``,
+    merged into it once; a killed run resumes per rank), then rank 0 stores the artifact from the merged file.
+    Per-example seeding makes every response the one a single process generates. Every rank returns the
+    artifact."""
+    from kdbench.generate import HFBackend
+    from kdbench.parallel.split_generation import generate_split
+
+    existing = ranks.on_main(lambda: store.lookup(kind, inputs) is not None)
+    if not existing:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+
+        def generate(indices, write):
+            if not indices:
+                return
+            backend_model = model.loaded() if hasattr(model, "loaded") else model
+            backend_model.to(ranks.device())
+            HFBackend(backend_model, tokenizer).generate([prompts[i] for i in indices], [ids[i] for i in indices],
+                                                         decoding, seed, on_batch=lambda batch: write([record(g) for g in batch]))
+
+        generate_split(ranks, partial, ids, generate,
+                       on_resume=lambda done, total: say(f"resuming {kind}: {done} of {total} done"))
+    artifact = ranks.on_main(lambda: store.get_or_build(kind, inputs, build_generations, log=say))
+    if ranks.is_main:
+        partial.unlink(missing_ok=True)
+    ranks.barrier()
+    return artifact
 
 
 def given_model(value: str | None, name: str, what: str, tokenizer=None) -> Path | None:

@@ -14,7 +14,8 @@ What :class:`StepTrainer` adds to ``Trainer``:
   (METHODS.md, "Token-level reduction"). Trainer's own count would not do: it counts before on-policy
   generation and only for models that accept loss kwargs.
 * **Frozen models** (teachers, references) kept *outside* the wrapped model: never DDP-wrapped, never in a
-  checkpoint, run under ``torch.no_grad`` in eval mode.
+  checkpoint, run under ``torch.no_grad`` in eval mode; sharded with the student under ``sharding: fsdp``
+  (:mod:`kdbench.train.sharded`: checkpoints then hold the gathered model and the optimizer's shards).
 * **An LM term** on a plain-text corpus: the corpus's rows for each micro-batch are a pure function of (step,
   micro-batch, process), so a resumed run draws the same LM batches.
 * **Loss window and logging**: the subclass records named parts with the count they are averaged over;
@@ -39,6 +40,7 @@ from transformers import Trainer
 
 from kdbench.errors import TrainingError
 from kdbench.store import atomic_write_json
+from kdbench.train import sharded
 from kdbench.train.checkpoints import COUNTERS_FILE, complete_checkpoints, sampling_state_file
 from kdbench.train.recovery import CHECKPOINT_MARKER, divergence_message
 
@@ -69,8 +71,14 @@ class StepTrainer(Trainer):
     LOGGED_COUNTS: dict[str, str] = {}
 
     def __init__(self, *args, params=None, tokenizer=None, teacher=None, sampling=None, lm_source=None,
-                 lm_weight: float = 0.0, logit_rows: int | None = None, **kwargs):
+                 lm_weight: float = 0.0, logit_rows: int | None = None, sharding: str | None = "none", **kwargs):
         super().__init__(*args, **kwargs)
+        # FSDP (sharding: fsdp, several processes): the student is sharded here, frozen models in prepare_frozen
+        self.fsdp = sharded.fsdp_requested(sharding, self.accelerator.num_processes)
+        self.frozen_models: list = []  # every frozen model prepare_frozen prepared
+        self.sharding_seen: dict | None = None  # what this rank held in its first training step (sharded runs)
+        if self.fsdp:
+            sharded.shard_trained_model(self)
         self.params = params  # the objective's / form's typed parameters
         self.gen_tokenizer = tokenizer
         self.teacher = self.prepare_frozen(teacher)
@@ -89,11 +97,22 @@ class StepTrainer(Trainer):
         self._loss_sum_before = 0.0  # sum of step losses up to the checkpoint this run resumed from
 
     def prepare_frozen(self, model):
-        """A frozen model for the step: eval mode, no gradient, on the training device (None passes)."""
+        """A frozen model for the step: eval mode, no gradient, on the training device (None passes); sharded
+        under ``sharding: fsdp``, or wrapped in a DeepSpeed inference engine under accelerate's DeepSpeed plugin
+        (ZeRO-3 partitions it; :mod:`kdbench.parallel.deepspeed_frozen`)."""
         if model is not None:
             model.eval()
             model.requires_grad_(False)
+            if sharded.deepspeed_runs(self.accelerator):
+                from kdbench.parallel.deepspeed_frozen import prepare_frozen_deepspeed
+
+                model = prepare_frozen_deepspeed(model, self.accelerator, self.args)
+                self.frozen_models.append(model)
+                return model
             model.to(self.args.device)
+            if self.fsdp:
+                sharded.shard_frozen_model(model)
+            self.frozen_models.append(model)
         return model
 
     # ---------------------------------------------------------------- what a subclass implements
@@ -110,10 +129,13 @@ class StepTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The step's micro-batches (after the sampling form) and their counts over all processes."""
         batch_samples = take_batches(epoch_iterator, num_batches)
-        for i, batch in enumerate(batch_samples):
-            if self.sampling is not None:
-                batch_samples[i] = batch = self.sampling.transform(self, batch, i)
-            self.attach_lm_batch(batch, i)
+        if self.fsdp and self.sharding_seen is None:
+            self.sharding_seen = sharded.sharding_facts(self.model, self.frozen_models)
+        with self.sampling_weights():
+            for i, batch in enumerate(batch_samples):
+                if self.sampling is not None:
+                    batch_samples[i] = batch = self.sampling.transform(self, batch, i)
+                self.attach_lm_batch(batch, i)
         if not batch_samples:
             return batch_samples, None
         totals = torch.tensor([float(sum(column)) for column in zip(*(self.micro_batch_counts(b) for b in batch_samples))],
@@ -122,6 +144,18 @@ class StepTrainer(Trainer):
             totals = self.accelerator.reduce(totals, reduction="sum")
         self._step_totals = dict(zip(self.COUNTS, totals.to(torch.float32)))
         return batch_samples, self._step_totals[self.COUNTS[0]]
+
+    def sampling_weights(self):
+        """The context the sampling form runs in: with a sharded student that generates in the step, the
+        student's full weights gathered once on every rank (:mod:`kdbench.train.sharded`, "Generation in
+        the step"), so each rank samples its own lengths with no collective per token."""
+        from contextlib import nullcontext
+
+        from kdbench.parallel.sharding import full_parameters
+
+        if self.fsdp and self.sampling is not None and self.sampling.generates:
+            return full_parameters(self.model)
+        return nullcontext()
 
     def attach_lm_batch(self, batch: dict, micro: int) -> None:
         """Add the LM corpus's rows for micro-batch ``micro`` of this step (a pure function of step,
@@ -255,6 +289,51 @@ class StepTrainer(Trainer):
             atomic_write_json(folder / COUNTERS_FILE, counters)
             atomic_write_json(folder / CHECKPOINT_MARKER, {"global_step": self.state.global_step})  # written last
         self.accelerator.wait_for_everyone()
+
+    # sharded student (sharding: fsdp): the gathered model and the optimizer's shards (kdbench.train.sharded)
+    @property
+    def own_sharded_checkpoints(self) -> bool:
+        """The student is sharded here (not by accelerate's FSDP plugin, whose checkpoints Trainer writes)."""
+        return self.fsdp and not sharded.accelerate_shards_student(self)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.own_sharded_checkpoints:
+            return super().save_model(output_dir, _internal_call)
+        state = sharded.gathered_state_dict(self.model)
+        sharded.save_model_files(self.model, output_dir or self.args.output_dir, state, self.args.should_save)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.own_sharded_checkpoints:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        sharded.save_optimizer_shards(self.model, sharded.inner_optimizer(self.optimizer), output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), str(Path(output_dir) / "scheduler.pt"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        if not self.own_sharded_checkpoints:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        sharded.load_model_files(self.model, resume_from_checkpoint, self.args.process_index == 0)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if not self.own_sharded_checkpoints or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        sharded.load_optimizer_shards(self.model, sharded.inner_optimizer(self.optimizer), checkpoint)
+        sharded.load_scheduler(self.lr_scheduler, checkpoint)
+
+    def _load_best_model(self) -> None:
+        if not self.own_sharded_checkpoints:
+            return super()._load_best_model()
+        sharded.load_model_files(self.model, self.state.best_model_checkpoint, self.args.process_index == 0)
+
+    def gathered_state_dict(self) -> dict | None:
+        """The trained model's full state dict for saving it (rank 0; ``{}`` elsewhere) when this rank holds
+        only a shard (sharded here or by accelerate's FSDP2 plugin), else None (save the model itself). Every
+        rank must call it."""
+        from kdbench.parallel.sharding import is_sharded
+
+        if not self.fsdp or not is_sharded(self.model):
+            return None
+        return sharded.gathered_state_dict(self.model)
 
     def restore_counters(self, checkpoint: Path) -> None:
         """The engine's counters, loss sum and sampling state as saved with ``checkpoint``."""
