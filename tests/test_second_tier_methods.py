@@ -188,3 +188,18 @@ def test_second_tier_recipes_train_from_the_cli(tiny, tmp_path):
                                      "prompt_style=compact", "--set", f"cache_dir={tmp_path / 'cache'}", *extra])
         assert result.exit_code == 0, f"{method}: {result.output}"
         assert json.loads((tmp_path / f"{method}-seed1" / "run.json").read_text())["status"] == "complete"
+
+
+def test_the_paper_comparison_maps_the_adpa_baselines_to_their_recipes():
+    """ADPA's Table 1 rows for WPO, PLaD, ATKD and Fisch et al.'s DDPO sit beside kdbench's wpo, plad, atkd and
+    ddpo_rm — and ADPA's "DDPO" is not shown beside kdbench's ddpo (the daDPO paper's dDPO)."""
+    from kdbench.report.papers import paper_tables
+
+    def methods(labels):
+        tables, _ = paper_tables(labels, ["mt_bench"])
+        return {(t.title.split(" ")[0], row[0].text)
+                for t in tables for row in t.rows}
+
+    shown = methods(["wpo", "plad", "ddpo_rm", "atkd"])
+    assert {m for paper, m in shown if paper == "ADPA"} >= {"WPO", "PLaD", "DDPO", "ATKD"}
+    assert not any(paper == "ADPA" and m == "DDPO" for paper, m in methods(["ddpo"]))
