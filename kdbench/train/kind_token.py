@@ -38,6 +38,9 @@ def load(ctx: StageContext) -> None:
     if use_cache and recipe.sampling_active and recipe.sampling_spec.generates:
         raise ConfigError(f"Method {config.method} trains on fresh student samples, which no offline cache can cover; "
                           "use --set teacher_signal=online.")
+    if use_cache and objective.dense_teacher:
+        raise ConfigError(f"Method {config.method} needs the teacher's probability of every target token, which the "
+                          "top-k cache does not keep for targets outside the top k; use --set teacher_signal=online.")
     if use_cache and "teacher_topk_cache" not in recipe.stages:
         raise ConfigError(f"Method {config.method} declares no teacher_topk_cache stage, so it cannot read an offline "
                           "teacher cache; use --set teacher_signal=online.")

@@ -17,7 +17,7 @@ where ``my_loss(batch: Batch, params: MyParams) -> {"loss": summed loss, <part>:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kdbench.config import option
@@ -34,13 +34,16 @@ class Batch:
 
     ``student_logits``: [B, T, V]; ``teacher_logits``: [B, T, V] dense logits, a top-k
     :class:`~kdbench.losses.SparseTeacher` (offline cache) or ``None`` (no teacher); ``targets``:
-    [B, T] (−100 = not counted); ``mask``: [B, T] float (1 = counted response position).
+    [B, T] (−100 = not counted); ``mask``: [B, T] float (1 = counted response position); ``step``: what the
+    objective's ``step_stats`` computed over the whole optimizer step (empty outside training: the loss then
+    takes the micro-batch as its step).
     """
 
     student_logits: Any
     teacher_logits: Any | None
     targets: Any
     mask: Any
+    step: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -118,7 +121,10 @@ class Objective:
     ``kind``: the trainer family that runs it (``token``, ``preference``, ``guided``: kdbench.train.api.KINDS);
     ``loss``: for token-level objectives, ``loss(batch, params) -> {"loss": Σ over counted tokens, parts...}``
     (``None`` for the families whose loss is a form chosen by a parameter); ``params``: its typed parameter
-    groups (the first one is passed to ``loss``); ``needs_teacher``: a teacher signal in every step.
+    groups (the first one is passed to ``loss``); ``needs_teacher``: a teacher signal in every step;
+    ``dense_teacher``: the loss needs the teacher's full distribution (no top-k cache);
+    ``step_stats(trainer, micro_batches, params, reduce) -> dict``: a no-gradient pass over the optimizer step's
+    micro-batches before its gradient passes (ATKD's split), passed to the loss as ``Batch.step``.
     """
 
     name: str
@@ -127,6 +133,8 @@ class Objective:
     params: tuple[type, ...] = ()
     needs_teacher: bool = False
     help: str = ""
+    dense_teacher: bool = False
+    step_stats: Callable[..., dict] | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {}

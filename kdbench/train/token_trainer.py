@@ -26,6 +26,15 @@ class TokenTrainer(StepTrainer):
         self.objective = objective
         self.teacher_cache = teacher_cache
         self.eval_teacher_cache = eval_teacher_cache
+        self._objective_step: dict = {}
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The step's micro-batches and counts (:class:`StepTrainer`), then the objective's statistics over the
+        whole step (:attr:`~kdbench.train.objectives.Objective.step_stats`, e.g. ATKD's split)."""
+        batch_samples, total = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.objective.step_stats is not None and batch_samples:
+            self._objective_step = self.objective.step_stats(self, batch_samples, self.params, True)
+        return batch_samples, total
 
     @property
     def temperature(self) -> float:
@@ -51,7 +60,8 @@ class TokenTrainer(StepTrainer):
         targets = labels[:, 1:]
         mask = (targets != -100).to(torch.float32)
         teacher_signal = self._teacher_signal(inputs, mask, vocab) if self.objective.needs_teacher else None
-        parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask), self.params)
+        step = self._objective_step if num_items_in_batch is not None else {}
+        parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask, step), self.params)
         counted = mask.sum()
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             denominator = counted.clamp(min=1)
