@@ -36,7 +36,8 @@ class Batch:
     :class:`~kdbench.losses.SparseTeacher` (offline cache) or ``None`` (no teacher); ``targets``:
     [B, T] (−100 = not counted); ``mask``: [B, T] float (1 = counted response position); ``step``: what the
     objective's ``step_stats`` computed over the whole optimizer step (empty outside training: the loss then
-    takes the micro-batch as its step).
+    takes the micro-batch as its step). ``teacher_targets``: [B, Tt] the teacher's own targets, for objectives
+    across tokenizers (``teacher_logits`` are then [B, Tt, Vt] on the teacher's tokenization).
     """
 
     student_logits: Any
@@ -44,6 +45,7 @@ class Batch:
     targets: Any
     mask: Any
     step: dict = field(default_factory=dict)
+    teacher_targets: Any | None = None
 
 
 @dataclass
@@ -124,7 +126,9 @@ class Objective:
     groups (the first one is passed to ``loss``); ``needs_teacher``: a teacher signal in every step;
     ``dense_teacher``: the loss needs the teacher's full distribution (no top-k cache);
     ``step_stats(trainer, micro_batches, params, reduce) -> dict``: a no-gradient pass over the optimizer step's
-    micro-batches before its gradient passes (ATKD's split), passed to the loss as ``Batch.step``.
+    micro-batches before its gradient passes (ATKD's split), passed to the loss as ``Batch.step``;
+    ``cross_tokenizer``: teacher and student may have different tokenizers — the teacher runs on its own
+    tokenization of each example (:mod:`kdbench.train.cross_tokenizer`).
     """
 
     name: str
@@ -135,6 +139,7 @@ class Objective:
     help: str = ""
     dense_teacher: bool = False
     step_stats: Callable[..., dict] | None = None
+    cross_tokenizer: bool = False
 
 
 OBJECTIVES: dict[str, Objective] = {}
