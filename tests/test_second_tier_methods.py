@@ -203,3 +203,13 @@ def test_the_paper_comparison_maps_the_adpa_baselines_to_their_recipes():
     shown = methods(["wpo", "plad", "ddpo_rm", "atkd"])
     assert {m for paper, m in shown if paper == "ADPA"} >= {"WPO", "PLaD", "DDPO", "ATKD"}
     assert not any(paper == "ADPA" and m == "DDPO" for paper, m in methods(["ddpo"]))
+
+
+def test_dkto_refuses_pairs_sampled_in_every_step(tiny, tmp_path):
+    """dKTO's mismatched rows pair each prompt with another pair's fixed responses: with DPKD's online pairs there
+    are none, which is one sentence before anything is written."""
+    result = runner.invoke(app, ["train", "dpkd", "--student", str(tiny / "student"), "--teacher", str(tiny / "teacher"),
+                                 "--data", str(tiny / "prompts.jsonl"), "--output-dir", str(tmp_path), "--set",
+                                 "params.preference_form=dkto", "--set", "params.init=student"])
+    assert result.exit_code == 2 and "params.pairs=offline" in result.output, result.output
+    assert not any(tmp_path.glob("dpkd-*"))

@@ -46,6 +46,9 @@ def load(ctx: StageContext) -> None:
     if recipe.preference_form.needs_rewards and "reward_scores" not in recipe.stages:
         raise ConfigError(f"The {recipe.form_name} form reads reward scores; add the reward_scores stage to recipe "
                           f"{recipe.path.name}'s stages (before train).")
+    if recipe.preference_form.mismatched and recipe.sampling_active and recipe.sampling_spec.samples_rejected:
+        raise ConfigError(f"The {recipe.form_name} form pairs each prompt with another pair's fixed responses, which "
+                          "responses sampled in every step do not have; use params.pairs=offline or preference_data.")
     if recipe.preference_form.mismatched and "frozen_logps" not in recipe.stages:
         raise ConfigError(f"The {recipe.form_name} form reads frozen log-probs of mismatched pairs; add the "
                           f"frozen_logps stage to recipe {recipe.path.name}'s stages (before train).")
