@@ -99,9 +99,10 @@ def test_preference_losses_match_formulas():
     torch.testing.assert_close(dadpo(pc, pr, rc, rr, tc, tr, beta1=0.1, beta2=0.3, reduction="none"),
                                sig(0.1 * ((pc - rc) - (pr - rr)) + 0.3 * ((pc - tc) - (pr - tr))))
     torch.testing.assert_close(dpo(pc, pr, rc, rr, beta=0.1), sig(0.1 * ((pc - rc) - (pr - rr))).mean())
+    from kdbench.train import recipe_schema  # noqa: F401 - every built-in form registered, whatever ran before
     from kdbench.train.preference_forms import PREFERENCE_FORMS  # the one table of preference losses by name
 
-    assert set(PREFERENCE_FORMS) == {"dpo", "ipo", "simpo", "cpo", "dpkd", "dadpo"}
+    assert set(PREFERENCE_FORMS) == {"dpo", "ipo", "simpo", "cpo", "dpkd", "dadpo", "wpo", "plad", "ddpo_rm", "dkto"}
 
 
 def test_dadpo_and_dpkd_identities():

@@ -362,7 +362,7 @@ def test_new_options_reject_bad_input_in_one_sentence_before_writing(tiny, tmp_p
         (["dpo", *common, "--data", str(root / "prefs.jsonl"), "--set", "params.disable_dropout=maybe"],
          "disable_dropout must be true or false"),
         (["dpo", *common, "--data", str(root / "prefs.jsonl"), "--set", "params.length_normalize=true"],
-         "length_normalize applies to the dpkd and ipo forms"),
+         "length_normalize applies to the dpkd, ipo and plad forms"),
         # a stage setting: a known name with a valid value, checked before anything is written
         (["ddpo", *common, "--data", str(root / "prompts.jsonl"), "--set", "params.dsft_settings.lr=1e-4"],
          "Unknown setting params.dsft_settings.lr"),

@@ -32,6 +32,12 @@ JUDGES = {
 }
 
 
+# (paper, method as printed) -> the kdbench recipe it is, where the lower-cased name is not that recipe: the ADPA
+# paper's "DDPO" is Fisch et al.'s reward-model distillation (ddpo_rm), not the daDPO paper's dDPO (ddpo), and
+# its "VanillaKD" is Hinton's word-level KD (kd)
+PAPER_METHODS = {("ADPA", "DDPO"): "ddpo_rm", ("ADPA", "VanillaKD"): "kd"}
+
+
 @dataclass(frozen=True)
 class PaperRow:
     paper: str
@@ -47,6 +53,11 @@ class PaperRow:
     @property
     def base_benchmark(self) -> str:
         return self.benchmark.split("@", 1)[0].split("(", 1)[0]
+
+    @property
+    def local_method(self) -> str:
+        """The kdbench recipe this row's method is (:data:`PAPER_METHODS`, else the name lower-cased)."""
+        return PAPER_METHODS.get((self.paper, self.method), self.method.lower())
 
     @property
     def pair(self) -> str:
@@ -74,13 +85,13 @@ def _decoding_of(row: PaperRow) -> str:
 
 
 def paper_tables(local_labels: list[str], local_suites: list[str]) -> tuple[list[Table], str]:
-    """Tables of published numbers for the methods named like local rows (case-insensitive).
+    """Tables of published numbers for the methods of local rows (a row's recipe: :attr:`PaperRow.local_method`).
 
     Only benchmarks matching a local suite are shown when any matches; otherwise every benchmark of
     the matching methods (the note says so). One table per paper x table x teacher x benchmark (rows: method, student).
     """
     wanted = {label.lower() for label in local_labels}
-    rows = [r for r in load_paper_results() if r.method.lower() in wanted]
+    rows = [r for r in load_paper_results() if r.local_method in wanted]
     if not rows:
         return [], "No published numbers for methods named " + ", ".join(local_labels) + "."
     suites = {s.lower() for s in local_suites}

@@ -101,6 +101,33 @@ def language_rows(config: CorpusConfig, exclude_names: set[str]) -> list[dict]:
     return [{k: r[k] for k in ("key", "category", "instruction", "input", "output")} for r in rows]
 
 
+#: The reward model the embedded benchmark's preference pairs are scored by (``score_chosen`` / ``score_rejected``,
+#: DDPO-RM's reward margin): the world knows every instance's right answer, so its reward of a response is the
+#: Rouge-L F1 of the response against that answer (1 for the right answer, less for the plausible wrong one).
+ORACLE_REWARD = "world oracle: Rouge-L F1 of the response against the world's right answer"
+
+
+def oracle_reward(response: str, right_answer: str) -> float:
+    """The embedded world's reward of ``response`` (:data:`ORACLE_REWARD`), in [0, 1]."""
+    from kdbench.metrics import rouge_l
+
+    return round(rouge_l(response, right_answer), 6)
+
+
+def _scored_pair(row: dict) -> dict:
+    """A preference pair of the world (the right answer chosen, the plausible wrong one rejected) with the oracle
+    reward of each response."""
+    return {"key": row["key"], "instruction": row["instruction"], "input": row["input"], "chosen": row["output"],
+            "rejected": row["rejected"], "score_chosen": oracle_reward(row["output"], row["output"]),
+            "score_rejected": oracle_reward(row["rejected"], row["output"])}
+
+
+def _swapped(pair: dict) -> dict:
+    """The same pair with chosen and rejected swapped, each keeping its score (the dpo_swapped control)."""
+    return {**pair, "chosen": pair["rejected"], "rejected": pair["chosen"], "score_chosen": pair["score_rejected"],
+            "score_rejected": pair["score_chosen"]}
+
+
 def build_corpus(config: CorpusConfig, out_dir: Path) -> dict:
     """Write the corpus files and the tokenizer into ``out_dir``; returns counts."""
     out_dir = Path(out_dir)
@@ -125,12 +152,9 @@ def build_corpus(config: CorpusConfig, out_dir: Path) -> dict:
     student_train = [r for r in student_all if r["key"] in labelled_keys]
     unlabelled = [{k: r[k] for k in ("key", "category", "instruction", "input")} for r in train
                   if r["key"] not in labelled_keys]
-    preferences = [{"key": r["key"], "instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
-                    "rejected": r["rejected"]}
-                   for r in train if r["key"] in labelled_keys and r["rejected"] != r["output"]]
-    swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in preferences]
-    valid_pairs = [{"key": r["key"], "instruction": r["instruction"], "input": r["input"], "chosen": r["output"],
-                    "rejected": r["rejected"]} for r in splits["validation"] if r["rejected"] != r["output"]]
+    preferences = [_scored_pair(r) for r in train if r["key"] in labelled_keys and r["rejected"] != r["output"]]
+    swapped = [_swapped(p) for p in preferences]
+    valid_pairs = [_scored_pair(r) for r in splits["validation"] if r["rejected"] != r["output"]]
     teacher_train = train + world_documents(world)
     names = {p.name for p in world.people} | {c.name for c in world.cities}
     language = language_rows(config, names) if config.language_people else []
@@ -142,7 +166,7 @@ def build_corpus(config: CorpusConfig, out_dir: Path) -> dict:
     outputs = {"teacher_train": teacher_train, "student_train": student_train, "student_unlabelled": unlabelled,
                "student_all": student_all, "preferences": preferences, "preferences_swapped": swapped,
                "validation": evaluation["validation"], "validation_preferences": valid_pairs,
-               "validation_preferences_swapped": [{**p, "chosen": p["rejected"], "rejected": p["chosen"]}
+               "validation_preferences_swapped": [_swapped(p)
                                                   for p in valid_pairs],
                "test": evaluation["test"], "multiple_choice": mc, "language": language}
     for name, records in outputs.items():

@@ -10,6 +10,8 @@ before any file is written.
 
 from __future__ import annotations
 
+import dataclasses
+
 from kdbench.errors import ConfigError
 from kdbench.train.guided_forms import GuidedParams
 from kdbench.train.params import DropoutParams
@@ -30,6 +32,9 @@ def load(ctx: StageContext) -> None:
                           "held-out responses); use select=last and eval_steps=0.")
     if config.lm_data:
         raise ConfigError(f"Method {config.method} has no LM-loss term; leave out --lm-data.")
+    if getattr(ctx.recipe.form_params, "q_beta", 0.0) is None and not ctx.recipe.params.get("teacher_dpo_beta"):
+        raise ConfigError(f"Method {config.method} takes softmax(beta x A) with the DPO teacher's beta, and its recipe "
+                          "sets none; give --set params.q_beta=BETA.")
     ctx.data_path = resolve_data_path(config.data, store=ctx.store, log=ctx.say)
     pairs = load_preference_pairs(ctx.data_path)
     if not config.valid_data:  # the same split as the stages' own runs make: the same training prompts
@@ -60,10 +65,13 @@ def train(ctx: StageContext):
     ref, dpo = ctx.extra.get("ref_teacher", config.teacher), ctx.extra.get("dpo_teacher", config.teacher)
     ctx.run.log(f"method={config.method} pairs={len(pairs)} form={form.name} start={policy} pi_ref={ref} pi_dpo={dpo}")
     uses_ref = any(model == "ref" for model, _ in form.teachers)
+    params = recipe.form_params
+    if getattr(params, "q_beta", 0.0) is None:  # Q-softmax-KD's beta is the DPO teacher's unless set
+        params = dataclasses.replace(params, q_beta=float(recipe.params.get("teacher_dpo_beta") or 0.0) or None)
     trainer = GuidedTrainer(
         model=load_model(policy), args=ctx.run.arguments(evaluate=False, group_by_length=False),
         train_dataset=PairDataset(tokenized, {}), data_collator=PairCollator(tokenizer.pad_token_id),
-        callbacks=ctx.run.callbacks(ctx.callbacks, ctx.progress), params=recipe.form_params, form=form,
+        callbacks=ctx.run.callbacks(ctx.callbacks, ctx.progress), params=params, form=form,
         family=recipe.typed(GuidedParams), tokenizer=tokenizer,
         teacher=load_model(dpo, trainable=False, dtype=config.teacher_dtype),
         ref_teacher=load_model(ref, trainable=False, dtype=config.teacher_dtype) if uses_ref else None,

@@ -43,6 +43,15 @@ def load(ctx: StageContext) -> None:
         raise ConfigError(f"Method {config.method} reads pairs from a file, so its reference cannot be the dSFT model; "
                           "use params.reference=student or teacher.")
     stages = [get_stage(name) for name in recipe.stages if name != "train"]
+    if recipe.preference_form.needs_rewards and "reward_scores" not in recipe.stages:
+        raise ConfigError(f"The {recipe.form_name} form reads reward scores; add the reward_scores stage to recipe "
+                          f"{recipe.path.name}'s stages (before train).")
+    if recipe.preference_form.mismatched and recipe.sampling_active and recipe.sampling_spec.samples_rejected:
+        raise ConfigError(f"The {recipe.form_name} form pairs each prompt with another pair's fixed responses, which "
+                          "responses sampled in every step do not have; use params.pairs=offline or preference_data.")
+    if recipe.preference_form.mismatched and "frozen_logps" not in recipe.stages:
+        raise ConfigError(f"The {recipe.form_name} form reads frozen log-probs of mismatched pairs; add the "
+                          f"frozen_logps stage to recipe {recipe.path.name}'s stages (before train).")
     needs_teacher = keeps_teacher(ctx) or "teacher" in roles.values() or any(s.needs_teacher(ctx) for s in stages)
     require_inputs(config, needs_teacher)
     evaluate = config.evaluates
@@ -101,7 +110,7 @@ def train(ctx: StageContext):
     from kdbench.models import load_model
     from kdbench.train.data_sources import LMSource
     from kdbench.train.pair_trainer import PairTrainer
-    from kdbench.train.pairs import PairCollator, PairDataset, tokenize_pairs
+    from kdbench.train.pairs import PairCollator, PairDataset, mismatched_pairs, tokenize_pairs
     from kdbench.train.params import GenerationParams
     from kdbench.train.stages import recipe_decoding
 
@@ -120,7 +129,13 @@ def train(ctx: StageContext):
     source = "data" if ctx.pairs_from_data else "online" if recipe.sampling_active else "generated"
     ctx.run.log(f"method={config.method} pairs={len(pairs)} source={source} form={recipe.form_name} "
                 f"frozen={','.join(sorted(ctx.frozen)) or '-'} lm={lm_rows or '-'} kl_weight={family.kl_weight}")
-    eval_dataset = PairDataset(tokenize_pairs(valid, tokenizer, **shape), ctx.valid_frozen) if valid else None
+    form = recipe.preference_form
+
+    def mismatched(texts):  # KTO's reference point reads (prompt i, pair i+1's responses) rows
+        return tokenize_pairs(mismatched_pairs(texts), tokenizer, **shape) if form.mismatched else None
+
+    eval_dataset = PairDataset(tokenize_pairs(valid, tokenizer, **shape), ctx.valid_frozen,
+                               mismatched=mismatched(valid)) if valid else None
     sampling = None
     if recipe.sampling_active:
         sampling = recipe.sampling_spec.build(recipe, config, recipe_decoding(config, recipe.typed(GenerationParams)),
@@ -133,7 +148,7 @@ def train(ctx: StageContext):
     lm_blocks = ctx.extra["lm_blocks"]
     trainer = PairTrainer(
         model=load_model(ctx.policy), args=ctx.run.arguments(evaluate=bool(valid), group_by_length=False),
-        train_dataset=PairDataset(tokenized, ctx.frozen, gold), eval_dataset=eval_dataset,
+        train_dataset=PairDataset(tokenized, ctx.frozen, gold, mismatched(pairs)), eval_dataset=eval_dataset,
         data_collator=PairCollator(tokenizer.pad_token_id), callbacks=ctx.run.callbacks(ctx.callbacks, ctx.progress),
         params=recipe.form_params, form=recipe.preference_form, tokenizer=tokenizer, teacher=teacher,
         sampling=sampling, lm_rows=lm_rows, lm_weight=recipe.lm_weight(config),

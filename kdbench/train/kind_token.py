@@ -38,6 +38,12 @@ def load(ctx: StageContext) -> None:
     if use_cache and recipe.sampling_active and recipe.sampling_spec.generates:
         raise ConfigError(f"Method {config.method} trains on fresh student samples, which no offline cache can cover; "
                           "use --set teacher_signal=online.")
+    if use_cache and objective.cross_tokenizer:
+        raise ConfigError(f"Method {config.method} reads the teacher's logits on the teacher's own tokenization, which "
+                          "the top-k cache (kept at the student's positions) does not hold; use --set teacher_signal=online.")
+    if use_cache and objective.dense_teacher:
+        raise ConfigError(f"Method {config.method} needs the teacher's probability of every target token, which the "
+                          "top-k cache does not keep for targets outside the top k; use --set teacher_signal=online.")
     if use_cache and "teacher_topk_cache" not in recipe.stages:
         raise ConfigError(f"Method {config.method} declares no teacher_topk_cache stage, so it cannot read an offline "
                           "teacher cache; use --set teacher_signal=online.")
@@ -61,7 +67,12 @@ def load(ctx: StageContext) -> None:
     if needs_teacher:
         ctx.teacher_tokenizer = load_tokenizer(config.teacher)
         teacher = ctx.teacher_model().loaded()
-        if objective.needs_teacher:  # token-level signal; a generating-only teacher (seqkd, dsft) may differ
+        if objective.cross_tokenizer:  # ULD / DSKD: any two tokenizers, each model's own rows
+            from kdbench.train.cross_tokenizer import vocabulary_rows
+
+            ctx.logit_rows, ctx.extra["teacher_rows"] = vocabulary_rows(teacher, ctx.teacher_tokenizer, student,
+                                                                         ctx.tokenizer)
+        elif objective.needs_teacher:  # token-level signal; a generating-only teacher (seqkd, dsft) may differ
             ctx.logit_rows = check_same_vocabulary(teacher, ctx.teacher_tokenizer, student, ctx.tokenizer)
     ctx.extra["lm_blocks"] = load_text_corpus(config.lm_data, ctx.tokenizer, config.max_length) if config.lm_data else None
     if use_cache and config.teacher_topk > ctx.logit_rows:
@@ -90,10 +101,26 @@ def datasets(ctx: StageContext):
     if train_set.n_truncated:
         ctx.say(f"warning: {train_set.n_truncated} of {len(train_set)} training examples were truncated "
                 f"(max_prompt_length={config.max_prompt_length}, max_length={config.max_length})")
+    if ctx.recipe.objective.cross_tokenizer:  # the teacher's own tokenization of the same examples
+        from kdbench.train.cross_tokenizer import CrossTokenizerDataset, teacher_items
+
+        shape = dict(style=config.prompt_style, max_prompt_length=config.max_prompt_length, max_length=config.max_length)
+        train_set = CrossTokenizerDataset(train_set, teacher_items(examples, ends, ctx.teacher_tokenizer, **shape))
+        if valid_set is not None:
+            valid_set = CrossTokenizerDataset(valid_set, teacher_items(ctx.valid_examples, [GOLD_END] * len(valid_set),
+                                                                       ctx.teacher_tokenizer, **shape))
     signal = config.teacher_signal if ctx.recipe.objective.needs_teacher else "-"
     ctx.run.log(f"method={config.method} train={len(train_set)} valid={len(valid_set) if valid_set else 0} "
                 f"truncated={train_set.n_truncated} teacher_signal={signal}")
     return train_set, valid_set
+
+
+def cross_tokenizer_collator(ctx: StageContext):
+    from kdbench.train.cross_tokenizer import CrossTokenizerCollator
+
+    teacher = ctx.teacher_tokenizer
+    pad = teacher.pad_token_id if teacher.pad_token_id is not None else teacher.eos_token_id
+    return CrossTokenizerCollator(ctx.tokenizer.pad_token_id, pad)
 
 
 def train(ctx: StageContext):
@@ -114,10 +141,14 @@ def train(ctx: StageContext):
     lm_source = LMSource(lm_blocks, config.batch_size, config.seed, tokenizer.pad_token_id) if lm_blocks else None
     train_cache, valid_cache = ctx.caches
     teacher = ctx.teacher_model().loaded() if objective.needs_teacher and train_cache is None else None
+    if objective.cross_tokenizer:  # the datasets carry the teacher's rows already
+        wrap, collator = (lambda data: data), cross_tokenizer_collator(ctx)
+    else:
+        wrap, collator = IndexedDataset, TrainCollator(tokenizer.pad_token_id)
     trainer = TokenTrainer(model=ctx.extra.pop("student"), args=ctx.run.arguments(evaluate=evaluate),
-                           train_dataset=IndexedDataset(train_set),
-                           eval_dataset=IndexedDataset(valid_set) if valid_set is not None else None,
-                           data_collator=TrainCollator(tokenizer.pad_token_id),
+                           train_dataset=wrap(train_set),
+                           eval_dataset=wrap(valid_set) if valid_set is not None else None,
+                           data_collator=collator, teacher_rows=ctx.extra.get("teacher_rows"),
                            callbacks=ctx.run.callbacks(ctx.callbacks, ctx.progress), objective=objective,
                            params=recipe.objective_params, teacher=teacher, teacher_cache=train_cache,
                            eval_teacher_cache=valid_cache, sampling=sampling, lm_source=lm_source,

@@ -17,7 +17,7 @@ where ``my_loss(batch: Batch, params: MyParams) -> {"loss": summed loss, <part>:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kdbench.config import option
@@ -34,13 +34,18 @@ class Batch:
 
     ``student_logits``: [B, T, V]; ``teacher_logits``: [B, T, V] dense logits, a top-k
     :class:`~kdbench.losses.SparseTeacher` (offline cache) or ``None`` (no teacher); ``targets``:
-    [B, T] (−100 = not counted); ``mask``: [B, T] float (1 = counted response position).
+    [B, T] (−100 = not counted); ``mask``: [B, T] float (1 = counted response position); ``step``: what the
+    objective's ``step_stats`` computed over the whole optimizer step (empty outside training: the loss then
+    takes the micro-batch as its step). ``teacher_targets``: [B, Tt] the teacher's own targets, for objectives
+    across tokenizers (``teacher_logits`` are then [B, Tt, Vt] on the teacher's tokenization).
     """
 
     student_logits: Any
     teacher_logits: Any | None
     targets: Any
     mask: Any
+    step: dict = field(default_factory=dict)
+    teacher_targets: Any | None = None
 
 
 @dataclass
@@ -118,7 +123,12 @@ class Objective:
     ``kind``: the trainer family that runs it (``token``, ``preference``, ``guided``: kdbench.train.api.KINDS);
     ``loss``: for token-level objectives, ``loss(batch, params) -> {"loss": Σ over counted tokens, parts...}``
     (``None`` for the families whose loss is a form chosen by a parameter); ``params``: its typed parameter
-    groups (the first one is passed to ``loss``); ``needs_teacher``: a teacher signal in every step.
+    groups (the first one is passed to ``loss``); ``needs_teacher``: a teacher signal in every step;
+    ``dense_teacher``: the loss needs the teacher's full distribution (no top-k cache);
+    ``step_stats(trainer, micro_batches, params, reduce) -> dict``: a no-gradient pass over the optimizer step's
+    micro-batches before its gradient passes (ATKD's split), passed to the loss as ``Batch.step``;
+    ``cross_tokenizer``: teacher and student may have different tokenizers — the teacher runs on its own
+    tokenization of each example (:mod:`kdbench.train.cross_tokenizer`).
     """
 
     name: str
@@ -127,6 +137,9 @@ class Objective:
     params: tuple[type, ...] = ()
     needs_teacher: bool = False
     help: str = ""
+    dense_teacher: bool = False
+    step_stats: Callable[..., dict] | None = None
+    cross_tokenizer: bool = False
 
 
 OBJECTIVES: dict[str, Objective] = {}

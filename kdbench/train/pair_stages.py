@@ -77,21 +77,27 @@ def frozen_model(ctx: StageContext, role: str):
 
 
 def _frozen_logps(ctx: StageContext) -> dict:
+    from kdbench.train.pairs import mismatched_pairs
     from kdbench.train.stages import frozen_logps
 
     recipe = ctx.recipe
-    slots = recipe.preference_form.frozen(recipe.form_params)
+    form = recipe.preference_form
+    slots = form.frozen(recipe.form_params)
     in_step = recipe.sampling_spec.computes if recipe.sampling_active else frozenset()
     pairs, valid = training_pairs(ctx), validation_pairs(ctx)
+    sets = [("", "", pairs, ctx.frozen)] + ([("valid_", "validation ", valid, ctx.valid_frozen)] if valid else [])
+    if form.mismatched:  # KTO's mismatched rows (prompt i, pair i+1's responses), scored by the same models
+        sets += [("", "mismatched ", mismatched_pairs(pairs), ctx.frozen)]
+        sets += [("valid_", "validation mismatched ", mismatched_pairs(valid), ctx.valid_frozen)] if valid else []
     facts: dict = {}
     for slot, role in slots.items():
         source, loader, tokenizer, label = frozen_model(ctx, role)
-        if slot not in in_step:
-            ctx.frozen[slot], facts[slot] = frozen_logps(ctx.store, label, source, loader, tokenizer, pairs,
-                                                         ctx.config, ctx.say)
-        if valid:
-            ctx.valid_frozen[slot], facts[f"valid_{slot}"] = frozen_logps(ctx.store, f"validation {label}", source,
-                                                                          loader, tokenizer, valid, ctx.config, ctx.say)
+        for prefix, what, texts, target in sets:
+            name = f"{slot}_mismatched" if "mismatched" in what else slot
+            if slot in in_step and not prefix:
+                continue
+            target[name], facts[f"{prefix}{name}"] = frozen_logps(ctx.store, f"{what}{label}", source, loader,
+                                                                   tokenizer, texts, ctx.config, ctx.say)
     ctx.cost["frozen_forward_tokens"] = sum(f["forward_tokens"] for f in facts.values())
     ctx.cost["logprobs_reused"] = all(f["reused"] for f in facts.values())
     if not facts:

@@ -44,6 +44,24 @@ class PairTrainer(StepTrainer):
         self.kl_divergence = kl_divergence
         if self.logit_rows is None:
             self.logit_rows = len(self.gen_tokenizer)
+        self._form_step_stats: dict = {}
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The step's micro-batches and counts (:class:`StepTrainer`), then the form's statistics over the whole
+        step (:attr:`~kdbench.train.preference_forms.PreferenceForm.step_stats`: a no-gradient pass, summed over
+        processes), so they do not depend on how the step is split."""
+        batch_samples, total = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.form.step_stats is not None and batch_samples:
+            self._form_step_stats = self.form.step_stats(self, batch_samples, self.params, True)
+        return batch_samples, total
+
+    def form_step_stats(self, inputs: dict, num_items_in_batch) -> dict:
+        """The form's step statistics: the optimizer step's in training, the micro-batch's own otherwise."""
+        if self.form.step_stats is None:
+            return {}
+        if num_items_in_batch is not None and self._form_step_stats:
+            return self._form_step_stats
+        return self.form.step_stats(self, [inputs], self.params, False)
 
     def micro_batch_counts(self, batch: dict) -> list[float]:
         n = batch["example_index"].numel()
@@ -57,18 +75,25 @@ class PairTrainer(StepTrainer):
             lm = 0
         return [n, chosen, rejected, lm]
 
-    def pair_batch(self, logits, inputs) -> tuple[PairBatch, torch.Tensor, torch.Tensor]:
+    def pair_batch(self, logits, inputs, step_stats: dict | None = None) -> tuple[PairBatch, torch.Tensor, torch.Tensor]:
         """The micro-batch's :class:`PairBatch` from the policy's logits [2P, T, V] (chosen rows first), and
-        its summed log-probs [2P] and response lengths [2P]."""
+        its summed log-probs [2P] and response lengths [2P]. ``step_stats``: the form's statistics of the step."""
         from kdbench.losses.sequence import sequence_logps
 
         n = inputs["example_index"].numel()
         targets = inputs["labels"][:, 1:]
         logps = sequence_logps(logits, targets)  # [2P]
         lengths = (targets != -100).sum(-1)
+        extras = dict(step_stats or {})
+        if self.form.policy_stats is not None:
+            with torch.no_grad():
+                for name, values in self.form.policy_stats(logits, targets, self.params).items():
+                    extras[f"{name}_chosen"], extras[f"{name}_rejected"] = values[:n], values[n:]
         pairs = PairBatch(logps[:n], logps[n:], lengths[:n], lengths[n:],
                           ref_chosen=inputs.get("ref_chosen"), ref_rejected=inputs.get("ref_rejected"),
-                          teacher_chosen=inputs.get("teacher_chosen"), teacher_rejected=inputs.get("teacher_rejected"))
+                          teacher_chosen=inputs.get("teacher_chosen"), teacher_rejected=inputs.get("teacher_rejected"),
+                          reward_chosen=inputs.get("reward_chosen"), reward_rejected=inputs.get("reward_rejected"),
+                          extras=extras)
         return pairs, logps, lengths
 
     def step_loss(self, model, inputs, totals, num_items_in_batch):
@@ -79,7 +104,7 @@ class PairTrainer(StepTrainer):
         vocab = self.logit_rows
         logits = outputs.logits[:, :-1, :vocab]
         targets = inputs["labels"][:, 1:]
-        pairs, logps, lengths = self.pair_batch(logits, inputs)
+        pairs, logps, lengths = self.pair_batch(logits, inputs, self.form_step_stats(inputs, num_items_in_batch))
         parts = preference_parts(self.form, self.params, pairs)
         loss = parts["loss"] / positive(totals["pairs"], logps)
         token_parts: dict[str, tuple[torch.Tensor, int]] = {}
@@ -101,10 +126,11 @@ class PairTrainer(StepTrainer):
             loss = loss + self.kl_weight * kl_sum / positive(totals["chosen_tokens"], logps)
             token_parts[f"{self.kl_divergence}_chosen"] = (kl_sum.detach(), int(chosen_mask.sum()))
         if model.training:
-            self._record(parts, token_parts, inputs, logits, logps, lengths, n_pairs)
+            self._record(parts, token_parts, inputs, logits, logps, lengths, n_pairs,
+                         {k: v for k, v in pairs.extras.items() if torch.is_tensor(v) and v.dim() == 0})
         return loss, outputs
 
-    def _record(self, parts, token_parts, inputs, logits, logps, lengths, n_pairs) -> None:
+    def _record(self, parts, token_parts, inputs, logits, logps, lengths, n_pairs, pairs_stats: dict) -> None:
         with torch.no_grad():
             if "teacher_first_logp" in inputs:  # rejected sampled from the policy in the step (DPKD's Table 3):
                 rows = torch.arange(n_pairs, device=logits.device)  # the exact KL(q‖p) at the first response token
@@ -112,6 +138,8 @@ class PairTrainer(StepTrainer):
                 parts["rkl_first_token"] = (log_q.exp() * (log_q - inputs["teacher_first_logp"])).sum()
                 # log q(y_s) − log p(y_s), y_s ~ q: a sample of the sequence-level reverse KL
                 parts["rkl_sequence"] = (logps[n_pairs:].detach() - inputs["teacher_rejected"]).sum()
+        for name, value in pairs_stats.items():  # the form's step statistics (dKTO's z0), logged as window means
+            parts[name] = value.detach() * n_pairs
         for name, value in parts.items():
             self.record(name, value.detach(), "pairs")
         for name, (value, count) in token_parts.items():
@@ -128,7 +156,7 @@ class PairTrainer(StepTrainer):
 
         def sums(model, inputs) -> list[float]:
             logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
-            pairs, _, _ = self.pair_batch(logits[:, :-1, :self.logit_rows], inputs)
+            pairs, _, _ = self.pair_batch(logits[:, :-1, :self.logit_rows], inputs, self.form_step_stats(inputs, None))
             parts = preference_parts(self.form, self.params, pairs)
             return [float(parts["loss"]), float(parts["reward_accuracy"]), float(parts["reward_margin"]),
                     float(inputs["example_index"].numel())]

@@ -26,10 +26,33 @@ class Pair:
     rejected: str
     chosen_end: ResponseEnd = GOLD_END
     rejected_end: ResponseEnd = GOLD_END
+    score_chosen: float | None = None  # a reward model's scores given in the data (DDPO-RM's reward_scores stage)
+    score_rejected: float | None = None
+
+
+def mismatched_pairs(pairs: list[Pair]) -> list[Pair]:
+    """Pair i's prompt with pair (i + 1) mod N's chosen and rejected responses: responses that do not answer
+    their prompt, KTO's estimate of KL(π‖ref) (Ethayarajh et al. 2024, §4.1; TRL's shifted "KL completions").
+    The pairing follows the data's order, so a step's mismatched rows do not depend on its micro-batches."""
+    if len(pairs) < 2:
+        raise DataError("KTO's reference point needs at least 2 prompts (mismatched prompt/response pairs); give "
+                        "more data.")
+    return [Pair(pair.example, other.chosen, other.rejected, other.chosen_end, other.rejected_end)
+            for pair, other in zip(pairs, pairs[1:] + pairs[:1])]
+
+
+def _score(row: dict, key: str, path, number: int) -> float | None:
+    value = row.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise DataError(f"{path}, record {number} has {key}={value!r}; reward scores must be finite numbers.")
+    return float(value)
 
 
 def load_preference_pairs(path: str | Path) -> list[Pair]:
-    """(prompt, chosen, rejected) rows of a JSONL / JSON / Parquet preference file."""
+    """(prompt, chosen, rejected) rows of a JSONL / JSON / Parquet preference file; optional numeric
+    ``score_chosen`` / ``score_rejected`` (a reward model's scores, as in UltraFeedback-binarized) are kept."""
     from kdbench.data import prompt_example, read_rows
 
     rows = read_rows(path)
@@ -44,7 +67,9 @@ def load_preference_pairs(path: str | Path) -> list[Pair]:
                 raise DataError(f"{path}, record {number} has no 'chosen' and 'rejected' texts; preference methods "
                                 "need a file with chosen and rejected responses for every prompt.")
 
-        pairs.append(Pair(prompt_example(row, path, number, check_response=check_pair, what="pair"), chosen, rejected))
+        pairs.append(Pair(prompt_example(row, path, number, check_response=check_pair, what="pair"), chosen, rejected,
+                          score_chosen=_score(row, "score_chosen", path, number),
+                          score_rejected=_score(row, "score_rejected", path, number)))
     return pairs
 
 
@@ -101,12 +126,15 @@ def frozen_sequence_logps(model, tokenized: list[dict], pad_token_id: int, batch
 
 class PairDataset:
     """Tokenized pairs (student tokenizer) with their frozen log-probs; item i is pair i. ``gold``: the
-    pairs' gold rows (prompt + gold response) for an LM term on gold responses (DPKD)."""
+    pairs' gold rows (prompt + gold response) for an LM term on gold responses (DPKD). ``mismatched``: the
+    tokenized :func:`mismatched_pairs` (KTO's reference point)."""
 
-    def __init__(self, tokenized: list[dict], frozen: dict[str, dict], gold: list | None = None):
+    def __init__(self, tokenized: list[dict], frozen: dict[str, dict], gold: list | None = None,
+                 mismatched: list[dict] | None = None):
         self.tokenized = tokenized
         self.frozen = frozen  # {"ref": {"chosen": [...], "rejected": [...]}, "teacher": {...}}
         self.gold = gold
+        self.mismatched = mismatched
 
     def __len__(self) -> int:
         return len(self.tokenized)
@@ -116,6 +144,8 @@ class PairDataset:
                 "example_index": index}
         if self.gold is not None:
             item["gold"] = self.gold[index]
+        if self.mismatched is not None:
+            item["mismatched"] = self.mismatched[index]
         for name, logps in self.frozen.items():
             item[f"{name}_chosen"] = logps["chosen"][index]
             item[f"{name}_rejected"] = logps["rejected"][index]
@@ -132,8 +162,9 @@ def response_start(labels: list[int]) -> int:
 
 class PairCollator:
     """P pairs → ``input_ids`` / ``labels`` / ``attention_mask`` [2P, L] (chosen rows first, then
-    rejected), ``example_index`` and ``prompt_length`` [P], the frozen log-prob columns [P] (float32)
-    and, when the items carry gold rows, ``lm_input_ids`` / ``lm_labels`` / ``lm_attention_mask``."""
+    rejected), ``example_index`` and ``prompt_length`` [P], the frozen log-prob columns [P] (float32),
+    when the items carry gold rows ``lm_input_ids`` / ``lm_labels`` / ``lm_attention_mask``, and when they carry
+    mismatched rows ``mismatched_input_ids`` / ``mismatched_labels`` / ``mismatched_attention_mask`` [2P, L']."""
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -149,6 +180,11 @@ class PairCollator:
             gold = pad_rows([f["gold"] for f in features], self.pad_token_id)
             batch["lm_input_ids"], batch["lm_labels"] = gold["input_ids"], gold["labels"]
             batch["lm_attention_mask"] = gold["attention_mask"]
+        if "mismatched" in features[0]:
+            rows = pad_rows([f["mismatched"]["chosen"] for f in features]
+                            + [f["mismatched"]["rejected"] for f in features], self.pad_token_id)
+            for key in ("input_ids", "labels", "attention_mask"):
+                batch[f"mismatched_{key}"] = rows[key]
         return batch
 
 

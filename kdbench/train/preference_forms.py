@@ -14,7 +14,7 @@ to the model that fills it (:data:`REFERENCE_ROLES`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from kdbench.config import option
@@ -36,7 +36,10 @@ class PairBatch:
     ``policy_*``: the trained model, with gradient; ``*_lengths``: response tokens (EOS included);
     ``ref_*`` / ``teacher_*``: frozen log-probs computed once before training, or by the teacher in the
     step for DPKD's online pairs (``None`` when the form does not read them). Each model scored the
-    response text with its own tokenizer.
+    response text with its own tokenizer. ``reward_*``: a reward model's scores of each response (the
+    ``reward_scores`` stage; DDPO-RM). ``extras``: what the form's :attr:`PreferenceForm.policy_stats` and
+    :attr:`PreferenceForm.step_stats` computed, by name ([P] per side as ``NAME_chosen`` / ``NAME_rejected``,
+    or a scalar).
     """
 
     policy_chosen: Any
@@ -47,6 +50,9 @@ class PairBatch:
     ref_rejected: Any | None = None
     teacher_chosen: Any | None = None
     teacher_rejected: Any | None = None
+    reward_chosen: Any | None = None
+    reward_rejected: Any | None = None
+    extras: dict = field(default_factory=dict)
 
     def frozen(self, slot: str) -> tuple[Any, Any]:
         """(chosen, rejected) frozen log-probs of ``slot`` (``ref`` or ``teacher``)."""
@@ -145,6 +151,17 @@ class PreferenceForm:
     ``loss(pairs, p) -> [P]``: the per-pair loss. ``rewards(pairs, p) -> ([P], [P])``: the implicit rewards of
     chosen and rejected (diagnostics; their margin gives reward_margin / reward_accuracy). ``frozen(p)``:
     the frozen log-prob slots it reads, each with the model that fills it (``{"ref": "start"}``, ...).
+
+    Optional, for losses that read more than summed log-probs:
+
+    * ``policy_stats(logits [2P, T, V], targets [2P, T], p) -> {name: [2P]}``: statistics of the policy's own
+      distribution on each row (chosen rows first), computed without gradient in the step (WPO's weights);
+    * ``step_stats(trainer, micro_batches, p, reduce) -> {name: scalar}``: a no-gradient pass over the whole
+      optimizer step's micro-batches (summed over processes when ``reduce``), so that a batch statistic does
+      not depend on how the step is split (dKTO's reference point);
+    * ``mismatched``: the form reads rows pairing prompt i with pair i+1's responses (KTO's mismatched
+      pairs); the dataset carries them and ``frozen_logps`` scores them under ``SLOT_mismatched``;
+    * ``needs_rewards``: the form reads ``reward_chosen`` / ``reward_rejected`` (the ``reward_scores`` stage).
     """
 
     name: str
@@ -153,6 +170,10 @@ class PreferenceForm:
     rewards: Callable[[PairBatch, Any], tuple[Any, Any]]
     frozen: Callable[[Any], dict[str, str]] = lambda p: {}
     help: str = ""
+    policy_stats: Callable[..., dict] | None = None
+    step_stats: Callable[..., dict] | None = None
+    mismatched: bool = False
+    needs_rewards: bool = False
 
 
 def _lengths(pairs: PairBatch):
@@ -162,6 +183,16 @@ def _lengths(pairs: PairBatch):
 def _reference_slot(p) -> dict[str, str]:
     slot, role = _REFERENCE_OF[p.reference]
     return {slot: role}
+
+
+def reference_slot(p) -> str:
+    """The frozen log-prob slot (``ref`` or ``teacher``) a form's ``reference`` parameter reads."""
+    return _REFERENCE_OF[p.reference][0]
+
+
+def reference_frozen(p) -> dict[str, str]:
+    """``frozen`` of a form with a ``reference`` parameter (dsft, student or teacher): {slot: role}."""
+    return _reference_slot(p)
 
 
 def _dpo_loss(pairs: PairBatch, p: DPOParams):

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from kdbench.errors import ConfigError
 from kdbench.schema import DESCRIPTION, NAME, Key, Schema, mapping, number, text, text_list
-from kdbench.train import guided_stages, pair_stages  # noqa: F401 - their stages join the stage registry
+from kdbench.train import guided_stages, pair_stages, reward_stage  # noqa: F401 - their stages join the stage registry
+from kdbench.train import second_tier_forms  # noqa: F401 - WPO, PLaD, DDPO-RM, dKTO join the preference forms
+from kdbench.train import second_tier_token_forms  # noqa: F401 - the atkd objective, the Q-KD guided forms
+from kdbench.train import cross_tokenizer  # noqa: F401 - the uld objective (token-level KD across tokenizers)
 from kdbench.train.guided_forms import GUIDED_FORMS
 from kdbench.train.objectives import Objective, get_objective
 from kdbench.train.params import group_fields

@@ -153,7 +153,8 @@ def resolve_recipe(method: str, overrides: dict | None = None) -> Recipe:
         for name, value in params.items():  # a parameter only some forms take, set for another one
             if name == "length_normalize" and value is not None and name not in group_fields(form.params):
                 takers = sorted(f.name for f in family_forms(objective.kind).values() if name in group_fields(f.params))
-                raise ConfigError(f"Parameter length_normalize applies to the {' and '.join(takers)} forms, not "
+                named = ", ".join(takers[:-1]) + " and " + takers[-1] if len(takers) > 1 else takers[0]
+                raise ConfigError(f"Parameter length_normalize applies to the {named} forms, not "
                                   f"{form.name}; leave it null.")
     recipe = Recipe(entry.name, entry.description, str(body.get("citation", "")), entry.path, objective,
                     str(body.get("data")), stages, sampling, LMTerm(**(body.get("lm") or {})), params, entry.alias_of)

@@ -21,11 +21,22 @@ class TokenTrainer(StepTrainer):
     COUNTS = ("tokens", "lm_tokens")
     LOGGED_COUNTS = {"tokens": "response_tokens"}
 
-    def __init__(self, *args, objective: Objective, teacher_cache=None, eval_teacher_cache=None, **kwargs):
+    def __init__(self, *args, objective: Objective, teacher_cache=None, eval_teacher_cache=None,
+                 teacher_rows: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.teacher_rows = teacher_rows  # the teacher's logit rows when its tokenizer differs (cross_tokenizer)
         self.objective = objective
         self.teacher_cache = teacher_cache
         self.eval_teacher_cache = eval_teacher_cache
+        self._objective_step: dict = {}
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The step's micro-batches and counts (:class:`StepTrainer`), then the objective's statistics over the
+        whole step (:attr:`~kdbench.train.objectives.Objective.step_stats`, e.g. ATKD's split)."""
+        batch_samples, total = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.objective.step_stats is not None and batch_samples:
+            self._objective_step = self.objective.step_stats(self, batch_samples, self.params, True)
+        return batch_samples, total
 
     @property
     def temperature(self) -> float:
@@ -36,6 +47,9 @@ class TokenTrainer(StepTrainer):
         return [int((batch["labels"][:, 1:] != -100).sum()), lm]
 
     def _teacher_signal(self, inputs, mask, vocab):
+        if self.objective.cross_tokenizer:  # the teacher reads its own tokenization of the same example
+            return self.teacher_logits(self.teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"],
+                                       self.teacher_rows)
         if self.teacher_cache is not None:
             if inputs.get("on_policy"):
                 raise TrainingError("The top-k teacher cache covers the gold responses only; on-policy methods need "
@@ -51,7 +65,9 @@ class TokenTrainer(StepTrainer):
         targets = labels[:, 1:]
         mask = (targets != -100).to(torch.float32)
         teacher_signal = self._teacher_signal(inputs, mask, vocab) if self.objective.needs_teacher else None
-        parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask), self.params)
+        step = self._objective_step if num_items_in_batch is not None else {}
+        parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask, step,
+                                          self._teacher_targets(inputs)), self.params)
         counted = mask.sum()
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             denominator = counted.clamp(min=1)
@@ -68,6 +84,10 @@ class TokenTrainer(StepTrainer):
         if model.training:
             self._record(parts, int(counted), lm_sum, inputs, student_logits, teacher_signal, mask)
         return loss, outputs
+
+    def _teacher_targets(self, inputs):
+        """The teacher's own targets [B, Tt] for an objective across tokenizers, else None."""
+        return inputs["teacher_labels"][:, 1:] if self.objective.cross_tokenizer else None
 
     def _record(self, parts, counted, lm_sum, inputs, student_logits, teacher_signal, mask) -> None:
         with torch.no_grad():
@@ -112,10 +132,12 @@ class TokenTrainer(StepTrainer):
                 teacher_signal = self.eval_teacher_cache.sparse_batch(inputs["example_index"].tolist(), mask,
                                                                       temperature=self.temperature)
             elif self.objective.needs_teacher:
-                teacher_logits = self.teacher(input_ids=inputs["input_ids"],
-                                              attention_mask=inputs.get("attention_mask")).logits
-                teacher_signal = teacher_logits[:, :-1, :vocab]
-            parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask), self.params)
+                ids, attention = ((inputs["teacher_input_ids"], inputs["teacher_attention_mask"])
+                                  if self.objective.cross_tokenizer else (inputs["input_ids"], inputs.get("attention_mask")))
+                teacher_logits = self.teacher(input_ids=ids, attention_mask=attention).logits
+                teacher_signal = teacher_logits[:, :-1, :self.teacher_rows if self.objective.cross_tokenizer else vocab]
+            parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask,
+                                              teacher_targets=self._teacher_targets(inputs)), self.params)
             ce = cross_entropy_sum(student_logits, targets)
             correct = ((student_logits.argmax(-1) == targets) & (targets != -100)).sum()
             return [float(parts["loss"]), float(ce), float(correct), float(mask.sum())]
