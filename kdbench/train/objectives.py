@@ -17,7 +17,7 @@ where ``my_loss(batch: Batch, params: MyParams) -> {"loss": summed loss, <part>:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from kdbench.config import option
@@ -34,13 +34,16 @@ class Batch:
 
     ``student_logits``: [B, T, V]; ``teacher_logits``: [B, T, V] dense logits, a top-k
     :class:`~kdbench.losses.SparseTeacher` (offline cache) or ``None`` (no teacher); ``targets``:
-    [B, T] (−100 = not counted); ``mask``: [B, T] float (1 = counted response position).
+    [B, T] (−100 = not counted); ``mask``: [B, T] float (1 = counted response position). ``extras``: per-token
+    tensors [B, T] a sampling form attached to the micro-batch (its ``rollout_*`` keys, aligned like
+    ``targets``: MiniLLM's old log-probs, advantages and importance weights); empty otherwise.
     """
 
     student_logits: Any
     teacher_logits: Any | None
     targets: Any
     mask: Any
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -64,6 +64,10 @@ class SamplingForm:
     def on_evaluate(self, trainer, metrics: dict) -> None:
         """Called with every validation result (``eval_*`` metrics)."""
 
+    def cost_facts(self) -> dict:
+        """What the form adds to the run's ``cost.json`` (e.g. how many steps used which source)."""
+        return {}
+
     def state_dict(self) -> dict:
         """The form's state (JSON-serializable), saved per process with every checkpoint."""
         return {}

@@ -14,6 +14,15 @@ from kdbench.losses.sequence import cross_entropy_sum
 from kdbench.train.objectives import Batch, Objective
 from kdbench.train.trainer_base import StepTrainer, n_tokens
 
+#: Prefix of the per-token tensors a sampling form attaches to a micro-batch for the objective's loss.
+ROLLOUT_PREFIX = "rollout_"
+
+
+def rollout_extras(inputs: dict) -> dict:
+    """The micro-batch's ``rollout_*`` tensors [B, L] (position j: token j), aligned with the shifted targets
+    ([B, L-1], position t predicting token t+1) and keyed without the prefix."""
+    return {key[len(ROLLOUT_PREFIX):]: value[:, 1:] for key, value in inputs.items() if key.startswith(ROLLOUT_PREFIX)}
+
 
 class TokenTrainer(StepTrainer):
     """:class:`StepTrainer` for token objectives; counts response tokens and LM tokens."""
@@ -51,7 +60,8 @@ class TokenTrainer(StepTrainer):
         targets = labels[:, 1:]
         mask = (targets != -100).to(torch.float32)
         teacher_signal = self._teacher_signal(inputs, mask, vocab) if self.objective.needs_teacher else None
-        parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask), self.params)
+        parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask, rollout_extras(inputs)),
+                                    self.params)
         counted = mask.sum()
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             denominator = counted.clamp(min=1)
