@@ -66,15 +66,15 @@ def test_policy_recipes_train_from_the_cli(tiny, tmp_path, method):
 
 def _divergence_on_gold(tiny, student_dir, divergence: str) -> float:
     """Mean per-token divergence of the student from the teacher on the gold responses of the training file."""
-    from kdbench.data import build_dataset, load_examples
+    from kdbench.data import PadCollator, build_dataset, load_examples
     from kdbench.losses import DIVERGENCES
     from kdbench.models import load_model, load_tokenizer
-    from kdbench.train.data_sources import TrainCollator
 
     tokenizer = load_tokenizer(str(tiny / "student"))
     data = build_dataset(load_examples(str(tiny / "prompts.jsonl")), tokenizer, style="compact",
                          max_prompt_length=128, max_length=256)
-    batch = TrainCollator(tokenizer.pad_token_id)([{**data[i], "example_index": i} for i in range(len(data))])
+    batch = PadCollator(tokenizer.pad_token_id)([{k: data[i][k] for k in ("input_ids", "labels")}
+                                                 for i in range(len(data))])
     student, teacher = load_model(str(student_dir), trainable=False), load_model(str(tiny / "teacher"), trainable=False)
     with torch.no_grad():
         s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -101,7 +101,7 @@ def test_training_moves_the_student_toward_the_teacher_and_a_flipped_sign_does_n
     params = {"max_new_tokens": 8, **({"ppo_epochs": 2} if method == "minillm" else {"init_threshold": 0.7,
                                                                                    "capacity": 8})}
     result = train(TrainConfig(method=method, student=str(tiny / "student"), teacher=str(tiny / "teacher"),
-                               data=str(tiny / "prompts.jsonl"), valid_fraction=0.0, output_dir=str(tmp_path),
+                               data=str(tiny / "prompts.jsonl"), valid_data=str(tiny / "prompts.jsonl"), output_dir=str(tmp_path),
                                max_steps=10, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0,
                                lr_scheduler="constant", prompt_style="compact", logging_steps=1, save_steps=100,
                                seed=3, cache_dir=str(tmp_path / "cache"), params=params), progress=False)
