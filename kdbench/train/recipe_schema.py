@@ -12,7 +12,7 @@ from __future__ import annotations
 from kdbench.errors import ConfigError
 from kdbench.schema import DESCRIPTION, NAME, Key, Schema, mapping, number, text, text_list
 from kdbench.train import guided_stages, pair_stages  # noqa: F401 - their stages join the stage registry
-from kdbench.train import distillm, minillm  # noqa: F401 - their objectives and sampling forms join the registries
+from kdbench.train import distillm, distillm2, dppo, minillm  # noqa: F401 - their objectives and sampling forms join the registries
 from kdbench.train.guided_forms import GUIDED_FORMS
 from kdbench.train.objectives import Objective, get_objective
 from kdbench.train.params import group_fields

@@ -64,6 +64,9 @@ class SamplingForm:
     def on_evaluate(self, trainer, metrics: dict) -> None:
         """Called with every validation result (``eval_*`` metrics)."""
 
+    def attach(self, **models) -> None:
+        """Frozen models the recipe's kind hands the form before training (DPPO's reward models)."""
+
     def cost_facts(self) -> dict:
         """What the form adds to the run's ``cost.json`` (e.g. how many steps used which source)."""
         return {}

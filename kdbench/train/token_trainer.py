@@ -12,17 +12,7 @@ import torch
 from kdbench.errors import TrainingError
 from kdbench.losses.sequence import cross_entropy_sum
 from kdbench.train.objectives import Batch, Objective
-from kdbench.train.trainer_base import StepTrainer, n_tokens
-
-#: Prefix of the per-token tensors a sampling form attaches to a micro-batch for the objective's loss.
-ROLLOUT_PREFIX = "rollout_"
-
-
-def rollout_extras(inputs: dict) -> dict:
-    """The micro-batch's ``rollout_*`` tensors [B, L] (position j: token j), aligned with the shifted targets
-    ([B, L-1], position t predicting token t+1) and keyed without the prefix."""
-    return {key[len(ROLLOUT_PREFIX):]: value[:, 1:] for key, value in inputs.items() if key.startswith(ROLLOUT_PREFIX)}
-
+from kdbench.train.trainer_base import StepTrainer, n_tokens, rollout_extras
 
 class TokenTrainer(StepTrainer):
     """:class:`StepTrainer` for token objectives; counts response tokens and LM tokens."""
