@@ -229,7 +229,7 @@ class TrainRun:
             "validation": validation,
             "resumed": resumed,
             **({trainer.sampling.counter: counters[trainer.sampling.counter]} if trainer.sampling is not None else {}),
-            **(trainer.sampling.cost_facts() if trainer.sampling is not None else {}),
+            **(getattr(trainer.sampling, "cost_facts", dict)() if trainer.sampling is not None else {}),
             **cost,
             "generated_tokens": cost.get("generated_tokens", 0) + counters["generated_tokens"],
         }
