@@ -196,7 +196,10 @@ def arm_train_config(arm: Arm, preset, *, seed: int, corpus_dir, init_dir, teach
                            and not recipe.sampling_active)
     # MiniLLM's LM term (lm.data: corpus) reads the language world as plain text: the benchmark's language and
     # templates with none of its world's facts (docs/design.md, "What makes it a measuring instrument")
-    lm_data = language_text(corpus_dir, output_dir) if recipe.lm.data == "corpus" and recipe.lm.weight > 0 else None
+    from kdbench import registry
+
+    declared_lm = registry.get("trainers", arm.method).body.get("lm") or {}
+    lm_data = language_text(corpus_dir, output_dir) if declared_lm.get("data") == "corpus" else None
     return TrainConfig(
         method=arm.method, student=str(init_dir) if arm.start == "init" else model_of(arm.start),
         teacher=str(teachers[arm.teacher]), data=str(data), valid_data=str(corpus_dir / FILES[arm.valid]),
