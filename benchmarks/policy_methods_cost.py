@@ -64,6 +64,7 @@ def main() -> None:
     store = ArtifactStore(options.cache)
     corpus = out / "corpus"
     if not (corpus / FILES["student_train"]).is_file():
+        corpus.mkdir(parents=True, exist_ok=True)
         build_corpus(preset.corpus, corpus)
     teacher, _, _ = build_teacher(preset, corpus, store, print)
     student = build_student_init(preset, corpus, store, 1, print)

@@ -180,3 +180,17 @@ def test_the_recipes_defaults_lower_the_exact_reverse_kl():
         optimizer.step()
     end = float(_exact_reverse_kl(policy, theta.detach(), teacher_table))
     assert end < 0.3 * start, (start, end)
+
+
+@pytest.mark.parametrize("method,setting,words", [
+    ("minillm", "params.generation_temperature=0.7", "temperature 1"),
+    ("distillm", "params.capacity=2", "capacity (2)"),
+])
+def test_settings_a_sampling_form_cannot_run_are_one_sentence_before_any_file(tiny, tmp_path, method, setting, words):
+    result = runner.invoke(app, [
+        "train", method, "--student", str(tiny / "student"), "--teacher", str(tiny / "teacher"),
+        "--data", str(tiny / "prompts.jsonl"), "--output-dir", str(tmp_path / "out"), "--set", "batch_size=4",
+        "--set", "prompt_style=compact", "--set", setting])
+    assert result.exit_code == 2, result.output
+    assert words in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -139,12 +139,20 @@ class AdaptiveSGO(SamplingForm):
         self._step, self._choice = state["step"], state["choice"]
 
 
+def _check(recipe, config) -> None:
+    capacity = recipe.typed(AdaptiveSGOParams).capacity
+    if capacity < config.batch_size:
+        raise ConfigError(f"Parameter capacity ({capacity}) must hold at least one batch (batch_size "
+                          f"{config.batch_size}).")
+
+
 def _build(recipe, config, decoding, tokenizer) -> SamplingForm:
     return AdaptiveSGO(recipe.typed(AdaptiveSGOParams), decoding, config.seed, tokenizer.pad_token_id,
                        config.batch_size)
 
 
 register_sampling_form(SamplingSpec("adaptive_sgo", _build, (AdaptiveSGOParams, GenerationParams), kinds=("token",),
+                                    check=_check,
                                     help="DistiLLM: student outputs with an adaptive probability (raised when the "
                                          "validation loss rises), reused from a replay buffer."))
 

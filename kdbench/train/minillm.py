@@ -233,7 +233,8 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _check_decoding(generation: GenerationParams) -> None:
+def _check(recipe, config) -> None:
+    generation = recipe.typed(GenerationParams)
     if generation.greedy or generation.generation_temperature != 1.0 or generation.top_p != 1.0 or generation.top_k:
         raise ConfigError("MiniLLM samples its rollouts from the teacher-mixed distribution at temperature 1 (its "
                           "importance weights assume it); leave greedy, generation_temperature, top_p and top_k at "
@@ -242,13 +243,13 @@ def _check_decoding(generation: GenerationParams) -> None:
 
 def _build(recipe, config, decoding, tokenizer) -> SamplingForm:
     generation = recipe.typed(GenerationParams)
-    _check_decoding(generation)
+    _check(recipe, config)
     return MiniLLMRollouts(recipe.typed(MiniLLMRolloutParams), generation.max_new_tokens, config.seed,
                            config.batch_size, tokenizer.pad_token_id)
 
 
 register_sampling_form(SamplingSpec("minillm_rollouts", _build, (MiniLLMRolloutParams, GenerationParams),
-                                    kinds=("token",), needs_teacher=True,
+                                    kinds=("token",), needs_teacher=True, check=_check,
                                     help="MiniLLM: rounds of responses sampled from the teacher-mixed distribution, "
                                          "trained on for ppo_epochs passes."))
 

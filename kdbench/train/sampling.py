@@ -205,7 +205,8 @@ class SamplingSpec:
     ``samples_rejected``: it samples the pairs' rejected responses in the step (no stage generates them for the
     training prompts).
     ``needs_teacher``: the teacher must be kept for the step. ``generates``: responses come from the policy
-    (a top-k teacher cache cannot cover them).
+    (a top-k teacher cache cannot cover them). ``check(recipe, config)``: settings the form cannot run with, one
+    sentence each, raised before the run directory is written.
     """
 
     name: str
@@ -218,6 +219,7 @@ class SamplingSpec:
     needs_teacher: bool = False
     generates: bool = True
     help: str = ""
+    check: Callable[..., None] | None = None
 
 
 SAMPLING_FORMS: dict[str, SamplingSpec] = {}
