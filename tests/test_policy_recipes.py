@@ -185,6 +185,7 @@ def test_the_recipes_defaults_lower_the_exact_reverse_kl():
 @pytest.mark.parametrize("method,setting,words", [
     ("minillm", "params.generation_temperature=0.7", "temperature 1"),
     ("distillm", "params.capacity=2", "capacity (2)"),
+    ("minillm", "grad_accum=2", "grad_accum=1"),
 ])
 def test_settings_a_sampling_form_cannot_run_are_one_sentence_before_any_file(tiny, tmp_path, method, setting, words):
     result = runner.invoke(app, [

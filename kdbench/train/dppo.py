@@ -274,13 +274,19 @@ class DPPORollouts(SamplingForm):
         self._critic_state = state.get("critic")  # restored when the hidden size is known (first round)
 
 
+def _check(recipe, config) -> None:
+    from kdbench.train.minillm import check_rounds
+
+    check_rounds(recipe.typed(DPPORolloutParams).ppo_epochs, config)
+
+
 def _build(recipe, config, decoding, tokenizer) -> SamplingForm:
     return DPPORollouts(recipe.typed(DPPORolloutParams), recipe.typed(DPOTeacherParams).teacher_dpo_beta, decoding,
                         config.seed, config.batch_size, tokenizer.pad_token_id)
 
 
 register_sampling_form(SamplingSpec("dppo_rollouts", _build, (DPPORolloutParams, GenerationParams), kinds=("guided",),
-                                    needs_teacher=True,
+                                    needs_teacher=True, check=_check,
                                     help="DPPO: rounds of the policy's responses rewarded by the DPO teacher's "
                                          "implicit reward minus a KL penalty to the SFT student."))
 

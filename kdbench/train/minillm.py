@@ -233,7 +233,16 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def check_rounds(ppo_epochs: int, config) -> None:
+    """A round's PPO passes are consecutive optimizer steps (one micro-batch each): with gradient accumulation
+    they would fall into one step, which is not PPO's inner loop."""
+    if ppo_epochs > 1 and config.grad_accum > 1:
+        raise ConfigError(f"Method {config.method} runs its PPO epochs as consecutive optimizer steps, so it needs "
+                          f"grad_accum=1 (got {config.grad_accum}); raise batch_size instead.")
+
+
 def _check(recipe, config) -> None:
+    check_rounds(recipe.typed(MiniLLMRolloutParams).ppo_epochs, config)
     generation = recipe.typed(GenerationParams)
     if generation.greedy or generation.generation_temperature != 1.0 or generation.top_p != 1.0 or generation.top_k:
         raise ConfigError("MiniLLM samples its rollouts from the teacher-mixed distribution at temperature 1 (its "
@@ -253,4 +262,4 @@ register_sampling_form(SamplingSpec("minillm_rollouts", _build, (MiniLLMRolloutP
                                     help="MiniLLM: rounds of responses sampled from the teacher-mixed distribution, "
                                          "trained on for ppo_epochs passes."))
 
-__all__ = ["MiniLLMLossParams", "MiniLLMRolloutParams", "MiniLLMRollouts", "minillm_objective", "rollout_tensors", "sample_mixed"]
+__all__ = ["MiniLLMLossParams", "MiniLLMRolloutParams", "MiniLLMRollouts", "check_rounds", "minillm_objective", "rollout_tensors", "sample_mixed"]
