@@ -8,8 +8,9 @@ smoke preset's student learning rate, responses limited to ``--max-new-tokens``,
 checkpoint inside the measured steps. DistiLLM runs with ``init_threshold: 1`` (student outputs every step: the
 regime whose cost it adds over KD; with the default 0 it costs what KD costs until the validation loss rises).
 
-Per method: the median wall time between consecutive optimizer steps (generation, teacher passes, forward and
-backward; the first two steps are warm-up and left out) and its ratio to KD's; tokens generated in the training
+Per method: the median and the mean wall time between consecutive optimizer steps (generation, teacher passes,
+forward and backward; the first two steps are warm-up and left out) and their ratios to KD's — the median is a
+plain step, the mean includes the steps that sample (MiniLLM and DPPO sample once per round of 4 steps); tokens generated in the training
 steps and in the stages before them (DistiLLM-2's cached responses, DPPO's none); teacher forward tokens; each
 per step and as a ratio to KD. Everything is measured in this one run on this machine.
 
@@ -50,6 +51,7 @@ def main() -> None:
     from kdbench.store import ArtifactStore
     from kdbench.synthetic.corpus import FILES, build_corpus
     from kdbench.train import TrainConfig, train
+    from kdbench.train.recipes import resolve_recipe
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -77,21 +79,25 @@ def main() -> None:
                              learning_rate=preset.student_lr, max_steps=options.steps, batch_size=options.batch,
                              max_length=256, max_prompt_length=128, prompt_style="compact", logging_steps=1,
                              save_steps=10 * options.steps, group_by_length=False, cache_dir=options.cache,
-                             params={**stages, **params, "max_new_tokens": options.max_new_tokens})
+                             params={**stages, **params, **({"max_new_tokens": options.max_new_tokens}
+                                                            if "max_new_tokens" in resolve_recipe(method).params else {})})
         result = train(config, progress=False, callbacks=[clock], log=lambda message: None)
         intervals = [b - a for a, b in zip(clock.ends[1:], clock.ends[2:])]
         cost = result.cost
         results[label] = {"median_step_seconds": statistics.median(intervals) if intervals else None,
+                          "mean_step_seconds": statistics.fmean(intervals) if intervals else None,
                           "steps": cost["optimizer_steps"], "generated_tokens": cost["generated_tokens"],
                           "teacher_forward_tokens": cost["teacher_forward_tokens"],
                           "tokens_processed": cost["tokens_processed"]}
     base = results["kd"]
-    lines = ["| method | median step s | × kd | generated tokens / step | teacher fwd tokens / step | × kd |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| method | median step s | × kd | mean step s | × kd | generated tokens / step | "
+             "teacher fwd tokens / step | × kd |", "|---|---|---|---|---|---|---|---|"]
     for label, r in results.items():
         r["step_time_ratio"] = r["median_step_seconds"] / base["median_step_seconds"]
+        r["mean_step_time_ratio"] = r["mean_step_seconds"] / base["mean_step_seconds"]
         r["teacher_tokens_ratio"] = r["teacher_forward_tokens"] / max(1, base["teacher_forward_tokens"])
         lines.append(f"| {label} | {r['median_step_seconds']:.3f} | {r['step_time_ratio']:.2f} | "
+                     f"{r['mean_step_seconds']:.3f} | {r['mean_step_time_ratio']:.2f} | "
                      f"{r['generated_tokens'] / r['steps']:.0f} | {r['teacher_forward_tokens'] / r['steps']:.0f} | "
                      f"{r['teacher_tokens_ratio']:.2f} |")
     (out / "cost.json").write_text(json.dumps({"steps": options.steps, "batch": options.batch,
