@@ -29,8 +29,7 @@ from kdbench.errors import ConfigError
 from kdbench.losses.sequence import cross_entropy_sum
 from kdbench.train.guided_forms import GuidedBatch, GuidedForm, GuidedParams, register_guided_form
 from kdbench.train.params import DPOTeacherParams, GenerationParams, not_negative, positive, unit_interval
-from kdbench.train.sampling import SamplingForm, SamplingSpec, batch_prompts, register_sampling_form, sample_responses
-from kdbench.train.sampling import step_key
+from kdbench.train.sampling import SamplingForm, SamplingSpec, register_sampling_form, sample_responses, step_key
 
 
 # ------------------------------------------------------------------------------------------ the guided form
@@ -246,7 +245,8 @@ class DPPORollouts(SamplingForm):
         chosen_padded = pad_rows(chosen, self.pad_token_id)
         return {"chosen_ids": chosen_padded["input_ids"], "chosen_labels": chosen_padded["labels"],
                 "chosen_length": chosen_padded["attention_mask"].sum(-1),
-                "rollout_ids": padded["input_ids"], "rollout_labels": padded["labels"], "rollout_length": rollout_lengths,
+                "rollout_ids": padded["input_ids"], "rollout_labels": padded["labels"],
+                "rollout_length": rollout_lengths,
                 "old_logps": full(policy_logps), "advantages": full(advantages),
                 "example_index": batch["example_index"].cpu(), "prompt_length": batch["prompt_length"][:n].cpu()}
 

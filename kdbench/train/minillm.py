@@ -262,4 +262,5 @@ register_sampling_form(SamplingSpec("minillm_rollouts", _build, (MiniLLMRolloutP
                                     help="MiniLLM: rounds of responses sampled from the teacher-mixed distribution, "
                                          "trained on for ppo_epochs passes."))
 
-__all__ = ["MiniLLMLossParams", "MiniLLMRolloutParams", "MiniLLMRollouts", "check_rounds", "minillm_objective", "rollout_tensors", "sample_mixed"]
+__all__ = ["MiniLLMLossParams", "MiniLLMRolloutParams", "MiniLLMRollouts", "check_rounds", "minillm_objective",
+           "rollout_tensors", "sample_mixed"]
