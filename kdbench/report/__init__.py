@@ -97,6 +97,11 @@ def build_sections(data: ReportData, *, baseline_label: str | None = "sft", refe
         if cost or figure:
             sections.append(Section("cost", "Cost and training", tables=[cost] if cost else [],
                                     figures=[figure] if figure else []))
+        from kdbench.report.methods import method_table
+
+        methods = method_table(data)
+        if methods:
+            sections.append(Section("methods", "Methods", tables=[methods]))
     if compare_papers:
         from kdbench.report.papers import paper_tables
 

@@ -54,7 +54,7 @@ def arm_for(method: str) -> Arm:
     data, valid = {"pairs": ("preferences", "validation_preferences"), "prompts": ("student_unlabelled", "validation"),
                    "responses": ("student_train", "validation")}[recipe.training_data]
     start, stage, arm_params = "init", "student", {}
-    if recipe.kind in ("preference", "guided"):  # sequence-level preference losses
+    if recipe.kind == "preference" or (recipe.kind == "guided" and recipe.data == "pairs"):  # preference losses
         stage = "preference"
         if recipe.kind == "preference" and recipe.data == "pairs":
             start = "sft"  # DPO / SimPO: no SFT stage of their own
@@ -191,7 +191,15 @@ def arm_train_config(arm: Arm, preset, *, seed: int, corpus_dir, init_dir, teach
     select_metric = "loss" if recipe.kind in ("preference", "guided") else "ce"
     # guided recipes (DCKD, ADPA) have no held-out measure to select on: they keep their last checkpoint
     select = "last" if recipe.kind == "guided" else preset.select
-    token_level_on_gold = recipe.objective.name == "token_kd" and recipe.training_data == "responses"
+    # an offline top-k teacher covers the gold responses only, not what a sampling form generates (DistiLLM)
+    token_level_on_gold = (recipe.objective.name == "token_kd" and recipe.training_data == "responses"
+                           and not recipe.sampling_active)
+    # MiniLLM's LM term (lm.data: corpus) reads the language world as plain text: the benchmark's language and
+    # templates with none of its world's facts (docs/design.md, "What makes it a measuring instrument")
+    from kdbench import registry
+
+    declared_lm = registry.get("trainers", arm.method).body.get("lm") or {}
+    lm_data = language_text(corpus_dir, output_dir) if declared_lm.get("data") == "corpus" else None
     return TrainConfig(
         method=arm.method, student=str(init_dir) if arm.start == "init" else model_of(arm.start),
         teacher=str(teachers[arm.teacher]), data=str(data), valid_data=str(corpus_dir / FILES[arm.valid]),
@@ -200,4 +208,26 @@ def arm_train_config(arm: Arm, preset, *, seed: int, corpus_dir, init_dir, teach
         batch_size=preset.batch_size, max_length=256, max_prompt_length=128, prompt_style="compact",
         logging_steps=25, group_by_length=True, cache_dir=cache_dir, save_steps=save_steps,
         select=select, select_metric=select_metric,
-        teacher_signal=preset.teacher_signal if token_level_on_gold else "online", params=params)
+        teacher_signal=preset.teacher_signal if token_level_on_gold else "online", lm_data=lm_data, params=params)
+
+
+def language_text(corpus_dir, output_dir) -> str:
+    """The corpus's language world (``language.jsonl``: another world's instances, disjoint names) as a plain-text
+    LM corpus ``{"text": prompt + response}`` per line, in the compact prompt style the arms train with; written
+    once under ``output_dir``. None of the benchmark world's facts are in it, so an LM term on it teaches
+    language without leaking the held-out facts."""
+    import json
+    from pathlib import Path
+
+    from kdbench.data import format_prompt
+    from kdbench.store import atomic_write_text
+    from kdbench.synthetic.corpus import FILES
+
+    target = Path(output_dir) / "lm-corpus" / "language_text.jsonl"
+    if not target.is_file():
+        rows = [json.loads(line) for line in open(Path(corpus_dir) / FILES["language"], encoding="utf-8") if line.strip()]
+        text = "".join(json.dumps({"text": format_prompt(r["instruction"], r.get("input", ""), style="compact")
+                                           + r["output"]}) + "\n" for r in rows)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(target, text)
+    return str(target)

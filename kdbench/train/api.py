@@ -62,6 +62,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None, comm
         check = get_stage(name).check if name != "train" else None
         if check is not None:
             check(ctx)
+    if recipe.sampling_active and recipe.sampling_spec.check is not None:
+        recipe.sampling_spec.check(recipe, config)  # the form's settings, before any file is written
     ctx.run = TrainRun.open(config, recipe, say=say, clock=clock, command=command)
     finished = ctx.run.finished()
     if finished is not None:

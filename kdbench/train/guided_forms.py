@@ -33,7 +33,8 @@ class GuidedBatch:
     ``chosen_*``: the y_w rows ([P, T, V] student logits, [P, T] targets and mask). ``other_*``: the y_other
     rows. ``teachers``: the dense logits the form asked for, by (model, rows) — [2P, T, V] for ``all``,
     [P, T, V] for ``other``. ``chosen_tokens`` / ``other_tokens`` / ``sequences``: the optimizer step's totals
-    (at least 1).
+    (at least 1). ``progress``: the fraction of optimizer steps done before this step. ``other_targets``: the
+    other rows' targets; ``extras``: per-token tensors of the other rows a sampling form attached (DPPO's rollouts).
     """
 
     chosen_logits: Any
@@ -45,6 +46,9 @@ class GuidedBatch:
     chosen_tokens: Any
     other_tokens: Any
     sequences: Any
+    progress: float = 0.0  # fraction of the run's optimizer steps done (a curriculum's clock)
+    other_targets: Any = None  # [P, T] the other rows' targets (−100 = not counted)
+    extras: dict = field(default_factory=dict)  # the other rows' rollout_* tensors [P, T] (a sampling form's)
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 
 from kdbench.train.guided_forms import GuidedBatch, GuidedForm
 from kdbench.train.policy import disable_dropout
-from kdbench.train.trainer_base import StepTrainer, positive
+from kdbench.train.trainer_base import StepTrainer, positive, rollout_extras
 
 
 class GuidedTrainer(StepTrainer):
@@ -51,7 +51,10 @@ class GuidedTrainer(StepTrainer):
         batch = GuidedBatch(logits[:n], targets[:n], mask[:n], logits[n:], mask[n:], teachers,
                             chosen_tokens=positive(totals["chosen_tokens"], logits),
                             other_tokens=positive(totals["other_tokens"], logits),
-                            sequences=positive(totals["pairs"], logits))
+                            sequences=positive(totals["pairs"], logits),
+                            progress=min(1.0, self.state.global_step / max(1, int(self.state.max_steps or 1))),
+                            other_targets=targets[n:],
+                            extras={key: value[n:] for key, value in rollout_extras(inputs).items()})
         parts = self.form.loss(batch, self.params, self.family)
         loss = parts.pop("loss")
         if model.training:

@@ -37,7 +37,9 @@ class Batch:
     [B, T] (−100 = not counted); ``mask``: [B, T] float (1 = counted response position); ``step``: what the
     objective's ``step_stats`` computed over the whole optimizer step (empty outside training: the loss then
     takes the micro-batch as its step). ``teacher_targets``: [B, Tt] the teacher's own targets, for objectives
-    across tokenizers (``teacher_logits`` are then [B, Tt, Vt] on the teacher's tokenization).
+    across tokenizers (``teacher_logits`` are then [B, Tt, Vt] on the teacher's tokenization). ``extras``:
+    per-token tensors [B, T] a sampling form attached to the micro-batch (its ``rollout_*`` keys, aligned like
+    ``targets``: MiniLLM's old log-probs, advantages and importance weights); empty otherwise.
     """
 
     student_logits: Any
@@ -46,6 +48,7 @@ class Batch:
     mask: Any
     step: dict = field(default_factory=dict)
     teacher_targets: Any | None = None
+    extras: dict = field(default_factory=dict)
 
 
 @dataclass

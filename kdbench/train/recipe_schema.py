@@ -15,6 +15,7 @@ from kdbench.train import guided_stages, pair_stages, reward_stage  # noqa: F401
 from kdbench.train import second_tier_forms  # noqa: F401 - WPO, PLaD, DDPO-RM, dKTO join the preference forms
 from kdbench.train import second_tier_token_forms  # noqa: F401 - the atkd objective, the Q-KD guided forms
 from kdbench.train import cross_tokenizer  # noqa: F401 - the uld objective (token-level KD across tokenizers)
+from kdbench.train import distillm, distillm2, dppo, minillm  # noqa: F401 - their objectives and sampling forms join the registries
 from kdbench.train.guided_forms import GUIDED_FORMS
 from kdbench.train.objectives import Objective, get_objective
 from kdbench.train.params import group_fields

@@ -231,6 +231,7 @@ class TrainRun:
             "resumed": resumed,
             **({"sharding": trainer.sharding_seen} if getattr(trainer, "sharding_seen", None) else {}),
             **({trainer.sampling.counter: counters[trainer.sampling.counter]} if trainer.sampling is not None else {}),
+            **(getattr(trainer.sampling, "cost_facts", dict)() if trainer.sampling is not None else {}),
             **cost,
             "generated_tokens": cost.get("generated_tokens", 0) + counters["generated_tokens"],
         }

@@ -67,6 +67,13 @@ class SamplingForm:
     def on_evaluate(self, trainer, metrics: dict) -> None:
         """Called with every validation result (``eval_*`` metrics)."""
 
+    def attach(self, **models) -> None:
+        """Frozen models the recipe's kind hands the form before training (DPPO's reward models)."""
+
+    def cost_facts(self) -> dict:
+        """What the form adds to the run's ``cost.json`` (e.g. how many steps used which source)."""
+        return {}
+
     def state_dict(self) -> dict:
         """The form's state (JSON-serializable), saved per process with every checkpoint."""
         return {}
@@ -201,7 +208,8 @@ class SamplingSpec:
     ``samples_rejected``: it samples the pairs' rejected responses in the step (no stage generates them for the
     training prompts).
     ``needs_teacher``: the teacher must be kept for the step. ``generates``: responses come from the policy
-    (a top-k teacher cache cannot cover them).
+    (a top-k teacher cache cannot cover them). ``check(recipe, config)``: settings the form cannot run with, one
+    sentence each, raised before the run directory is written.
     """
 
     name: str
@@ -214,6 +222,7 @@ class SamplingSpec:
     needs_teacher: bool = False
     generates: bool = True
     help: str = ""
+    check: Callable[..., None] | None = None
 
 
 SAMPLING_FORMS: dict[str, SamplingSpec] = {}

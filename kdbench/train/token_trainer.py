@@ -12,8 +12,7 @@ import torch
 from kdbench.errors import TrainingError
 from kdbench.losses.sequence import cross_entropy_sum
 from kdbench.train.objectives import Batch, Objective
-from kdbench.train.trainer_base import StepTrainer, n_tokens
-
+from kdbench.train.trainer_base import StepTrainer, n_tokens, rollout_extras
 
 class TokenTrainer(StepTrainer):
     """:class:`StepTrainer` for token objectives; counts response tokens and LM tokens."""
@@ -67,7 +66,7 @@ class TokenTrainer(StepTrainer):
         teacher_signal = self._teacher_signal(inputs, mask, vocab) if self.objective.needs_teacher else None
         step = self._objective_step if num_items_in_batch is not None else {}
         parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask, step,
-                                          self._teacher_targets(inputs)), self.params)
+                                          self._teacher_targets(inputs), rollout_extras(inputs)), self.params)
         counted = mask.sum()
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             denominator = counted.clamp(min=1)

@@ -56,6 +56,16 @@ def n_tokens(inputs) -> int:
     return int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
 
 
+#: Prefix of the per-token tensors a sampling form attaches to a micro-batch for the objective's loss.
+ROLLOUT_PREFIX = "rollout_"
+
+
+def rollout_extras(inputs: dict) -> dict:
+    """The micro-batch's ``rollout_*`` tensors [B, L] (position j: token j), aligned with the shifted targets
+    ([B, L-1], position t predicting token t+1) and keyed without the prefix."""
+    return {key[len(ROLLOUT_PREFIX):]: value[:, 1:] for key, value in inputs.items() if key.startswith(ROLLOUT_PREFIX)}
+
+
 def positive(value, like) -> torch.Tensor:
     """``value`` as a float32 tensor on ``like``'s device, at least 1 (a denominator)."""
     return torch.as_tensor(value, dtype=torch.float32, device=like.device).clamp(min=1)
