@@ -137,7 +137,7 @@ def _recipe_estimate(policy, theta, teacher_table, sequences, rollout_params):
     mask = torch.ones_like(sequences, dtype=torch.bool)
     advantages, weights = rollout_tensors(old, teacher_lp, mask, rollout_params)
     batch = Batch(student_logits, teacher_logits, sequences, mask.double(),
-                  {"old_logps": old, "advantages": advantages, "weights": weights})
+                  extras={"old_logps": old, "advantages": advantages, "weights": weights})
     return minillm_objective(batch, MiniLLMLossParams())["loss"] / sequences.shape[0]
 
 
