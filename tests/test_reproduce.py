@@ -183,6 +183,12 @@ def test_a_row_pointing_at_an_unknown_stage_is_rejected(user_registry):
         load_table("akl-table1")
 
 
+def test_row_folders_never_collide():
+    from kdbench.reproduce.layout import slug
+
+    assert slug("ADPA") != slug("ADPA+") and slug("FKL+RKL") == "fkl-plus-rkl"
+
+
 def test_seeds_examples_ci_covers_seed_spread():
     from kdbench.reproduce.compare import seeds_examples_ci
 
@@ -204,9 +210,58 @@ def test_comparison_marks_unavailable_rows_and_the_paper_inside_ci():
 
     table = load_table("dpkd-table1")
     pair = table.pairs[0]
-    scores = {"SFT": {"reference": {"1": [23.3] * 10 + [23.4] * 10}}}
+    scores = {"SFT": {"reference": {"1": [21.3] * 10 + [25.5] * 10}},      # mean 23.4, CI about +-0.9
+              "SeqKD": {"reference": {"1": [30.0] * 10 + [30.2] * 10}}}    # far above the paper's number
     rows = {(r.row, r.benchmark): r for r in compare(table, pair, scores)}
     sft = rows[("SFT", "dolly")]
-    assert sft.paper == 23.3 and sft.inside is True and sft.difference == pytest.approx(0.05)
+    assert sft.paper == 23.3 and sft.inside is True and sft.difference == pytest.approx(0.1)
+    assert rows[("SeqKD", "dolly")].inside is False and rows[("SeqKD", "dolly")].difference > 0
     assert rows[("MiniLLM", "dolly")].status.startswith("method not available in this version")
     assert rows[("KD", "dolly")].status == "not run"
+
+
+# --- every table's miniature, end to end (slow) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stand_in_cache(tmp_path_factory):
+    """One artifact cache for the four miniatures (per process, so parallel workers never share it): the
+    stand-in world, teacher and student are built once and reused, as a user's cache would."""
+    return tmp_path_factory.mktemp("reproduce-cache")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", TABLES)
+def test_mini_runs_every_row_evaluation_and_report(name, tmp_path, stand_in_cache):
+    import csv
+
+    from kdbench.reproduce import run_reproduction
+    from kdbench.reproduce.table import load_table
+
+    table = load_table(name)
+    out = tmp_path / "out"
+    result = run_reproduction(name, scale="mini", out_dir=out, cache_dir=stand_in_cache, progress=False)
+    rows = list(csv.DictReader(open(out / "comparison.csv")))
+    benchmarks = {b.benchmark + table.pairs[0].benchmark_suffix for b in table.benchmarks}
+    assert {r["benchmark"] for r in rows} == benchmarks
+    for row in table.rows:  # every row is in the report: measured on every benchmark, or marked unavailable
+        mine = [r for r in rows if r["row"] == row.label]
+        assert len(mine) == len(table.benchmarks)
+        if row.available:
+            assert all(r["kdbench"] not in ("", "None") and r["ci_low"] not in ("", "None") for r in mine), row.label
+            assert all(int(r["n_seeds"]) == (1 if row.method is None else len(table.mini["train_seeds"])) for r in mine)
+        else:
+            assert all(r["status"].startswith("method not available in this version") for r in mine)
+    compared = [r for r in rows if r["status"] == "compared"]
+    assert compared and all(r["paper"] not in ("", "None") and r["difference"] not in ("", "None") for r in compared)
+    md = (out / "reproduce.md").read_text()
+    assert "| row | method | paper | kdbench | 95% CI | difference | paper inside CI |" in md
+    assert "not comparable" in md and "Deviations from the paper" in md
+    assert (out / "report" / "report.html").is_file()
+    # rerunning reuses every finished stage: the dry-run of the same folder shows them as done
+    from kdbench.reproduce import plan_reproduction
+
+    plan, _ = plan_reproduction(name, scale="mini", out_dir=out)
+    assert all(s.status in ("done", "not available") for s in plan.stages), [
+        (s.name, s.status) for s in plan.stages if s.status not in ("done", "not available")]
+    assert result.timings["total_seconds"] > 0

@@ -73,7 +73,7 @@ def run_reproduction(name: str, *, scale: str = "mini", out_dir: str | Path | No
     rows = compare(plan.table, pair, result["scores"])
     judge_note = ""
     if any(b.kind == "judge" for b in plan.table.benchmarks):
-        judge_note = ("Judged benchmarks ran with the offline exact-match judge against the teacher (deterministic), "
+        judge_note = ("Judged benchmarks ran with the offline Rouge-L proxy judge against the teacher (deterministic), "
                       "not the paper's judge (" + ", ".join(sorted({b.judge_model or '?' for b in plan.table.benchmarks
                                                                      if b.kind == 'judge'})) + ").")
     used = {kind: STAND_INS[kind] for kind in dict.fromkeys(b.kind for b in plan.table.benchmarks)}

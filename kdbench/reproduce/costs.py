@@ -67,9 +67,9 @@ def generation(params_b: float, tokens: float) -> Compute:
 def conversion_note(figures: dict) -> str:
     """The plain statement of where the hours come from, printed under every plan."""
     return (f"CPU-hours from measured throughput on {figures['device']} ({figures['model']}: "
-            f"{figures['train_tokens_per_second']:.0f} trained tokens/s = {figures['train_flops_per_second'] / 1e9:.1f} "
-            f"GFLOP/s, {figures['generate_tokens_per_second']:.0f} generated tokens/s = "
-            f"{figures['generate_flops_per_second'] / 1e9:.1f} GFLOP/s; benchmarks/reproduce_costs.py). GPU-hours on "
+            f"{figures['train_tokens_per_second']:.2f} trained tokens/s = {figures['train_flops_per_second'] / 1e9:.1f} "
+            f"GFLOP/s, {figures['generate_tokens_per_second']:.2f} generated tokens/s = "
+            f"{figures['generate_flops_per_second'] / 1e9:.2f} GFLOP/s; benchmarks/reproduce_costs.py). GPU-hours on "
             f"one {DEVICE['name']} are NOT measured: they assume {DEVICE['peak_flops'] / 1e12:.0f} TFLOP/s bf16 peak at "
             f"{DEVICE['train_utilisation']:.0%} utilisation in training and {DEVICE['generate_utilisation']:.0%} in "
             "generation, with 6N FLOPs per trained token and 2N per forward or generated token.")

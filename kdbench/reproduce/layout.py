@@ -7,8 +7,9 @@ from pathlib import Path
 
 
 def slug(text: str) -> str:
-    """A file-name-safe form of a row label or pair name (``FKL+RKL`` -> ``fkl-rkl``)."""
-    return re.sub(r"[^a-z0-9.]+", "-", text.lower()).strip("-") or "row"
+    """A file-name-safe form of a row label or pair name (``FKL+RKL`` -> ``fkl-plus-rkl``, ``ADPA+`` ->
+    ``adpa-plus``: a + is kept as a word, so ADPA and ADPA+ never share a folder)."""
+    return re.sub(r"[^a-z0-9.]+", "-", text.lower().replace("+", " plus ")).strip("-") or "row"
 
 
 def _row_slug(label: str) -> str:

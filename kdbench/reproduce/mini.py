@@ -10,7 +10,7 @@ optimisation settings are for the real models; the mini budget replaces them), t
 are replaced by stand-ins of the same kind:
 
 * reference suites (Rouge-L) -> Rouge-L on the world's test split;
-* judged benchmarks -> the offline exact-match judge of each student against the teacher on the same prompts
+* judged benchmarks -> the offline Rouge-L proxy judge of each student against the teacher on the same prompts
   (win rate, ω; an MT-Bench score stands in as the win rate / 10);
 * lm-eval suites (OLL) -> accuracy on the world's four-option questions (lm-eval), x 100.
 """
@@ -26,7 +26,7 @@ from kdbench.reproduce.layout import eval_dir, slug, train_dir
 from kdbench.reproduce.table import Row, Table
 
 STAND_INS = {"reference": "Rouge-L on the synthetic test split",
-             "judge": "offline exact-match judge vs the teacher",
+             "judge": "offline Rouge-L proxy judge vs the teacher (deterministic; ties within its margin)",
              "lm_eval": "synthetic four-option accuracy (lm-eval) x 100"}
 
 
@@ -156,7 +156,7 @@ def run_mini(table: Table, out: Path, cache_dir: Path | None, *, log: Callable[[
                                 greedy=True, limit=preset.eval_limit, decoding=decoding, output_dir=str(out / "eval"),
                                 run_name="teacher", label="teacher"), log=log, progress=progress)
         students = [(row.label, target.name) for row, _, _, target in evaluated if target != teacher_eval]
-        outcomes = judge_against_teacher(out, students, "exact", teacher_run=teacher_eval.name, log=log)
+        outcomes = judge_against_teacher(out, students, "rouge", teacher_run=teacher_eval.name, log=log)
         for (row, seed, _, target), outcome in zip([e for e in evaluated if e[3] != teacher_eval], outcomes):
             scores[row.label].setdefault("judge", {})[str(seed)] = [r["outcome"] for r in outcome.judgments]
         if teacher_row is not None:  # the teacher against itself: ties by definition (ω = 0, as the papers print)

@@ -150,6 +150,7 @@ def build_plan(table: Table, scale: str, out: Path) -> Plan:
     pairs = table.pairs if scale == "full" else table.pairs[:1]
     train_seeds = (table.eval.get("train_seeds") or [1]) if scale == "full" else table.mini["train_seeds"]
     shared: set = set()
+    prepared: dict = {}
     for index, pair in enumerate(pairs):
         base = out if scale == "mini" else out / slug(pair.name)
         teacher_b = table.models[pair.teacher]["params_b"]
@@ -164,22 +165,44 @@ def build_plan(table: Table, scale: str, out: Path) -> Plan:
                                     status="to run" if spec.get("revision") else "blocked",
                                     note="" if spec.get("revision") else "no pinned revision",
                                     disk_bytes=spec["params_b"] * 1e9 * BYTES_PER_PARAM_WEIGHTS))
+            used = [pair.data] + [p.get("data", pair.data) for p in table.preparation] + [r.data for r in table.rows if r.data]
+            for key in dict.fromkeys(used):
+                spec = table.datasets[key]
+                if any(s.kind == "download" and s.name == key for s in stages):
+                    continue
+                stages.append(Stage(pair.name, "download", key, f"{spec['hub']}@{spec.get('revision') or 'NOT PINNED'} (data)",
+                                    status="to run" if spec.get("revision") else "blocked",
+                                    note="" if spec.get("revision") else "no pinned revision"))
             if pair.student_keep:
                 stages.append(Stage(pair.name, "prepare", f"prune to {pair.student_keep:.0%} of blocks", pair.student,
                                     disk_bytes=student_b * 1e9 * BYTES_PER_PARAM_WEIGHTS,
                                     status="done" if _run_done(base / "prep" / "pruned-student") else "to run"))
             for prep in table.preparation:
                 of_b = teacher_b if prep["of"] == "teacher" else student_b
-                data = table.datasets[prep.get("data", pair.data)]
+                model = pair.teacher if prep["of"] == "teacher" else pair.student
+                data_key = prep.get("data", pair.data)
+                data = table.datasets[data_key]
                 tokens = data["rows"] * _epochs(prep.get("settings") or {}, data["rows"]) * (
                     data["prompt_tokens"] + data["response_tokens"])
+                first = prepared.setdefault((prep["name"], model, data_key, pair.student_keep if prep["of"] == "student"
+                                             else None), pair.name)
+                if first != pair.name:  # the same model, data and settings: the artifact store builds it once
+                    stages.append(Stage(pair.name, "prepare", f"{prep['name']} ({prep['kind']})", model,
+                                        status="shared", note=f"built for {first}"))
+                    continue
                 done = _run_done(base / "prep" / prep["name"])
-                stages.append(Stage(pair.name, "prepare", f"{prep['name']} ({prep['kind']})", pair.teacher if prep["of"] == "teacher" else pair.student,
+                stages.append(Stage(pair.name, "prepare", f"{prep['name']} ({prep['kind']})", model,
                                     costs.training(of_b, tokens), "done" if done else "to run",
-                                    disk_bytes=of_b * 1e9 * (BYTES_PER_PARAM_WEIGHTS + BYTES_PER_PARAM_RESUMABLE)))
+                                    disk_bytes=of_b * 1e9 * BYTES_PER_PARAM_WEIGHTS))
         for row in table.rows:
             if row.method is None:
                 model_b = teacher_b if row.evaluate == "teacher" else student_b
+                if row.evaluate == "teacher" and scale == "full":
+                    first = prepared.setdefault(("evaluate", pair.teacher, pair.benchmark_suffix), pair.name)
+                    if first != pair.name:
+                        stages.append(Stage(pair.name, "evaluate", f"{row.label} (teacher as prepared)", pair.teacher,
+                                            status="shared", note=f"evaluated for {first}"))
+                        continue
                 stages.append(Stage(pair.name, "evaluate", f"{row.label} ({row.evaluate} as prepared)",
                                     pair.teacher if row.evaluate == "teacher" else pair.student,
                                     eval_compute(table, model_b) if scale == "full" else Compute(),
@@ -254,10 +277,10 @@ def render_plan(plan: Plan) -> str:
         lines.append(f"  {stage.kind + ' ' + stage.name:<46.46} {stage.model:<44.44} {tokens:>9} {cpu:>9} {gpu:>8}  "
                      f"{status}{disk}")
     total = plan.total()
-    counts = {s: sum(x.status == s for x in plan.stages if x.kind != "disk") for s in ("to run", "done", "not available", "blocked")}
+    counts = {s: sum(x.status == s for x in plan.stages if x.kind != "disk") for s in ("to run", "done", "shared", "not available", "blocked")}
     lines += ["", f"total still to run: {total.tokens:.3g} tokens, {total.cpu_hours(figures):.3g} CPU-hours, "
                   f"{total.gpu_hours():.3g} GPU-hours on one {costs.DEVICE['name']}; stages: {counts['to run']} to run, "
-                  f"{counts['done']} done (cached), {counts['not available']} not available, {counts['blocked']} blocked"]
+                  f"{counts['done']} done (cached), {counts['shared']} shared with another pair, {counts['not available']} not available, {counts['blocked']} blocked"]
     if plan.scale == "full":
         lines.append(f"disk needed: about {plan.disk_bytes() / 1e9:.1f} GB (free at {plan.out}: "
                      f"{free_bytes(plan.out) / 1e9:.1f} GB)")
@@ -270,7 +293,7 @@ def render_plan(plan: Plan) -> str:
     if judged:
         lines.append("judged benchmarks: " + "; ".join(f"{b.benchmark} by {b.judge_model} ({b.examples} prompts)"
                                                        for b in judged)
-                     + ("" if plan.scale == "full" else " - mini: the offline exact-match judge against the teacher"))
+                     + ("" if plan.scale == "full" else " - mini: the offline Rouge-L proxy judge against the teacher"))
     lines += ["", "deviations from the paper:"] + [f"  - {gap}" for gap in table.gaps]
     lines += [f"  - row {row.label}: {row.gap}" for row in table.rows if row.gap]
     lines += [f"  - preparation {p['name']}: {p['gap']}" for p in table.preparation if p.get("gap")]

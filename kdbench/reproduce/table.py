@@ -125,8 +125,11 @@ def load_table(name: str) -> Table:
         rows.append(Row(spec["label"], spec.get("method"), spec.get("evaluate"), start, teacher,
                         spec.get("data"), dict(spec.get("params") or {}), dict(spec.get("settings") or {}),
                         spec["source"], spec.get("gap"), spec.get("paper_student", "student")))
-    if len({r.label for r in rows}) != len(rows):
-        raise ConfigError(f"{where}: each row label may appear once.")
+    from kdbench.reproduce.layout import slug
+
+    if len({slug(r.label) for r in rows}) != len(rows):
+        raise ConfigError(f"{where}: each row label may appear once (labels differing only in punctuation or case "
+                          "share a run folder).")
     benchmarks = [Benchmark(b["benchmark"], b["metric"], b["kind"], b["suite"], int(b["examples"]),
                             b.get("judge_model"), float(b.get("scale", 1.0))) for b in body["eval"]["benchmarks"]]
     return Table(entry.name, entry.description, body["paper"], str(body["table"]), body["source"], models, datasets,
