@@ -142,10 +142,9 @@ def run_mini(table: Table, out: Path, cache_dir: Path | None, *, log: Callable[[
                 run_eval(row, seed, result.model_dir)
     scores: dict[str, dict[str, dict[str, list[float]]]] = {}
     kinds = {b.kind for b in table.benchmarks}
-    for row, seed, _, target in evaluated:
-        per_example = next(iter(_rouge_per_example(RunDir(target)).values()), [])
-        scores.setdefault(row.label, {})["reference"] = {**scores.get(row.label, {}).get("reference", {}),
-                                                         str(seed): per_example}
+    for row, seed, _, target in evaluated:  # greedy decoding: one generation seed per run
+        per_example = next(iter(_rouge_per_example(RunDir(target)).values()))
+        scores.setdefault(row.label, {}).setdefault("reference", {})[str(seed)] = per_example
     if "judge" in kinds:
         t0 = time.time()
         teacher_row = next((r for r in table.rows if r.evaluate == "teacher"), None)
@@ -179,24 +178,12 @@ def run_mini(table: Table, out: Path, cache_dir: Path | None, *, log: Callable[[
 
 
 def _rouge_per_example(run) -> dict[str, list[float]]:
-    """The per-example Rouge-L (0-100) of a synthetic evaluation run, from ``scores/synthetic.json``."""
+    """The per-example Rouge-L (0-100) of a synthetic evaluation run by generation seed, from the
+    ``scores/synthetic.json`` :func:`kdbench.scoring.score` writes."""
     import json
 
-    path = run.path / "scores" / "synthetic.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return _find_rouge(data)
-
-
-def _find_rouge(data) -> dict[str, list[float]]:
-    if isinstance(data, dict):
-        for key in ("rougeL", "rouge_l"):
-            if key in data and isinstance(data[key], dict):
-                return {str(k): list(v) for k, v in data[key].items()}
-        for value in data.values():
-            found = _find_rouge(value)
-            if found:
-                return found
-    return {}
+    data = json.loads((run.path / "scores" / "synthetic.json").read_text(encoding="utf-8"))
+    return {str(seed): list(values) for seed, values in data["scores"]["rougeL"].items()}
 
 
 __all__ = ["STAND_INS", "mini_preset", "run_mini"]

@@ -151,7 +151,7 @@ def build_plan(table: Table, scale: str, out: Path) -> Plan:
     train_seeds = (table.eval.get("train_seeds") or [1]) if scale == "full" else table.mini["train_seeds"]
     shared: set = set()
     prepared: dict = {}
-    for index, pair in enumerate(pairs):
+    for pair in pairs:
         base = out if scale == "mini" else out / slug(pair.name)
         teacher_b = table.models[pair.teacher]["params_b"]
         student_b = table.models[pair.student]["params_b"] * (pair.student_keep or 1.0)
@@ -221,7 +221,6 @@ def build_plan(table: Table, scale: str, out: Path) -> Plan:
                 stages.append(Stage(pair.name, "evaluate", f"{row.label} seed {seed}", pair.student,
                                     eval_compute(table, student_b) if scale == "full" else Compute(),
                                     "done" if _run_done(eval_dir(base, row, seed)) else "to run"))
-        del index
     if scale == "full":  # the largest resumable checkpoint, once
         biggest = max([table.models[p.teacher]["params_b"] for p in pairs] + [0.0])
         stages.append(Stage("all", "disk", "resumable checkpoint headroom", "-",
