@@ -170,6 +170,17 @@ def test_insufficient_disk_is_one_sentence_before_any_work(user_registry, tmp_pa
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_dataset_without_a_training_file_refuses_a_full_run(user_registry, tmp_path):
+    def pinned(body):
+        for group in ("models", "datasets"):
+            for spec in body[group].values():
+                spec["revision"] = "0123456789abcdef0123456789abcdef01234567"
+    user_registry("reproductions", "adpa-table1", pinned)
+    result, out = _invoke("reproduce", "adpa-table1", "--scale", "full", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "names no file in kdbench's training format" in out and "Traceback" not in out
+    assert not (tmp_path / "out").exists()
+
+
 def test_unknown_scale_is_one_sentence():
     result, out = _invoke("reproduce", "akl-table1", "--scale", "huge", "--dry-run")
     assert result.exit_code == 2 and "Unknown scale 'huge'" in out
@@ -265,3 +276,48 @@ def test_mini_runs_every_row_evaluation_and_report(name, tmp_path, stand_in_cach
     assert all(s.status in ("done", "not available") for s in plan.stages), [
         (s.name, s.status) for s in plan.stages if s.status not in ("done", "not available")]
     assert result.timings["total_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_full_scale_runs_on_local_mirrors_and_resumes(tmp_path, monkeypatch):
+    """--scale full through the same code as on a GPU node, with the hub replaced by local mirror folders (tiny
+    models, a tiny training file) and the real Dolly test file, three examples."""
+    import csv
+
+    from kdbench.reproduce import plan_reproduction, run_reproduction
+    from tiny_models import build_tiny, write_tiny_data
+
+    corpus, _ = build_tiny(tmp_path)
+    write_tiny_data(tmp_path, corpus, n=8)
+    monkeypatch.setenv("KDBENCH_DATA", str(REPO.parent / "shared" / "data"))
+    monkeypatch.setenv("KDBENCH_REGISTRY_PATH", str(tmp_path / "reg"))
+    quick = {"max_steps": 2, "batch_size": 4, "learning_rate": 1.0e-3, "max_length": 128, "max_prompt_length": 64}
+    body = {
+        "name": "local-table", "description": "DPKD Table 1 on local mirrors.", "paper": "DPKD", "table": "1",
+        "source": "test", "train_data": "train",
+        "models": {"t": {"hub": str(tmp_path / "teacher"), "revision": "local", "params_b": 0.001, "paper_name": "gpt2-1.5B"},
+                   "s": {"hub": str(tmp_path / "student"), "revision": "local", "params_b": 0.0005, "paper_name": "gpt2-120M"}},
+        "datasets": {"train": {"hub": str(tmp_path), "revision": "local", "file": "prompts.jsonl", "rows": 8,
+                               "prompt_tokens": 10, "response_tokens": 10}},
+        "pairs": [{"teacher": "t", "student": "s", "paper_teacher": "gpt2-1.5B", "paper_student": "gpt2-120M"}],
+        "preparation": [{"name": "teacher_sft", "of": "teacher", "kind": "sft", "settings": quick, "source": "test"}],
+        "rows": [{"label": "teacher", "evaluate": "teacher", "paper_student": "teacher", "source": "test"},
+                 {"label": "SFT", "method": "sft", "settings": quick, "source": "test"},
+                 {"label": "KD", "method": "kd", "teacher": "teacher_sft", "settings": quick, "source": "test"},
+                 {"label": "MiniLLM", "method": "minillm", "teacher": "teacher_sft", "settings": quick, "source": "test"}],
+        "eval": {"benchmarks": [{"benchmark": "dolly", "metric": "rougeL", "kind": "reference", "suite": "dolly",
+                                 "examples": 3}],
+                 "seeds": [], "decoding": {"greedy": True, "max_new_tokens": 4, "max_prompt_length": 64}, "limit": 3,
+                 "train_seeds": [1, 2], "source": "test"},
+        "mini": yaml.safe_load((REPO / "reproductions" / "akl-table1.yaml").read_text())["mini"],
+    }
+    (tmp_path / "reg" / "reproductions").mkdir(parents=True)
+    (tmp_path / "reg" / "reproductions" / "local-table.yaml").write_text(yaml.safe_dump(body))
+    out = tmp_path / "out"
+    run_reproduction("local-table", scale="full", out_dir=out, cache_dir=tmp_path / "cache", progress=False)
+    rows = {r["row"]: r for r in csv.DictReader(open(out / "comparison.csv"))}
+    assert rows["teacher"]["paper"] == "27.6" and rows["teacher"]["status"] == "compared"
+    assert rows["SFT"]["n_seeds"] == "2" and rows["SFT"]["n_examples"] == "3" and rows["KD"]["kdbench"] != ""
+    assert rows["MiniLLM"]["status"].startswith("method not available in this version")
+    plan, _ = plan_reproduction("local-table", scale="full", out_dir=out)
+    assert {s.status for s in plan.stages if s.kind in ("prepare", "train", "evaluate")} == {"done", "not available"}

@@ -9,6 +9,7 @@ paper's number lies inside kdbench's 95% CI over training seeds x examples.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,30 +58,41 @@ def run_reproduction(name: str, *, scale: str = "mini", out_dir: str | Path | No
 
     plan, text = plan_reproduction(name, scale=scale, out_dir=out_dir)
     check_before_work(plan, Path(cache_dir) if cache_dir else default_cache_dir())
-    if scale == "full":
-        raise ConfigError(f"Full-scale execution of {name} is not in this version (it needs the hub checkpoints on a "
-                          f"GPU node); run `kdbench reproduce {name} --dry-run` for its plan and cost, or "
-                          "--scale mini for the miniature.")
+    from kdbench.reproduce.full import run_pair
+    from kdbench.reproduce.layout import slug
     from kdbench.reproduce.mini import STAND_INS, mini_preset, run_mini
 
-    mini_preset(plan.table)  # its settings are checked before any work too
+    if scale == "mini":
+        mini_preset(plan.table)  # its settings are checked before any work too
     say = log or (lambda message: None)
     out = plan.out
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "plan.txt", text)
-    result = run_mini(plan.table, out, Path(cache_dir) if cache_dir else None, log=say, progress=progress)
+    cache = Path(cache_dir) if cache_dir else None
+    if scale == "full":
+        started, rows = time.time(), []
+        for pair in plan.table.pairs:
+            rows += compare(plan.table, pair, run_pair(plan.table, pair, out, cache, log=say, progress=progress))
+        result = {"timings": {"total_seconds": round(time.time() - started, 1)}, "corpus_dir": None, "teacher_dir": None}
+    else:
+        result = run_mini(plan.table, out, cache, log=say, progress=progress)
+        rows = compare(plan.table, plan.table.pairs[0], result["scores"])
     pair = plan.table.pairs[0]
-    rows = compare(plan.table, pair, result["scores"])
     judge_note = ""
-    if any(b.kind == "judge" for b in plan.table.benchmarks):
+    if scale == "mini" and any(b.kind == "judge" for b in plan.table.benchmarks):
         judge_note = ("Judged benchmarks ran with the offline Rouge-L proxy judge against the teacher (deterministic), "
                       "not the paper's judge (" + ", ".join(sorted({b.judge_model or '?' for b in plan.table.benchmarks
                                                                      if b.kind == 'judge'})) + ").")
+    if scale == "full" and any(b.kind != "reference" for b in plan.table.benchmarks):
+        judge_note = ("Judged and lm-eval benchmarks are not run at full scale in this version (an LLM judge endpoint, "
+                      "hours of lm-eval per model): their rows say 'not run'.")
     used = {kind: STAND_INS[kind] for kind in dict.fromkeys(b.kind for b in plan.table.benchmarks)}
-    markdown = comparison_markdown(plan.table, rows, scale=scale, stand_ins=used, judge_note=judge_note)
+    markdown = comparison_markdown(plan.table, rows, scale=scale, stand_ins=used if scale == "mini" else None,
+                                    judge_note=judge_note)
     atomic_write_text(out / "reproduce.md", markdown)
     atomic_write_text(out / "comparison.csv", comparison_csv(rows))
-    atomic_write_json(out / "reproduce.json", {"table": name, "scale": scale, "pair": pair.name,
+    atomic_write_json(out / "reproduce.json", {"table": name, "scale": scale,
+                                               "pairs": [p.name for p in (plan.table.pairs if scale == "full" else [pair])],
                                                "timings": result["timings"], "corpus_dir": result["corpus_dir"],
                                                "teacher_dir": result["teacher_dir"],
                                                "rows": [r.__dict__ | {"difference": r.difference, "inside": r.inside}
@@ -88,7 +100,9 @@ def run_reproduction(name: str, *, scale: str = "mini", out_dir: str | Path | No
     from kdbench.demo_report import demo_run_folders
     from kdbench.report import build_report
 
-    build_report(demo_run_folders(out), out=out / "report", title=f"kdbench reproduce {name} --scale {scale}")
+    bases = [out] if scale == "mini" else [out / slug(p.name) for p in plan.table.pairs]
+    folders = [f for base in bases for f in demo_run_folders(base)]
+    build_report(folders, out=out / "report", title=f"kdbench reproduce {name} --scale {scale}")
     say(f"comparison: {out / 'reproduce.md'}; full report: {out / 'report'}")
     return ReproduceResult(out, text, markdown, rows, result["timings"])
 

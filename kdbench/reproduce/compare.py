@@ -80,7 +80,8 @@ def _values(bench: Benchmark, seeds: dict[str, list]) -> list[list[float]]:
 
 
 def compare(table: Table, pair: Pair, scores: dict) -> list[ComparisonRow]:
-    """The comparison rows of ``pair`` from ``scores`` ({row label: {benchmark kind: {seed: per-example}}})."""
+    """The comparison rows of ``pair`` from ``scores`` ({row label: {suite, or benchmark kind for a stand-in:
+    {training seed: per-example scores}}})."""
     from kdbench.report.papers import load_paper_results
 
     published = {(r.paper, r.table, r.teacher, r.student, r.method, r.benchmark, r.metric): r.value
@@ -90,7 +91,7 @@ def compare(table: Table, pair: Pair, scores: dict) -> list[ComparisonRow]:
         for bench in table.benchmarks:
             key = table.paper_key(pair, row, bench)
             paper = published.get(key)
-            found = scores.get(row.label, {}).get(bench.kind)
+            found = scores.get(row.label, {}).get(bench.suite) or scores.get(row.label, {}).get(bench.kind)
             if not row.available:
                 status = f"method not available in this version (trainers/{row.method}.yaml)"
                 rows.append(ComparisonRow(pair.name, row.label, row.method or "", key[5], bench.metric, paper,
@@ -128,9 +129,9 @@ def comparison_markdown(table: Table, rows: list[ComparisonRow], *, scale: str, 
     if judge_note:
         lines += [judge_note, ""]
     gaps = {r.label: r.gap for r in table.rows if r.gap}
-    for benchmark in dict.fromkeys(r.benchmark for r in rows):
-        members = [r for r in rows if r.benchmark == benchmark]
-        lines += [f"## {members[0].pair} · {benchmark} ({members[0].metric})", "",
+    for pair, benchmark in dict.fromkeys((r.pair, r.benchmark) for r in rows):
+        members = [r for r in rows if r.pair == pair and r.benchmark == benchmark]
+        lines += [f"## {pair} · {benchmark} ({members[0].metric})", "",
                   "| row | method | paper | kdbench | 95% CI | difference | paper inside CI | seeds x examples | note |",
                   "|---|---|---:|---:|---|---:|---|---|---|"]
         for r in members:

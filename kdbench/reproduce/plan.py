@@ -237,11 +237,16 @@ def free_bytes(path: Path) -> int:
 
 
 def check_before_work(plan: Plan, cache_dir: Path) -> None:
-    """The checks of a run (not of a dry-run), all before any work: pinned revisions (full scale) and free disk."""
+    """The checks of a run (not of a dry-run), all before any work: pinned revisions and training files in
+    kdbench's format (full scale), then free disk."""
     if plan.scale == "full" and plan.unpinned:
         raise ConfigError(f"Reproduction {plan.table.name} has no pinned hub revision for {plan.unpinned[0]}; set its "
                           f"revision to a commit in {plan.table.path} (or a copy on KDBENCH_REGISTRY_PATH) before a "
                           "full-scale run.")
+    if plan.scale == "full":
+        from kdbench.reproduce.full import check_full_inputs
+
+        check_full_inputs(plan.table)
     need = plan.disk_bytes() if plan.scale == "full" else 200e6  # mini: tiny models, generations, runs (measured ~60 MB)
     for where in dict.fromkeys([plan.out, cache_dir]):
         free = free_bytes(where)

@@ -89,6 +89,7 @@ BENCHMARK = Schema({
 EVAL = Schema({
     "benchmarks": Key((list,), "The table's columns.", required=True, items=BENCHMARK),
     "seeds": Key((list,), "Generation seeds (empty: greedy).", required=True, items=Key((int,), "seed")),
+    "limit": integer("Evaluate only the first N examples of each reference suite at full scale (default: all)."),
     "train_seeds": Key((list,), "Training seeds at full scale (default [1]: the papers train once).",
                        items=Key((int,), "seed")),
     "decoding": mapping("DecodingConfig fields of the evaluation (temperature, top_p, top_k, max_new_tokens, "
