@@ -297,7 +297,8 @@ def render_plan(plan: Plan) -> str:
     if judged:
         lines.append("judged benchmarks: " + "; ".join(f"{b.benchmark} by {b.judge_model} ({b.examples} prompts)"
                                                        for b in judged)
-                     + ("" if plan.scale == "full" else " - mini: the offline Rouge-L proxy judge against the teacher"))
+                     + (" - not run at full scale in this version (their evaluation compute is counted above)"
+                        if plan.scale == "full" else " - mini: the offline Rouge-L proxy judge against the teacher"))
     lines += ["", "deviations from the paper:"] + [f"  - {gap}" for gap in table.gaps]
     lines += [f"  - row {row.label}: {row.gap}" for row in table.rows if row.gap]
     lines += [f"  - preparation {p['name']}: {p['gap']}" for p in table.preparation if p.get("gap")]
