@@ -101,6 +101,9 @@ def _register_judge() -> None:
     from kdbench.cli_judge import app as judge_app
 
     app.add_typer(judge_app, name="judge")
+    from kdbench.cli_reproduce import make_reproduce
+
+    app.command("reproduce")(make_reproduce(_say, _quiet_libraries))
 
 
 def _console(stderr: bool = False):
@@ -373,7 +376,7 @@ def report(
 # list, cache, data
 # ------------------------------------------------------------------------------------------------
 
-_KIND_NAMES = {"methods": "trainers", "suites": "tasks", "judges": "judges"}
+_KIND_NAMES = {"methods": "trainers", "suites": "tasks", "judges": "judges", "reproductions": "reproductions"}
 
 
 @app.command("list")

@@ -26,8 +26,8 @@ from kdbench.errors import ConfigError
 from kdbench.registry_schemas import SCHEMAS
 from kdbench.schema import FileSchema, Key, Schema  # noqa: F401 - the schema mechanism, re-exported
 
-KINDS = ("trainers", "tasks", "judges")
-_SINGULAR = {"trainers": "method", "tasks": "suite", "judges": "judge"}
+KINDS = ("trainers", "tasks", "judges", "reproductions")
+_SINGULAR = {"trainers": "method", "tasks": "suite", "judges": "judge", "reproductions": "reproduction"}
 
 
 @dataclass(frozen=True)

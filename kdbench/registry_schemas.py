@@ -235,3 +235,8 @@ JUDGES = FileSchema("kind", {"mt_bench": MT_BENCH, "mt_bench_pairwise": MT_BENCH
 
 # registry kind -> file schema (a trainers/ file's params depend on what it declares: kdbench.train.recipe_schema)
 SCHEMAS: dict[str, FileSchema | Schema] = {"tasks": TASKS, "judges": JUDGES, "trainers": TRAINERS}
+
+# reproductions/: one seed paper's table each (kdbench reproduce; the schema lives with its code)
+from kdbench.reproduce.schema import REPRODUCTION  # noqa: E402
+
+SCHEMAS["reproductions"] = REPRODUCTION
