@@ -312,15 +312,34 @@ def demo(
 @app.command()
 def check(
     baseline: Path = typer.Option(Path("results/baseline"), "--baseline", help="Baseline folder (holds baseline.json)."),
-    runs: List[Path] = typer.Option(..., "--runs", help="Run directory or a folder of runs (repeatable)."),
+    runs: List[Path] = typer.Option([], "--runs", help="Run directory or a folder of runs (repeatable)."),
     write: bool = typer.Option(False, "--write", help="Write a new baseline instead: each --runs folder is one seed."),
     note: str = typer.Option("", "--note", help="With --write: how the runs were produced."),
+    controls: Optional[Path] = typer.Option(None, "--controls", help="Instead: gate on the validity controls of a "
+                                            "`kdbench demo` folder (e.g. --preset control-gate): DPO must beat DPO on "
+                                            "swapped pairs (kdbench.synthetic.control_gate)."),
 ):
     """Regression gate: compare runs with the committed baseline; exit 1 if a metric regressed."""
     from kdbench.check import build_baseline, write_baseline
     from kdbench.check import check as run_check
+    from kdbench.errors import ConfigError
     from kdbench.store import find_run_dirs
 
+    if controls is not None:
+        from kdbench.synthetic.control_gate import REPORTED, control_gate, control_verdicts, verdict_line
+
+        passed, verdicts = control_gate(controls)
+        for verdict in verdicts:
+            typer.echo(verdict_line(verdict))
+        for verdict in control_verdicts(controls, REPORTED):
+            typer.echo(f"(reported, not gated) {verdict_line(verdict, gated=False)}")
+        if not passed:
+            typer.echo(f"FAILED: {sum(not v.passed for v in verdicts)} control(s) of {controls} out of order")
+            raise typer.Exit(code=1)
+        typer.echo(f"passed: {len(verdicts)} control(s) of {controls} in order")
+        return
+    if not runs:
+        raise ConfigError("Give --runs (runs to check against --baseline) or --controls (a demo folder).")
     if write:
         baseline_data = build_baseline([find_run_dirs([r]) for r in runs], note=note)
         path = write_baseline(baseline, baseline_data)

@@ -1,0 +1,75 @@
+"""The second regression gate (kdbench.synthetic.control_gate): two arms of one run must stand in the
+order they must — DPO above DPO on swapped pairs on held-out pair accuracy, significantly and in every
+training seed. The slow test runs the ``control-gate`` preset on today's code and requires it to pass
+(benchmarks/mutations.py shows the same gate failing when the code reads preference pairs backwards)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from typer.testing import CliRunner
+
+from kdbench.cli import app
+from kdbench.errors import DataError
+from kdbench.synthetic.control_gate import REQUIREMENTS, gate_verdicts
+
+
+def _pairs(accuracy: float, n: int, seed: int) -> list[float]:
+    """Per-example pair accuracy (100 or 0) with about ``accuracy`` % right, one draw per example."""
+    rng = random.Random(seed)
+    return [100.0 if rng.random() < accuracy / 100 else 0.0 for _ in range(n)]
+
+
+def _scores(dpo: float, swapped: float, seeds=(1, 2, 3), n: int = 200) -> dict:
+    return {"pair_accuracy": {"dpo": {s: _pairs(dpo, n, 10 * s) for s in seeds},
+                              "dpo_swapped": {s: _pairs(swapped, n, 10 * s + 1) for s in seeds}}}
+
+
+def test_dpo_above_its_swapped_control_passes_and_the_reverse_order_fails():
+    (right,) = gate_verdicts(_scores(dpo=75, swapped=40))
+    assert right.passed and right.contrast.effect > 20 and right.contrast.same_sign_in_every_seed
+    (backwards,) = gate_verdicts(_scores(dpo=40, swapped=75))  # what a swapped-pairs bug produces
+    assert not backwards.passed and backwards.contrast.effect < -20
+    (tied,) = gate_verdicts(_scores(dpo=60, swapped=60))  # no order: not significant, so the gate fails too
+    assert not tied.passed
+
+
+def test_a_seed_with_the_wrong_sign_fails_the_gate():
+    scores = _scores(dpo=80, swapped=40, seeds=(1, 2))
+    scores["pair_accuracy"]["dpo"][3] = _pairs(40, 200, 30)
+    scores["pair_accuracy"]["dpo_swapped"][3] = _pairs(60, 200, 31)
+    (verdict,) = gate_verdicts(scores)
+    assert verdict.contrast.effect > 0 and not verdict.passed
+
+
+def test_a_run_without_the_gate_s_arms_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="control-gate"):
+        gate_verdicts({"pair_accuracy": {"sft": {1: [100.0, 0.0]}}})
+    result = CliRunner().invoke(app, ["check", "--controls", str(tmp_path)])
+    assert result.exit_code == 2 and "demo.json" in result.output
+    result = CliRunner().invoke(app, ["check"])
+    assert result.exit_code == 2 and "--controls" in result.output
+
+
+def test_requirements_name_arms_the_presets_can_train():
+    from kdbench.synthetic.arms import CONTROLS
+
+    for requirement in REQUIREMENTS:
+        assert requirement.b in CONTROLS and requirement.metric in ("pair_accuracy", "token_accuracy", "rougeL")
+
+
+@pytest.mark.slow
+def test_control_gate_preset_passes_on_today_s_code(tmp_path):
+    """The second gate itself: on correct code DPO beats DPO on swapped pairs on held-out pair accuracy,
+    significantly and in every training seed, and `kdbench check --controls` exits 0. (The same run on a
+    copy that reads preference files backwards fails: benchmarks/mutations.py, docs/BENCHMARKS.md.)"""
+    from kdbench.demo import run_demo
+    from kdbench.synthetic.control_gate import control_gate
+
+    run_demo("control-gate", out_dir=tmp_path / "gate", cache_dir=tmp_path / "cache", progress=False)
+    passed, verdicts = control_gate(tmp_path / "gate")
+    (verdict,) = verdicts
+    assert passed, verdict.contrast
+    result = CliRunner().invoke(app, ["check", "--controls", str(tmp_path / "gate")])
+    assert result.exit_code == 0 and "passed: 1 control(s)" in result.output, result.output
