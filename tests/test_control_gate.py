@@ -1,6 +1,6 @@
 """The second regression gate (kdbench.synthetic.control_gate): two arms of one run must stand in the
-order they must — DPO above DPO on swapped pairs on held-out pair accuracy, significantly and in every
-training seed. The slow test runs the ``control-gate`` preset on today's code and requires it to pass
+order they must — DPO above DPO on swapped pairs in how often it puts the right answer of its training
+pairs above the wrong one, significantly and in every training seed. The slow test runs the ``control-gate`` preset on today's code and requires it to pass
 (benchmarks/mutations.py shows the same gate failing when the code reads preference pairs backwards)."""
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ def test_requirements_name_arms_the_presets_can_train():
 
 @pytest.mark.slow
 def test_control_gate_preset_passes_on_today_s_code(tmp_path):
-    """The second gate itself: on correct code DPO beats DPO on swapped pairs on held-out pair accuracy,
-    significantly and in every training seed, and `kdbench check --controls` exits 0. (The same run on a
+    """The second gate itself: on correct code DPO orders its training pairs right more often than DPO on
+    swapped pairs, significantly and in every training seed, and `kdbench check --controls` exits 0. (The same run on a
     copy that reads preference files backwards fails: benchmarks/mutations.py, docs/BENCHMARKS.md.)"""
     from kdbench.demo import run_demo
     from kdbench.synthetic.control_gate import control_gate
