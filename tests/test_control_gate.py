@@ -50,6 +50,9 @@ def test_a_run_without_the_gate_s_arms_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "demo.json" in result.output
     result = CliRunner().invoke(app, ["check"])
     assert result.exit_code == 2 and "--controls" in result.output
+    (tmp_path / "demo.json").write_text('{"runs": [], "corpus_dir": "%s"}' % (tmp_path / "cleared-cache"))
+    result = CliRunner().invoke(app, ["check", "--controls", str(tmp_path)])
+    assert result.exit_code == 2 and "is gone" in result.output
 
 
 def test_requirements_name_arms_the_presets_can_train():

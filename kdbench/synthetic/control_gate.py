@@ -118,6 +118,9 @@ def control_verdicts(out_dir: str | Path, requirements: Sequence[Requirement]) -
         raise DataError(f"{out} is not a `kdbench demo` folder (no demo.json); give the --out folder of a demo run.")
     arms = {a.label: a for a in load_arms(out)}
     corpus_dir = Path(json.loads((out / "demo.json").read_text())["corpus_dir"])
+    if not corpus_dir.is_dir():
+        raise DataError(f"The corpus of {out} ({corpus_dir}) is gone (its artifact cache was cleared); rerun "
+                        "the demo into this folder and check it again.")
     scores: dict[str, dict] = {}
     for r in requirements:
         for label in (r.a, r.b):
