@@ -315,9 +315,8 @@ def check(
     runs: List[Path] = typer.Option([], "--runs", help="Run directory or a folder of runs (repeatable)."),
     write: bool = typer.Option(False, "--write", help="Write a new baseline instead: each --runs folder is one seed."),
     note: str = typer.Option("", "--note", help="With --write: how the runs were produced."),
-    controls: Optional[Path] = typer.Option(None, "--controls", help="Instead: gate on the validity controls of a "
-                                            "`kdbench demo` folder (e.g. --preset control-gate): DPO must beat DPO on "
-                                            "swapped pairs (kdbench.synthetic.control_gate)."),
+    controls: Optional[Path] = typer.Option(None, "--controls", help="Instead: gate on the controls of a `kdbench demo` "
+                                            "folder (--preset control-gate; kdbench.synthetic.control_gate)."),
 ):
     """Regression gate: compare runs with the committed baseline; exit 1 if a metric regressed."""
     from kdbench.check import build_baseline, write_baseline
@@ -326,18 +325,11 @@ def check(
     from kdbench.store import find_run_dirs
 
     if controls is not None:
-        from kdbench.synthetic.control_gate import REPORTED, control_gate, control_verdicts, verdict_line
+        from kdbench.synthetic.control_gate import control_gate_report
 
-        passed, verdicts = control_gate(controls)
-        for verdict in verdicts:
-            typer.echo(verdict_line(verdict))
-        for verdict in control_verdicts(controls, REPORTED):
-            typer.echo(f"(reported, not gated) {verdict_line(verdict, gated=False)}")
-        if not passed:
-            typer.echo(f"FAILED: {sum(not v.passed for v in verdicts)} control(s) of {controls} out of order")
-            raise typer.Exit(code=1)
-        typer.echo(f"passed: {len(verdicts)} control(s) of {controls} in order")
-        return
+        passed, text = control_gate_report(controls)
+        typer.echo(text)
+        raise typer.Exit(code=0 if passed else 1)
     if not runs:
         raise ConfigError("Give --runs (runs to check against --baseline) or --controls (a demo folder).")
     if write:

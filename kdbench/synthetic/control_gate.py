@@ -143,5 +143,17 @@ def verdict_line(verdict: ControlVerdict, gated: bool = True) -> str:
             + (("pass" if verdict.passed else "FAIL") if gated else ("in order" if verdict.passed else "not in order")))
 
 
-__all__ = ["REPORTED", "REQUIREMENTS", "Requirement", "TRAINING_PAIRS", "control_gate", "control_verdicts",
-           "gate_verdicts", "training_pair_scores", "training_pairs", "verdict_line"]
+def control_gate_report(out_dir: str | Path) -> tuple[bool, str]:
+    """(passed, what ``kdbench check --controls`` prints): every gated verdict, the reported readings, and
+    the outcome."""
+    passed, verdicts = control_gate(out_dir)
+    lines = [verdict_line(v) for v in verdicts]
+    lines += [f"(reported, not gated) {verdict_line(v, gated=False)}" for v in control_verdicts(out_dir, REPORTED)]
+    failed = sum(not v.passed for v in verdicts)
+    lines.append(f"FAILED: {failed} control(s) of {out_dir} out of order" if failed
+                 else f"passed: {len(verdicts)} control(s) of {out_dir} in order")
+    return passed, "\n".join(lines)
+
+
+__all__ = ["REPORTED", "REQUIREMENTS", "Requirement", "TRAINING_PAIRS", "control_gate", "control_gate_report",
+           "control_verdicts", "gate_verdicts", "training_pair_scores", "training_pairs", "verdict_line"]
