@@ -315,15 +315,26 @@ def demo(
 @app.command()
 def check(
     baseline: Path = typer.Option(Path("results/baseline"), "--baseline", help="Baseline folder (holds baseline.json)."),
-    runs: List[Path] = typer.Option(..., "--runs", help="Run directory or a folder of runs (repeatable)."),
+    runs: List[Path] = typer.Option([], "--runs", help="Run directory or a folder of runs (repeatable)."),
     write: bool = typer.Option(False, "--write", help="Write a new baseline instead: each --runs folder is one seed."),
     note: str = typer.Option("", "--note", help="With --write: how the runs were produced."),
+    controls: Optional[Path] = typer.Option(None, "--controls", help="Instead: gate on the controls of a `kdbench demo` "
+                                            "folder (--preset control-gate; kdbench.synthetic.control_gate)."),
 ):
     """Regression gate: compare runs with the committed baseline; exit 1 if a metric regressed."""
     from kdbench.check import build_baseline, write_baseline
     from kdbench.check import check as run_check
+    from kdbench.errors import ConfigError
     from kdbench.store import find_run_dirs
 
+    if controls is not None:
+        from kdbench.synthetic.control_gate import control_gate_report
+
+        passed, text = control_gate_report(controls)
+        typer.echo(text)
+        raise typer.Exit(code=0 if passed else 1)
+    if not runs:
+        raise ConfigError("Give --runs (runs to check against --baseline) or --controls (a demo folder).")
     if write:
         baseline_data = build_baseline([find_run_dirs([r]) for r in runs], note=note)
         path = write_baseline(baseline, baseline_data)

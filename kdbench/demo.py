@@ -109,6 +109,15 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(name="full", corpus=SMOKE_WORLD, student_pretrain_steps=600, **MEASURED, methods=["*"],
                    multiple_choice=True, full_report=True),
 }
+# The slow suite's second regression gate (kdbench.synthetic.control_gate, `kdbench check --controls`): SFT,
+# DPO and DPO on swapped pairs for three training seeds on a small world; the gate reads which way each
+# preference arm orders its training pairs, an effect of tens of points that needs little training
+# (docs/BENCHMARKS.md, "Planted bugs"). Generation is cut short: the gate reads teacher-forced likelihoods.
+PRESETS["control-gate"] = Preset(
+    name="control-gate", corpus=CorpusConfig(n_people=40, n_cities=8, label_noise=0.25, language_people=40),
+    teacher_size="gpt2-nano", teacher_steps=40, student_pretrain_steps=200, student_epochs=10.0, checkpoints=1,
+    select="last", preference_epochs=5.0, preference_lr=5e-4, max_new_tokens=8, methods=["sft", "dpo"],
+    controls=["dpo_swapped"], train_seeds=[1, 2, 3])
 
 
 def build_teacher(preset: Preset, corpus_dir: Path, store: ArtifactStore, log: Callable[[str], None]) -> tuple[Path, bool, float]:

@@ -41,3 +41,21 @@ def test_each_mutation_applies_to_exactly_one_place(mutation, tmp_path):
     mutated = target.read_text(encoding="utf-8")
     assert mutated != source and mutation.new in mutated
     compile(mutated, str(target), "exec")  # still Python: the bug is semantic, not a syntax error
+
+
+def test_the_dpo_swap_runs_the_control_gate_and_the_unmutated_copy_runs_every_gate():
+    """The swapped-pairs bug is beyond the smoke world's resolution: it must run the second gate
+    (kdbench.synthetic.control_gate), and the unmutated copy must pass every gate the table reports."""
+    assert "controls" in MODULE.BY_NAME["dpo_chosen_rejected_swapped"].gates
+    assert MODULE.gates_of("none", list(MODULE.GATES)) == list(MODULE.GATES)
+    assert MODULE.gates_of("kd_teacher_term_dropped", ["controls"]) == []
+    from kdbench.demo import PRESETS
+
+    assert MODULE.CONTROL_PRESET in PRESETS and "dpo_swapped" in PRESETS[MODULE.CONTROL_PRESET].controls
+    caught = MODULE.summary("dpo_chosen_rejected_swapped", {
+        "smoke": {"demo_seconds": 900.0, "demo_exit": 0, "caught": False, "regressed": []},
+        "controls": {"demo_seconds": 200.0, "demo_exit": 0, "caught": True, "verdicts": [
+            {"name": "n", "a": "dpo", "b": "dpo_swapped", "effect": -20.0, "ci": [-25.0, -15.0], "p_holm": 0.001,
+             "passed": False, "per_seed": {"1": -19.0, "2": -21.0}}]}})
+    row = MODULE.markdown([caught]).splitlines()[-1]
+    assert caught["caught"] and "**yes** (controls)" in row and "dpo − dpo_swapped -20.0" in row
