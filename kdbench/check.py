@@ -196,3 +196,16 @@ def check(baseline_path: str | Path, run_paths: list[str | Path]) -> tuple[bool,
     comparisons = compare(baseline, runs)
     passed = all(c.status in ("ok", "improved") for c in comparisons)
     return passed, comparisons
+
+
+def comparison_table(comparisons: list[Comparison]) -> str:
+    """The gate's table as `kdbench check` prints it: every metric when there are at most 40, else only
+    those not ``ok``."""
+    width = max(len(c.name) for c in comparisons) if comparisons else 10
+    lines = [f"{'metric':<{width}}  {'baseline':>8}  {'current':>8}  {'delta':>7}  {'tol':>5}  status"]
+    for c in comparisons:
+        current = "-" if c.current is None else f"{c.current:8.2f}"
+        delta = "-" if c.delta is None else f"{c.delta:+7.2f}"
+        if c.status != "ok" or len(comparisons) <= 40:
+            lines.append(f"{c.name:<{width}}  {c.baseline:8.2f}  {current:>8}  {delta:>7}  {c.tolerance:5.2f}  {c.status}")
+    return "\n".join(lines)

@@ -322,7 +322,7 @@ def check(
                                             "folder (--preset control-gate; kdbench.synthetic.control_gate)."),
 ):
     """Regression gate: compare runs with the committed baseline; exit 1 if a metric regressed."""
-    from kdbench.check import build_baseline, write_baseline
+    from kdbench.check import build_baseline, comparison_table, write_baseline
     from kdbench.check import check as run_check
     from kdbench.errors import ConfigError
     from kdbench.store import find_run_dirs
@@ -341,13 +341,7 @@ def check(
         typer.echo(f"wrote {path} ({len(baseline_data['metrics'])} metrics from {len(runs)} seeds)")
         return
     passed, comparisons = run_check(baseline, runs)
-    width = max(len(c.name) for c in comparisons) if comparisons else 10
-    typer.echo(f"{'metric':<{width}}  {'baseline':>8}  {'current':>8}  {'delta':>7}  {'tol':>5}  status")
-    for c in comparisons:
-        current = "-" if c.current is None else f"{c.current:8.2f}"
-        delta = "-" if c.delta is None else f"{c.delta:+7.2f}"
-        if c.status != "ok" or len(comparisons) <= 40:
-            typer.echo(f"{c.name:<{width}}  {c.baseline:8.2f}  {current:>8}  {delta:>7}  {c.tolerance:5.2f}  {c.status}")
+    typer.echo(comparison_table(comparisons))
     bad = [c for c in comparisons if c.status in ("regressed", "missing")]
     if bad:
         typer.echo(f"FAILED: {len(bad)} metric(s) regressed or missing: " + ", ".join(c.name for c in bad))
