@@ -70,7 +70,7 @@ def test_two_processes_match_one_process(tiny, tmp_path):
                          capture_output=True, text=True, env=_env(), timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29517", "-m", "kdbench",
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", "-m", "kdbench",
                           *_args(tiny, tmp_path / "two", "--set", "max_steps=20", "--set", "batch_size=2")],
                          capture_output=True, text=True, env=_env(), timeout=600)
     assert two.returncode == 0, two.stderr[-2000:]

@@ -81,7 +81,7 @@ def _eval_args(model_dir: Path, out: Path) -> list[str]:
 
 def _torchrun(*args: str) -> list[str]:
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    return [torchrun, "--nproc_per_node", "2", "--master_port", "29547", *args]
+    return [torchrun, "--nproc_per_node", "2", "--standalone", *args]
 
 
 def _generations(run: Path) -> dict:

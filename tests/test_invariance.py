@@ -105,7 +105,7 @@ def test_two_processes_match_one_process(wiring_world, tmp_path, case):
                          capture_output=True, text=True, env=_env(), timeout=900)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531", "-m", "kdbench",
+    two = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", "-m", "kdbench",
                           *_cli_args(world, case, tmp_path / "two", batch_size=2)],
                          capture_output=True, text=True, env=_env(), timeout=900)
     assert two.returncode == 0, two.stderr[-2000:]

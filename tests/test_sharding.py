@@ -51,7 +51,7 @@ def test_block_classes_are_the_decoder_layers():
 def test_two_gloo_ranks_shard_student_and_teacher(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29531",
+    done = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone",
                            str(ROOT / "tests" / "fsdp_worker.py"), str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
