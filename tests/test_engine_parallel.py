@@ -42,7 +42,8 @@ def tiny(tmp_path_factory):
     rows = [json.loads(line) for line in open(corpus / FILES["student_train"])][:24]
     (root / "train.jsonl").write_text("".join(json.dumps({k: r[k] for k in ("instruction", "input", "output")}) + "\n"
                                               for r in rows))
-    (root / "valid.jsonl").write_text((root / "train.jsonl").read_text().splitlines()[0] + "\n")
+    # 3 validation rows: an odd count, which 2 processes cannot split evenly
+    (root / "valid.jsonl").write_text("".join(line + "\n" for line in (root / "train.jsonl").read_text().splitlines()[:3]))
     return root
 
 
@@ -66,14 +67,15 @@ def _losses(run: Path) -> list[tuple[int, float, int]]:
 
 def test_two_processes_match_one_process(tiny, tmp_path):
     one = subprocess.run([sys.executable, "-m", "kdbench", *_args(tiny, tmp_path / "one", "--set", "max_steps=20",
-                                                                  "--set", "batch_size=4")],
+                                                                  "--set", "batch_size=4", "--set", "eval_steps=10")],
                          capture_output=True, text=True, env=_env(), timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     two = subprocess.run([torchrun, "--nproc_per_node", "2", "--standalone", "-m", "kdbench",
-                          *_args(tiny, tmp_path / "two", "--set", "max_steps=20", "--set", "batch_size=2")],
+                          *_args(tiny, tmp_path / "two", "--set", "max_steps=20", "--set", "batch_size=2",
+                                 "--set", "eval_steps=10")],
                          capture_output=True, text=True, env=_env(), timeout=600)
-    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-6000:]
     curve_one, curve_two = _losses(tmp_path / "one" / "kd-seed1"), _losses(tmp_path / "two" / "kd-seed1")
     assert len(curve_one) == len(curve_two) == 20
     assert [c[2] for c in curve_one] == [c[2] for c in curve_two]  # the same global batches
@@ -82,6 +84,19 @@ def test_two_processes_match_one_process(tiny, tmp_path):
         assert b == pytest.approx(a, rel=1e-4), f"step {step}"
     cost = json.loads((tmp_path / "two" / "kd-seed1" / "cost.json").read_text())
     assert cost["processes"] == 2
+    # validation over 3 examples: each counted once on 2 processes (no padded duplicate), the same exact mean
+    evals_one, evals_two = _evals(tmp_path / "one" / "kd-seed1"), _evals(tmp_path / "two" / "kd-seed1")
+    assert len(evals_one) == len(evals_two) >= 2
+    for a, b in zip(evals_one, evals_two):
+        assert a.keys() == b.keys() and a["eval_tokens"] == b["eval_tokens"], (a, b)  # 2 processes counted 27 of 20
+        assert b == pytest.approx(a, rel=1e-5), (a, b)
+
+
+def _evals(run: Path) -> list[dict]:
+    """Each validation's loss and its counts (the examples and tokens it averaged over)."""
+    rows = [json.loads(line) for line in open(run / "train_log.jsonl")]
+    return [{k: v for k, v in r.items() if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))}
+            for r in rows if "eval_loss" in r]
 
 
 KILL_DURING_SAVE = """

@@ -263,16 +263,15 @@ class StepTrainer(Trainer):
         """Run ``sums_fn(model, inputs) -> [sum per name..., count]`` over the whole evaluation set (eval
         mode, no gradient), add the sums over processes and report each as an exact mean over the count;
         logged and passed to the callbacks (and the sampling form) like ``Trainer.evaluate``."""
-        dataloader = self.get_eval_dataloader(eval_dataset)
         model = self.model
         was_training = model.training
         model.eval()
         sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=self.args.device)
         started = time.time()
         with torch.no_grad():
-            for inputs in dataloader:
+            for inputs, weight in self._exact_eval_batches(eval_dataset):
                 inputs = self._prepare_inputs(inputs)
-                sums += torch.tensor(sums_fn(model, inputs), dtype=torch.float64, device=sums.device)
+                sums += weight * torch.tensor(sums_fn(model, inputs), dtype=torch.float64, device=sums.device)
         if self.accelerator.num_processes > 1:
             sums = self.accelerator.reduce(sums, reduction="sum")
         model.train(was_training)
@@ -284,6 +283,28 @@ class StepTrainer(Trainer):
             self.sampling.on_evaluate(self, metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _exact_eval_batches(self, eval_dataset):
+        """(batch, weight) pairs covering every evaluation example exactly once over the processes.
+
+        One process: Trainer's evaluation loader. Several: accelerate's prepared loader would pad the last
+        batches with repeated examples (``even_batches``), counting them twice in the summed means; here each
+        process takes its own examples (rank, rank + N, ...) without repeats, and a process with fewer
+        batches repeats one with weight 0, so every process runs the same number of forwards (a sharded
+        model's forward is a collective)."""
+        if self.accelerator.num_processes == 1:
+            yield from ((batch, 1.0) for batch in self.get_eval_dataloader(eval_dataset))
+            return
+        eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        size = self.args.per_device_eval_batch_size
+        mine = list(range(rank, len(eval_dataset), world))
+        batches = [self.data_collator([eval_dataset[i] for i in mine[start:start + size]])
+                   for start in range(0, len(mine), size)]
+        longest = -(-(-(-len(eval_dataset) // world)) // size)  # ceil(ceil(n / world) / size) on every process
+        filler = batches[0] if batches else self.data_collator([eval_dataset[0]])
+        yield from ((batch, 1.0) for batch in batches)
+        yield from ((filler, 0.0) for _ in range(longest - len(batches)))
 
     # ---------------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial) -> None:
