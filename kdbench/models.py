@@ -195,7 +195,7 @@ def check_same_vocabulary(teacher, teacher_tokenizer, student, student_tokenizer
         raise ModelError(
             f"Teacher and student vocabularies differ (teacher {t.tokenizer_size} tokens, student {s.tokenizer_size}); "
             "token-level methods need a shared tokenizer, so use a sequence-level method (ddpo, rdpo, dadpo) or uld "
-            "(token-level across tokenizers) instead."
+            "or dskd (token-level across tokenizers) instead."
         )
     if min(t.embedding_rows, s.embedding_rows) < t.tokenizer_size:
         raise ModelError(

@@ -120,3 +120,97 @@ def test_uld_trains_from_the_cli(pair, tmp_path):
                                  f"cache_dir={tmp_path / 'cache'}"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "uld-seed1" / "run.json").read_text())["status"] == "complete"
+
+
+# ------------------------------------------------------------------------------------------ DSKD
+# Issue 19 point 7's dual-space method: its projectors are trained beside the student (Objective.trainable), saved
+# with each checkpoint and restored on resume, and never in the saved model.
+def _dskd_run(root, student, teacher, out, params=None, **settings):
+    values = dict(max_steps=8, learning_rate=5e-3, params={"trainable_lr": 1e-2, **(params or {})})
+    values.update(settings)
+    return _train(root, student, teacher, out, "dskd", **values)
+
+
+@pytest.mark.parametrize("params", [{}, {"kd_rate": 1.0, "accurate_only": False, "trainable_lr": 3e-2}])
+def test_dskd_overfits_one_batch_across_tokenizers_and_leaves_the_teacher_alone(pair, word_student, tmp_path, params):
+    """The recipe's defaults, and the DSKD term alone (KD in both spaces + the projector's CE) over every position:
+    with accurate_only the student space distils more positions as the projector learns, so its term may rise."""
+    from kdbench.store import hash_tree
+
+    root, _, teacher = pair
+    hashes = {path: hash_tree(path) for path in (word_student, teacher)}
+    result = _dskd_run(root, word_student, teacher, tmp_path, params)
+    log = _log(result)
+    losses, terms = [r["loss"] for r in log], [r["dskd_per_token"] for r in log]
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses + terms), losses
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
+    assert sum(terms[-3:]) / 3 < 0.9 * terms[0], terms
+    teacher_space = [r["kd_teacher_space_per_token"] for r in log]  # moved by the s2t projector only
+    assert teacher_space[-1] < teacher_space[0], teacher_space
+    assert {path: hash_tree(path) for path in hashes} == hashes  # the frozen teacher and the input student
+    assert result.cost["teacher_forward_tokens"] > 0 and result.run.complete
+
+
+class _StopAfterStep3:
+    """Interrupts a run after its third optimizer step, as a kill would (checkpoint 2 is the last complete one)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class StopAt(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == 3:
+                    raise KeyboardInterrupt
+
+        return StopAt()
+
+
+def _dskd_resumable(root, student, teacher, out, callbacks=None):
+    from kdbench.train import TrainConfig, train
+
+    config = TrainConfig(method="dskd", student=str(student), teacher=str(teacher), data=str(root / "prompts.jsonl"),
+                         valid_fraction=0.2, output_dir=str(out), max_steps=4, save_steps=2, batch_size=4,
+                         learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant", prompt_style="compact",
+                         logging_steps=1, seed=3, cache_dir=str(root / "cache"), params={"trainable_lr": 3e-2})
+    return train(config, progress=False, callbacks=callbacks)
+
+
+def _weights(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir)).state_dict()
+
+
+def test_dskd_resumes_with_its_trained_projectors_and_saves_a_plain_student(pair, word_student, tmp_path):
+    """A run stopped after step 3 (checkpoint 2 holds the projectors beside the model) and resumed ends where an
+    uninterrupted run ends — a resume that re-initialised the projectors would distil through other ones — and
+    its saved model/ is the student alone (from_pretrained, no projector weights)."""
+    import torch
+
+    root, _, teacher = pair
+    uninterrupted = _dskd_resumable(root, word_student, teacher, tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _dskd_resumable(root, word_student, teacher, tmp_path / "b", [_StopAfterStep3()])
+    checkpoint = next((tmp_path / "b").glob("*/checkpoints/checkpoint-2"))
+    projectors = torch.load(checkpoint / "kdbench_objective_module.pt", weights_only=True)
+    assert set(projectors) == {f"{name}.{kind}" for name in ("query", "t2s", "s2t") for kind in ("weight", "bias")}
+    assert not any(key.startswith(("query", "t2s", "s2t")) for key in _weights(checkpoint))
+    resumed = _dskd_resumable(root, word_student, teacher, tmp_path / "b")
+    assert resumed.cost["resumed"]
+    assert [r["loss"] for r in _log(resumed)] == pytest.approx([r["loss"] for r in _log(uninterrupted)], rel=1e-5)
+    expected, got, plain = _weights(uninterrupted.model_dir), _weights(resumed.model_dir), _weights(word_student)
+    assert set(got) == set(plain)  # the saved model is a plain student
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(got[name], plain[name]) for name in plain)
+
+
+def test_dskd_trains_from_the_cli(pair, tmp_path):
+    """The GPT-2-tokenizer student from the SmolLM2-tokenizer teacher, as a user runs it."""
+    root, student, teacher = pair
+    result = runner.invoke(app, ["train", "dskd", "--student", str(student), "--teacher", str(teacher), "--data",
+                                 str(root / "prompts.jsonl"), "--output-dir", str(tmp_path), "--set", "max_steps=2",
+                                 "--set", "batch_size=4", "--set", "prompt_style=compact", "--set",
+                                 f"cache_dir={tmp_path / 'cache'}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "dskd-seed1" / "run.json").read_text())["status"] == "complete"

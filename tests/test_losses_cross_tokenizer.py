@@ -186,8 +186,10 @@ def test_uld_on_real_tokenizations_aligns_first_response_tokens():
 # ------------------------------------------------------------------ DSKD
 
 
-def ref_dskd(sh, th, ws, wt, p_t2s, p_s2t, sl, tl, scores, tau, accurate_only):
-    """DSKD by explicit loops over positions (float64); returns the three terms."""
+def ref_dskd(sh, th, ws, wt, p_t2s, p_s2t, sl, tl, scores, tau, accurate_only, teacher_space="kept", t2s_src=None):
+    """DSKD by explicit loops over positions (float64); returns the three terms. ``teacher_space``: "kept" — the
+    teacher space attends the student positions the student space kept, "all" — every one with a key;
+    ``t2s_src``: what the t2s projector reads (default the teacher hidden states)."""
     import math
 
     def kl(p_logits, q_logits):  # KL(softmax(p/τ) ‖ softmax(q/τ))
@@ -195,24 +197,27 @@ def ref_dskd(sh, th, ws, wt, p_t2s, p_s2t, sl, tl, scores, tau, accurate_only):
             torch.log_softmax(q_logits / tau, -1)
         return (p * (log_p - log_q)).sum()
 
-    ce, kd_s, kd_t, n_ce, used = 0.0, [], [], 0, {}
+    t2s_src = th if t2s_src is None else t2s_src
+    ce, kd_s, kd_t, n_ce, used, attended = 0.0, [], [], 0, {}, {}
     for b in range(sh.shape[0]):
         for i in range(sh.shape[1]):
             keys = [j for j in range(th.shape[1]) if tl[b, j] != -100 and math.isfinite(float(scores[b, i, j]))]
             if sl[b, i] == -100 or not keys:
                 continue
             w = torch.softmax(torch.stack([scores[b, i, j] for j in keys]), 0)
-            h = sum(w[n] * (p_t2s @ th[b, j]) for n, j in enumerate(keys))
+            h = sum(w[n] * (p_t2s @ t2s_src[b, j]) for n, j in enumerate(keys))
             z = h @ ws.detach().T
             ce = ce - torch.log_softmax(z, -1)[sl[b, i]]
             n_ce += 1
+            attended[(b, i)] = True
             if accurate_only and int(z.argmax()) != int(sl[b, i]):
                 continue
             used[(b, i)] = True
             kd_s.append(kl(z.detach(), sh[b, i] @ ws.T))
     for b in range(th.shape[0]):
         for j in range(th.shape[1]):
-            keys = [i for i in range(sh.shape[1]) if (b, i) in used and math.isfinite(float(scores[b, i, j]))]
+            source = used if teacher_space == "kept" else attended
+            keys = [i for i in range(sh.shape[1]) if (b, i) in source and math.isfinite(float(scores[b, i, j]))]
             if tl[b, j] == -100 or not keys:
                 continue
             w = torch.softmax(torch.stack([scores[b, i, j] for i in keys]), 0)
@@ -254,6 +259,31 @@ def test_dskd_matches_reference_value_and_gradient(accurate_only):
     _, parts = dskd(sh, th, ws, wt, sl, tl, scores, t2s_projection=lambda x: x @ p_t2s.T,
                     s2t_projection=lambda x: x @ p_s2t.T, accurate_only=accurate_only, return_parts=True)
     assert parts["student_positions"] > 0 and parts["teacher_positions"] > 0
+
+
+def test_dskd_teacher_space_over_every_position_and_t2s_inputs_match_reference():
+    """The dskd recipe's reading (the authors' code): the teacher space attends every counted student position,
+    and the t2s projector reads its own inputs (normalised hidden states + target embeddings)."""
+    sh, th, ws, wt, p_t2s, p_s2t, sl, tl, scores = dskd_inputs(seed=11)
+    sl[:, 1:3] = (torch.einsum("btd,sd->bts", th, p_t2s)[:, :1] @ ws.T).argmax(-1)
+    t2s_src = th / th.std() + torch.randn(th.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+
+    def got(sh, ws, p_t2s, p_s2t):
+        return dskd(sh, th, ws, wt, sl, tl, scores, t2s_projection=lambda x: x @ p_t2s.T,
+                    s2t_projection=lambda x: x @ p_s2t.T, accurate_only=True, t2s_inputs=t2s_src,
+                    teacher_space_positions="all")
+
+    def want(sh, ws, p_t2s, p_s2t):
+        return sum(ref_dskd(sh, th, ws, wt, p_t2s, p_s2t, sl, tl, scores, 1.0, True, "all", t2s_src))
+
+    torch.testing.assert_close(got(sh, ws, p_t2s, p_s2t), want(sh, ws, p_t2s, p_s2t))
+    for a, b in zip(grads(got, sh, ws, p_t2s, p_s2t), grads(want, sh, ws, p_t2s, p_s2t)):
+        torch.testing.assert_close(a, b)
+    kept = sum(ref_dskd(sh, th, ws, wt, p_t2s, p_s2t, sl, tl, scores, 1.0, True, "kept", t2s_src))
+    assert abs(float(want(sh, ws, p_t2s, p_s2t) - kept)) > 1e-6  # the two readings differ on these inputs
+    with pytest.raises(ConfigError):
+        dskd(sh, th, ws, wt, sl, tl, scores, t2s_projection=lambda x: x @ p_t2s.T,
+             s2t_projection=lambda x: x @ p_s2t.T, teacher_space_positions="some")
 
 
 def test_dskd_of_a_model_with_itself_has_zero_kd_terms():

@@ -172,7 +172,8 @@ def _attend(scores, values):
 
 def dskd(student_hidden, teacher_hidden, student_head, teacher_head, student_labels, teacher_labels,
          alignment_scores, *, t2s_projection: Callable, s2t_projection: Callable, divergence="fkl",
-         temperature=1.0, accurate_only=True, return_parts=False, chunk_rows=None):
+         temperature=1.0, accurate_only=True, return_parts=False, chunk_rows=None, t2s_inputs=None,
+         teacher_space_positions="kept"):
     """Dual-Space KD with cross-model attention (Zhang et al. 2024, Eqs. 6–15), one alignment for both spaces.
 
     Student space: teacher hidden states are projected (``t2s_projection``: [..., dt] → [..., ds]),
@@ -189,7 +190,12 @@ def dskd(student_hidden, teacher_hidden, student_head, teacher_head, student_lab
     teacher_head [Vt, dt] (LM-head weights), labels [B, Ts] / [B, Tt] (−100 = uncounted),
     alignment_scores [B, Ts, Tt] (:func:`cross_model_attention_scores` or
     :func:`alignment_scores_from_pairs`; −inf = not aligned). Each term is a token mean over its counted
-    positions. → scalar kd_student_space + kd_teacher_space + ce_projector (with the parts if asked).
+    positions. ``t2s_inputs`` [B, Tt, dt]: what ``t2s_projection`` reads in place of the teacher hidden states
+    (the authors' code: the normalised hidden states plus the normalised target-token embeddings).
+    ``teacher_space_positions``: "kept" — the teacher space attends only the student positions the student
+    space kept (``accurate_only``); "all" — every counted student position (the authors' code gates the student
+    space only). → scalar
+    kd_student_space + kd_teacher_space + ce_projector (with the parts if asked).
     """
     import torch
     import torch.nn.functional as F
@@ -211,7 +217,8 @@ def dskd(student_hidden, teacher_hidden, student_head, teacher_head, student_lab
         teacher_logits = teacher_hidden.detach() @ teacher_head.detach().transpose(0, 1)
 
     # student space (Eqs. 11-13): the projected teacher read out by the student's own head, held fixed
-    t2s_hidden, student_has_key = _attend(scores, t2s_projection(teacher_hidden.detach()))
+    t2s_source = teacher_hidden if t2s_inputs is None else t2s_inputs
+    t2s_hidden, student_has_key = _attend(scores, t2s_projection(t2s_source.detach()))
     t2s_logits = t2s_hidden @ student_head.detach().transpose(0, 1)
     ce_mask = student_counted & student_has_key
     ce_projector = F.cross_entropy(t2s_logits[ce_mask], student_labels[ce_mask], reduction="sum") / max(
@@ -223,7 +230,10 @@ def dskd(student_hidden, teacher_hidden, student_head, teacher_head, student_lab
                                  temperature=temperature, chunk_rows=chunk_rows)
 
     # teacher space (Eqs. 14-15): the projected student read out by the frozen teacher head
-    transposed = scores.transpose(1, 2).masked_fill(~student_mask.unsqueeze(1), -math.inf)
+    if teacher_space_positions not in ("kept", "all"):
+        raise ConfigError(f"teacher_space_positions must be 'kept' or 'all' (got {teacher_space_positions!r}).")
+    attended = student_mask if teacher_space_positions == "kept" else ce_mask
+    transposed = scores.transpose(1, 2).masked_fill(~attended.unsqueeze(1), -math.inf)
     s2t_hidden, teacher_has_key = _attend(transposed, s2t_projection(student_hidden))
     s2t_logits = s2t_hidden @ teacher_head.detach().transpose(0, 1)
     teacher_mask = teacher_counted & teacher_has_key

@@ -14,6 +14,8 @@ from pathlib import Path
 from kdbench.train.recovery import CHECKPOINT_MARKER
 
 COUNTERS_FILE = "kdbench_counters.json"
+# the objective's own trainable parameters (DSKD's projectors): beside the model, never inside it
+OBJECTIVE_MODULE_FILE = "kdbench_objective_module.pt"
 
 
 def sampling_state_file(checkpoint: Path, process_index: int) -> Path:

@@ -1,5 +1,7 @@
 """Token-level KD across tokenizers on the token trainer: the ``uld`` objective (Universal Logit Distillation,
-Boizard et al. 2024) on the losses of :mod:`kdbench.losses.cross_tokenizer`.
+Boizard et al. 2024) and the ``dskd`` objective (Dual-Space KD with cross-model attention, Zhang et al. 2024; its
+projectors are trained beside the student: ``Objective.trainable``) on the losses of
+:mod:`kdbench.losses.cross_tokenizer`.
 
 Token objectives with ``cross_tokenizer=True`` lift the shared-vocabulary check (``check_same_vocabulary``) for
 themselves only. Each training example is tokenized twice — by the student's tokenizer (what the student trains
@@ -15,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kdbench.config import option
-from kdbench.errors import ModelError
+from kdbench.errors import ConfigError, ModelError
 from kdbench.losses.sequence import cross_entropy_sum
 from kdbench.train.objectives import Batch, Objective, register_objective
 from kdbench.train.params import not_negative, positive
@@ -124,3 +126,86 @@ register_objective(Objective("uld", "token", _uld, (ULDParams,), needs_teacher=T
                              cross_tokenizer=True,
                              help="Universal Logit Distillation: CE + lambda x W1 between sorted distributions, any "
                                   "two tokenizers."))
+
+
+# ------------------------------------------------------------------------------------------ DSKD
+@dataclass
+class DSKDParams:
+    """(1 − r)·CE + r·DSKD (Zhang et al. 2024, Eq. 16 with the authors' kd_rate), DSKD with cross-model attention
+    (:func:`kdbench.losses.cross_tokenizer.dskd`) and projectors trained beside the student."""
+
+    kd_rate: float = option(0.5, "r: (1-r)*CE + r*(KD in both spaces + the projector's CE) (the authors' kd_rate).")
+    divergence: str = option("fkl", "The token divergence in both spaces (kdbench.losses.DIVERGENCES).")
+    temperature: float = option(1.0, "Divides the logits inside the divergence of both spaces.")
+    accurate_only: bool = option(True, "Student space: distil only positions whose projected teacher predicts the "
+                                       "label (the authors' code).")
+    teacher_space_positions: str = option("all", "Student positions the teacher space attends: all counted ones "
+                                                 "(the authors' code) or those the student space kept ('kept').")
+    trainable_lr: float = option(1e-3, "Learning rate of the projectors (the authors' --projector-lr).")
+
+    def __post_init__(self):
+        from kdbench.losses.divergences import get_divergence
+
+        if not 0.0 <= self.kd_rate <= 1.0:
+            raise ConfigError(f"Parameter kd_rate must be between 0 and 1 (got {self.kd_rate}).")
+        get_divergence(self.divergence)
+        if self.teacher_space_positions not in ("all", "kept"):
+            raise ConfigError("Parameter teacher_space_positions must be 'all' (the authors' code) or 'kept'.")
+        positive("temperature", self.temperature)
+        positive("trainable_lr", self.trainable_lr)
+
+
+def dskd_projectors(student, teacher, params=None):
+    """DSKD's trainable projectors (an ``nn.Module`` outside the student): ``query`` 2·ds → 2·dt (the student's
+    [input; target] embeddings into the teacher's key space), ``t2s`` dt → ds and ``s2t`` ds → dt (the authors'
+    linear projector_config)."""
+    import torch
+
+    ds = student.get_input_embeddings().weight.shape[-1]
+    dt = teacher.get_input_embeddings().weight.shape[-1]
+    return torch.nn.ModuleDict({"query": torch.nn.Linear(2 * ds, 2 * dt), "t2s": torch.nn.Linear(dt, ds),
+                                "s2t": torch.nn.Linear(ds, dt)})
+
+
+def _index_embeddings(embeddings, input_ids, targets):
+    """[E(input token); E(target token)] [B, T, 2d], detached, uncounted targets read as token 0 (the authors')."""
+    import torch
+
+    counted = targets != -100
+    return torch.cat([embeddings[torch.where(counted, input_ids, 0)], embeddings[torch.where(counted, targets, 0)]],
+                     dim=-1).detach()
+
+
+def _dskd(batch: Batch, params: DSKDParams) -> dict:
+    """(1 − r)·CE sum + r·DSKD, the DSKD token mean weighted by the micro-batch's counted student tokens (the
+    engine divides by the step's). Cross-model attention as in the authors' code: queries = P_query([E_s(x);
+    E_s(y)]), keys = [E_t(x); E_t(y)] / std, t2s values = P_t2s(h_t / std + E_t(y) / std)."""
+    from kdbench.losses.cross_tokenizer import cross_model_attention_scores, dskd
+
+    hidden, projectors = batch.hidden, batch.module
+    teacher_targets = batch.teacher_targets
+    student_index = _index_embeddings(hidden["student_embeddings"], hidden["student_input_ids"], batch.targets)
+    teacher_index = _index_embeddings(hidden["teacher_embeddings"], hidden["teacher_input_ids"], teacher_targets)
+    teacher_target_embeddings = teacher_index[..., teacher_index.shape[-1] // 2:]
+    teacher_hidden = hidden["teacher_hidden"]
+    queries = projectors["query"](student_index.to(projectors["query"].weight.dtype))
+    keys = (teacher_index / teacher_index.std()).to(queries.dtype)
+    scores = cross_model_attention_scores(queries, keys, batch.targets != -100, teacher_targets != -100)
+    t2s_inputs = teacher_hidden / teacher_hidden.std() + teacher_target_embeddings / teacher_target_embeddings.std()
+    term, parts = dskd(hidden["student_hidden"], teacher_hidden, hidden["student_head"], hidden["teacher_head"],
+                       batch.targets, teacher_targets, scores, t2s_projection=projectors["t2s"],
+                       s2t_projection=projectors["s2t"], divergence=params.divergence,
+                       temperature=params.temperature, accurate_only=params.accurate_only, return_parts=True,
+                       t2s_inputs=t2s_inputs, teacher_space_positions=params.teacher_space_positions)
+    counted = batch.mask.sum()
+    ce = cross_entropy_sum(batch.student_logits, batch.targets)
+    rate = params.kd_rate
+    return {"loss": (1 - rate) * ce + rate * term * counted, "ce": ce, "dskd": term * counted,
+            "kd_student_space": parts["kd_student_space"] * counted,
+            "kd_teacher_space": parts["kd_teacher_space"] * counted, "ce_projector": parts["ce_projector"] * counted}
+
+
+register_objective(Objective("dskd", "token", _dskd, (DSKDParams,), needs_teacher=True, dense_teacher=True,
+                             cross_tokenizer=True, hidden_states=True, trainable=dskd_projectors,
+                             help="Dual-Space KD with cross-model attention: KD in the student's and the teacher's "
+                                  "space through trained projectors, any two tokenizers."))

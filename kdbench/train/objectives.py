@@ -39,7 +39,12 @@ class Batch:
     takes the micro-batch as its step). ``teacher_targets``: [B, Tt] the teacher's own targets, for objectives
     across tokenizers (``teacher_logits`` are then [B, Tt, Vt] on the teacher's tokenization). ``extras``:
     per-token tensors [B, T] a sampling form attached to the micro-batch (its ``rollout_*`` keys, aligned like
-    ``targets``: MiniLLM's old log-probs, advantages and importance weights); empty otherwise.
+    ``targets``: MiniLLM's old log-probs, advantages and importance weights); empty otherwise. ``hidden``: for
+    objectives with ``hidden_states`` — ``student_hidden`` [B, T, ds] and ``teacher_hidden`` [B, Tt, dt] (last
+    layer, aligned like the logits), ``student_input_ids`` [B, T] / ``teacher_input_ids`` [B, Tt] (the token
+    each position reads), ``student_embeddings`` / ``student_head`` [Vs, ds] and ``teacher_embeddings`` /
+    ``teacher_head`` [Vt, dt] (weights); empty otherwise. ``module``: the objective's own trainable module
+    (``Objective.trainable``), or None.
     """
 
     student_logits: Any
@@ -49,6 +54,8 @@ class Batch:
     step: dict = field(default_factory=dict)
     teacher_targets: Any | None = None
     extras: dict = field(default_factory=dict)
+    hidden: dict = field(default_factory=dict)
+    module: Any | None = None
 
 
 @dataclass
@@ -131,7 +138,11 @@ class Objective:
     ``step_stats(trainer, micro_batches, params, reduce) -> dict``: a no-gradient pass over the optimizer step's
     micro-batches before its gradient passes (ATKD's split), passed to the loss as ``Batch.step``;
     ``cross_tokenizer``: teacher and student may have different tokenizers — the teacher runs on its own
-    tokenization of each example (:mod:`kdbench.train.cross_tokenizer`).
+    tokenization of each example (:mod:`kdbench.train.cross_tokenizer`); ``hidden_states``: the loss reads both
+    models' last hidden states, embeddings and heads (``Batch.hidden``); ``trainable(student, teacher, params) ->
+    torch.nn.Module``: parameters the objective trains beside the student (DSKD's projectors) — optimised with
+    the student at ``params.trainable_lr``, saved with each checkpoint and restored on resume, never part of
+    the saved model (:class:`~kdbench.train.trainer_base.StepTrainer`).
     """
 
     name: str
@@ -143,6 +154,8 @@ class Objective:
     dense_teacher: bool = False
     step_stats: Callable[..., dict] | None = None
     cross_tokenizer: bool = False
+    hidden_states: bool = False
+    trainable: Callable[..., Any] | None = None
 
 
 OBJECTIVES: dict[str, Objective] = {}

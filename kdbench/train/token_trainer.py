@@ -28,6 +28,9 @@ class TokenTrainer(StepTrainer):
         self.teacher_cache = teacher_cache
         self.eval_teacher_cache = eval_teacher_cache
         self._objective_step: dict = {}
+        if objective.trainable is not None:  # e.g. DSKD's projectors: optimised, checkpointed, never saved in model/
+            module = objective.trainable(self.model, self.teacher, self.params)
+            self.attach_objective_module(module, getattr(self.params, "trainable_lr", None))
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The step's micro-batches and counts (:class:`StepTrainer`), then the objective's statistics over the
@@ -56,17 +59,49 @@ class TokenTrainer(StepTrainer):
             return self.teacher_cache.sparse_batch(inputs["example_index"].tolist(), mask, temperature=self.temperature)
         return self.teacher_logits(self.teacher, inputs["input_ids"], inputs.get("attention_mask"), vocab)
 
-    def step_loss(self, model, inputs, totals, num_items_in_batch):
-        labels = inputs["labels"]
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
+    def _hidden_inputs(self, model, inputs, outputs, vocab) -> tuple[object, dict]:
+        """(teacher logits [B, Tt-1, Vt], :attr:`Batch.hidden`) for an objective reading hidden states (DSKD):
+        the teacher runs once on its own rows, both models' last layers aligned like the logits."""
+        student = self.accelerator.unwrap_model(model)
+        ids, attention = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+        with torch.no_grad():
+            teacher_out = self.teacher(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        self.counters["teacher_forward_tokens"] += int(attention.sum())
+        teacher_vocab = self.teacher_rows
+        hidden = {"student_hidden": outputs.hidden_states[-1][:, :-1], "student_input_ids": inputs["input_ids"][:, :-1],
+                  "teacher_hidden": teacher_out.hidden_states[-1][:, :-1], "teacher_input_ids": ids[:, :-1],
+                  "student_embeddings": student.get_input_embeddings().weight[:vocab],
+                  "student_head": student.get_output_embeddings().weight[:vocab],
+                  "teacher_embeddings": self.teacher.get_input_embeddings().weight[:teacher_vocab],
+                  "teacher_head": self.teacher.get_output_embeddings().weight[:teacher_vocab]}
+        return teacher_out.logits[:, :-1, :teacher_vocab], hidden
+
+    def objective_batch(self, model, inputs, step: dict, with_extras: bool) -> tuple[Batch, object]:
+        """(the objective's :class:`Batch` for one micro-batch, the student's outputs)."""
+        hidden_states = self.objective.hidden_states
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                        **({"output_hidden_states": True} if hidden_states else {}))
         vocab = self.logit_rows or outputs.logits.shape[-1]
         student_logits = outputs.logits[:, :-1, :vocab]  # position t predicts token t+1
-        targets = labels[:, 1:]
+        targets = inputs["labels"][:, 1:]
         mask = (targets != -100).to(torch.float32)
-        teacher_signal = self._teacher_signal(inputs, mask, vocab) if self.objective.needs_teacher else None
+        hidden: dict = {}
+        if hidden_states:
+            teacher_signal, hidden = self._hidden_inputs(model, inputs, outputs, vocab)
+        elif self.objective.needs_teacher:
+            teacher_signal = self._teacher_signal(inputs, mask, vocab)
+        else:
+            teacher_signal = None
+        batch = Batch(student_logits, teacher_signal, targets, mask, step, self._teacher_targets(inputs),
+                      rollout_extras(inputs) if with_extras else {}, hidden, self.objective_module)
+        return batch, outputs
+
+    def step_loss(self, model, inputs, totals, num_items_in_batch):
         step = self._objective_step if num_items_in_batch is not None else {}
-        parts = self.objective.loss(Batch(student_logits, teacher_signal, targets, mask, step,
-                                          self._teacher_targets(inputs), rollout_extras(inputs)), self.params)
+        batch, outputs = self.objective_batch(model, inputs, step, True)
+        student_logits, teacher_signal, mask = batch.student_logits, batch.teacher_logits, batch.mask
+        vocab = student_logits.shape[-1]
+        parts = self.objective.loss(batch, self.params)
         counted = mask.sum()
         if num_items_in_batch is None:  # evaluation, or a caller outside the training loop
             denominator = counted.clamp(min=1)
@@ -121,6 +156,14 @@ class TokenTrainer(StepTrainer):
         recipe's objective), ``ce`` (gold cross-entropy) and ``token_accuracy`` (argmax = gold)."""
 
         def sums(model, inputs) -> list[float]:
+            if self.objective.hidden_states:
+                batch, _ = self.objective_batch(model, inputs, {}, False)
+                student_logits, teacher_signal, targets, mask = (batch.student_logits, batch.teacher_logits,
+                                                                 batch.targets, batch.mask)
+                parts = self.objective.loss(batch, self.params)
+                ce = cross_entropy_sum(student_logits, targets)
+                correct = ((student_logits.argmax(-1) == targets) & (targets != -100)).sum()
+                return [float(parts["loss"]), float(ce), float(correct), float(mask.sum())]
             outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"))
             vocab = self.logit_rows or outputs.logits.shape[-1]
             student_logits = outputs.logits[:, :-1, :vocab]

@@ -41,7 +41,8 @@ from transformers import Trainer
 from kdbench.errors import TrainingError
 from kdbench.store import atomic_write_json
 from kdbench.train import sharded
-from kdbench.train.checkpoints import COUNTERS_FILE, complete_checkpoints, sampling_state_file
+from kdbench.train.checkpoints import (COUNTERS_FILE, OBJECTIVE_MODULE_FILE, complete_checkpoints,
+                                       sampling_state_file)
 from kdbench.train.recovery import CHECKPOINT_MARKER, divergence_message
 
 
@@ -105,6 +106,30 @@ class StepTrainer(Trainer):
         self._step_totals: dict | None = None
         self._clock = time.time()
         self._loss_sum_before = 0.0  # sum of step losses up to the checkpoint this run resumed from
+        self.objective_module: torch.nn.Module | None = None  # trained beside the student (attach_objective_module)
+        self.objective_module_lr: float | None = None
+
+    def attach_objective_module(self, module: torch.nn.Module, learning_rate: float | None) -> None:
+        """Train ``module`` (an objective's own parameters, e.g. DSKD's projectors) with the student: its
+        parameters join the optimizer as one more group (at ``learning_rate``, default the student's; no weight
+        decay), its state is saved with each checkpoint (:data:`OBJECTIVE_MODULE_FILE`) and restored on resume;
+        the saved model never holds it. One process only: its gradients are not all-reduced."""
+        if self.accelerator.num_processes > 1:
+            raise TrainingError("This objective trains parameters outside the student, which kdbench optimises on "
+                                "one process only; run it without accelerate launch / torchrun.")
+        self.objective_module = module.to(self.args.device).train()
+        self.objective_module_lr = learning_rate
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.objective_module is not None and not any(
+                p is q for group in optimizer.param_groups for p in group["params"]
+                for q in self.objective_module.parameters()):
+            group = {"params": list(self.objective_module.parameters()), "weight_decay": 0.0}
+            if self.objective_module_lr is not None:
+                group["lr"] = self.objective_module_lr
+            optimizer.add_param_group(group)
+        return optimizer
 
     def prepare_frozen(self, model):
         """A frozen model for the step: eval mode, no gradient, on the training device (None passes); sharded
@@ -138,6 +163,8 @@ class StepTrainer(Trainer):
     # ---------------------------------------------------------------- batches of one optimizer step
     def get_batch_samples(self, epoch_iterator, num_batches: int, device):
         """The step's micro-batches (after the sampling form) and their counts over all processes."""
+        if self.objective_module is not None:  # Trainer zeroes the student's gradients only: a fresh step here
+            self.objective_module.zero_grad(set_to_none=True)
         batch_samples = take_batches(epoch_iterator, num_batches)
         if self.fsdp and self.sharding_seen is None:
             self.sharding_seen = sharded.sharding_facts(self.model, self.frozen_models)
@@ -318,6 +345,8 @@ class StepTrainer(Trainer):
             counters = dict(self.counters, train_seconds=self.counters["train_seconds"] + time.time() - self._clock,
                             train_loss_sum=self._loss_sum())
             atomic_write_json(folder / COUNTERS_FILE, counters)
+            if self.objective_module is not None:
+                torch.save(self.objective_module.state_dict(), folder / OBJECTIVE_MODULE_FILE)
             atomic_write_json(folder / CHECKPOINT_MARKER, {"global_step": self.state.global_step})  # written last
         self.accelerator.wait_for_everyone()
 
@@ -380,6 +409,13 @@ class StepTrainer(Trainer):
         state_file = sampling_state_file(Path(checkpoint), self.accelerator.process_index)
         if self.sampling is not None and state_file.is_file():
             self.sampling.load_state_dict(json.loads(state_file.read_text()))
+        module_file = Path(checkpoint) / OBJECTIVE_MODULE_FILE
+        if self.objective_module is not None:
+            if not module_file.is_file():
+                raise TrainingError(f"{checkpoint} has no {OBJECTIVE_MODULE_FILE} (the objective's trained "
+                                    "projectors); start the run again in a new output directory.")
+            self.objective_module.load_state_dict(torch.load(module_file, map_location=self.args.device,
+                                                             weights_only=True))
 
     def cost_counters(self) -> dict:
         return dict(self.counters, train_seconds=round(self.counters["train_seconds"] + time.time() - self._clock, 3))
