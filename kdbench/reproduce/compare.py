@@ -74,7 +74,10 @@ class ComparisonRow:
 def _values(bench: Benchmark, seeds: dict[str, list]) -> list[list[float]]:
     if bench.kind == "judge":
         mapping = JUDGE_VALUES.get(bench.metric, JUDGE_VALUES["win_rate"])
-        return [[mapping[o] for o in outcomes if o in mapping] for outcomes in seeds.values()]
+        # outcomes (win / tie / loss: the mini stand-in) or a judge's numbers (full scale: an MT-Bench rating,
+        # an AlpacaEval (preference - 1) x 100)
+        return [[mapping[o] if isinstance(o, str) else float(o) for o in outcomes
+                 if not isinstance(o, str) or o in mapping] for outcomes in seeds.values()]
     return [[float(v) * bench.scale if bench.kind != "lm_eval" else float(v) for v in values]
             for values in seeds.values()]
 

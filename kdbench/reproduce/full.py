@@ -8,8 +8,10 @@ stages (``sft``, trained once and resumable), then every available row for each 
 reference suites through :func:`kdbench.evaluate.evaluate_many` (the suites' own pinned data). Every run is a
 run directory: rerunning resumes an unfinished one and returns a finished one as it is.
 
-Judged and lm-eval benchmarks are not run at full scale in this version (they need an LLM judge endpoint
-or hours of lm-eval per model): the comparison lists them as "not run".
+Judged benchmarks (MT-Bench, AlpacaEval) of every evaluated model go through the judging library
+(:mod:`kdbench.reproduce.judged`); the OLL suites through lm-eval as ``kdbench eval --suite oll`` does
+(:mod:`kdbench.reproduce.harnessed`). Benchmarks this version cannot run at full scale (the pairwise ω, whose
+in-domain prompts the tables do not pin) are listed as "not run".
 """
 
 from __future__ import annotations
@@ -23,7 +25,11 @@ from kdbench.reproduce.table import Pair, Table
 
 
 def check_full_inputs(table: Table) -> None:
-    """Before any work: every dataset a pair trains on must be one file in kdbench's format (``file``)."""
+    """Before any work: every dataset a pair trains on must be one file in kdbench's format (``file``), and a
+    judged table needs the judge's API key."""
+    from kdbench.reproduce.judged import check_judge_configuration
+
+    check_judge_configuration(table)
     for pair in table.pairs:
         used = [pair.data] + [p.get("data", pair.data) for p in table.preparation] + [r.data for r in table.rows if r.data]
         for key in dict.fromkeys(used):
@@ -93,6 +99,14 @@ def run_pair(table: Table, pair: Pair, out: Path, cache_dir: Path | None, *, log
     scores: dict = {}
 
     def evaluate_model(row, seed, model_dir: str) -> None:
+        from kdbench.reproduce.harnessed import harness_model_dir
+        from kdbench.reproduce.judged import judge_model_dir
+
+        judged = judge_model_dir(table, base, row, seed, model_dir, prepared["teacher"], decoding, log=say,
+                                 command=command)
+        for suite, values in {**judged, **harness_model_dir(table, base, row, seed, model_dir, log=say,
+                                                            command=command)}.items():
+            scores.setdefault(row.label, {}).setdefault(suite, {})[str(seed)] = values
         if not suites:
             return
         target = eval_dir(base, row, seed)
