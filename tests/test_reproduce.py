@@ -339,7 +339,8 @@ def test_full_scale_runs_on_local_mirrors_and_resumes(tmp_path, monkeypatch):
 
 
 def _judged_local_table(tmp_path: Path, *, limit: int = 2, in_domain_prompts: bool = True) -> None:
-    """A judged table (MT-Bench, AlpacaEval 2.0, the pairwise ω on held-out prompts, a tiny lm-eval suite) on
+    """A judged table (MT-Bench, AlpacaEval 1.0, AlpacaEval 2.0 against the SFT row, the pairwise ω on held-out
+    prompts, a tiny lm-eval suite) on
     tiny local models, registered on KDBENCH_REGISTRY_PATH=tmp_path/reg (the caller sets it)."""
     from kdbench import harness
     from tiny_models import build_tiny, write_tiny_data
@@ -378,8 +379,10 @@ def _judged_local_table(tmp_path: Path, *, limit: int = 2, in_domain_prompts: bo
         "eval": {"benchmarks": [
             {"benchmark": "mt_bench", "metric": "score", "kind": "judge", "suite": "mt_bench", "examples": limit,
              "judge_model": "fake-judge"},
-            {"benchmark": "alpaca_eval_2", "metric": "win_rate", "kind": "judge", "suite": "alpaca_eval_2",
+            {"benchmark": "alpaca_eval_1", "metric": "win_rate", "kind": "judge", "suite": "alpaca_eval_1",
              "examples": limit, "judge_model": "fake-judge"},
+            {"benchmark": "alpaca_eval_vs_sft", "metric": "win_rate", "kind": "judge", "suite": "alpaca_eval_2",
+             "examples": limit, "judge_model": "fake-judge", "reference_row": "SFT"},
             {"benchmark": "in_domain", "metric": "omega", "kind": "judge", "suite": "pairwise", "examples": limit,
              "judge_model": "fake-judge", **({"prompts": "held"} if in_domain_prompts else {})},
             {"benchmark": "oll_v1", "metric": "average", "kind": "lm_eval", "suite": "tiny-oll", "examples": 4,
@@ -412,8 +415,8 @@ def test_a_judged_table_without_a_judge_key_refuses_a_full_run_before_any_work(t
 
 @pytest.mark.slow
 def test_full_scale_judges_and_runs_lm_eval_through_the_existing_machinery(tmp_path, monkeypatch):
-    """--scale full with MT-Bench, AlpacaEval and the pairwise ω judged by a local OpenAI-compatible server (real
-    HTTP) and an lm-eval suite: every row gets a number, the key is written nowhere, and a rerun makes no new judge call."""
+    """--scale full with MT-Bench, AlpacaEval (against its reference and against a row) and the pairwise ω judged
+    by a local OpenAI-compatible server (real HTTP) and an lm-eval suite: every row gets a number, the key is written nowhere, and a rerun makes no new judge call."""
     import csv
 
     from judge_server import FakeJudgeServer
@@ -438,13 +441,15 @@ def test_full_scale_judges_and_runs_lm_eval_through_the_existing_machinery(tmp_p
     for row in ("teacher", "SFT"):
         mt = rows[(row, "mt_bench")]
         assert mt["status"] != "not run" and 1 <= float(mt["kdbench"]) <= 10 and mt["n_examples"] == "4"  # 2 x 2 turns
-        ae = rows[(row, "alpaca_eval_2")]
-        assert ae["status"] != "not run" and 0 <= float(ae["kdbench"]) <= 100 and ae["n_examples"] == "2"
+        for name in ("alpaca_eval_1", "alpaca_eval_vs_sft"):
+            ae = rows[(row, name)]
+            assert ae["status"] != "not run" and 0 <= float(ae["kdbench"]) <= 100 and ae["n_examples"] == "2"
         oll = rows[(row, "oll_v1")]
         assert oll["status"] != "not run" and 0 <= float(oll["kdbench"]) <= 100
         omega = rows[(row, "in_domain")]
         assert omega["status"] != "not run" and -100 <= float(omega["kdbench"]) <= 100 and omega["n_examples"] == "2"
     assert float(rows[("teacher", "in_domain")]["kdbench"]) == 0.0  # the teacher against itself: ties
+    assert float(rows[("SFT", "alpaca_eval_vs_sft")]["kdbench"]) == 50.0  # the reference row against itself
     judgments = [json.loads(line) for line in open(out / "t-s" / "judge" / "pairwise" / "sft-seed1" / "judgments.jsonl")]
     assert len(judgments) == 2 and all(len(j["verdicts"]) == 2 for j in judgments)  # both orders, by the LLM judge
     for path in out.rglob("*"):

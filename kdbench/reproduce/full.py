@@ -98,9 +98,13 @@ def run_pair(table: Table, pair: Pair, out: Path, cache_dir: Path | None, *, log
     suites = [b.suite for b in table.benchmarks if b.kind == "reference"]
     scores: dict = {}
 
+    evaluated: list[tuple] = []  # (row, training seed) in evaluation order
+
     def evaluate_model(row, seed, model_dir: str) -> None:
         from kdbench.reproduce.harnessed import harness_model_dir
         from kdbench.reproduce.judged import judge_model_dir
+
+        evaluated.append((row, seed))
 
         judged = judge_model_dir(table, base, row, seed, model_dir, prepared["teacher"], decoding, log=say,
                                  command=command)
@@ -140,6 +144,11 @@ def run_pair(table: Table, pair: Pair, out: Path, cache_dir: Path | None, *, log
             say(f"{pair.name}: {row.label} seed {seed}")
             models[(row.label, seed)] = str(train(config, log=say, command=command, progress=progress).model_dir)
             evaluate_model(row, seed, models[(row.label, seed)])
+    from kdbench.reproduce.judged import judge_against_reference_rows
+
+    for label, by_suite in judge_against_reference_rows(table, base, evaluated, log=say, command=command).items():
+        for suite, by_seed in by_suite.items():
+            scores.setdefault(label, {}).setdefault(suite, {}).update(by_seed)
     return scores
 
 

@@ -3,7 +3,9 @@ the judging library (:mod:`kdbench.judging.api`, the same functions ``kdbench ju
 
 The judge is any OpenAI-compatible endpoint: its key comes from ``KDBENCH_JUDGE_API_KEY`` / ``OPENAI_API_KEY`` and
 its base URL from ``KDBENCH_JUDGE_BASE_URL`` / ``OPENAI_BASE_URL`` (default: OpenAI); the key is never written
-anywhere. The judge model is the table's (the paper's) ``judge_model``. Each model's judge run is a run
+anywhere. The judge model is the table's (the paper's) ``judge_model``. An AlpacaEval benchmark with a
+``reference_row`` (ADPA's win rate against its own ADPA student) is judged once every row is trained, against
+that row's answers at the same training seed (the row itself scores 50: identical outputs are ties, no call). Each model's judge run is a run
 directory under ``<pair>/judge/``; answers are generated once and appended as they finish, and every judge
 request is cached (:class:`kdbench.judging.client.JudgeClient`), so a rerun resumes without redoing work.
 
@@ -87,24 +89,38 @@ def _mt_bench(bench, model_dir: str, label: str, target: Path, limit: int | None
     return [float(r["score"]) for r in outcome.judgments if float(r["score"]) != -1]
 
 
-def _alpaca_eval(bench, model_dir: str, label: str, target: Path, limit: int | None, decoding, say, command) -> list:
-    """Answers to the reference outputs' instructions (the tokenizer's chat template, the table's decoding),
-    appended to ``<target>-outputs/outputs.jsonl`` as they finish, then AlpacaEval against the reference."""
+def _alpaca_prompts(bench) -> tuple[Path, list[dict]]:
+    """The protocol's reference outputs file and its instructions."""
     from kdbench import registry
-    from kdbench.judging.api import judge_alpaca_eval
     from kdbench.judging.data import load_outputs
-    from kdbench.judging.settings import AlpacaEvalConfig
 
-    version = bench.suite.rsplit("_", 1)[1]
     protocol = registry.get("judges", bench.suite).body
     if not os.environ.get("KDBENCH_DATA"):
-        raise ConfigError(f"{bench.benchmark} compares with the {protocol['reference']} outputs: set KDBENCH_DATA to "
-                          "the folder holding alpaca_eval/results/<reference>/model_outputs.json.")
+        raise ConfigError(f"{bench.benchmark} asks AlpacaEval's instructions from the {protocol['reference']} outputs: "
+                          "set KDBENCH_DATA to the folder holding alpaca_eval/results/<reference>/model_outputs.json.")
     reference = Path(os.environ["KDBENCH_DATA"]) / "alpaca_eval" / "results" / protocol["reference"] / "model_outputs.json"
-    prompts = [{"instruction": r["instruction"]} for r in load_outputs(reference)][:limit]
-    outputs = target.parent / f"{target.name}-outputs" / "outputs.jsonl"
-    _generate(model_dir, prompts, outputs, label, decoding, say)
-    config = AlpacaEvalConfig(outputs=str(outputs), version=version, reference=str(reference),
+    return reference, [{"instruction": r["instruction"]} for r in load_outputs(reference)]
+
+
+def alpaca_outputs(target: Path) -> Path:
+    """Where the answers of the model judged into run ``target`` go."""
+    return target.parent / f"{target.name}-outputs" / "outputs.jsonl"
+
+
+def _alpaca_eval(bench, model_dir: str | None, label: str, target: Path, limit: int | None, decoding, say, command,
+                 reference: Path | None = None) -> list:
+    """Answers to AlpacaEval's instructions (the tokenizer's chat template, the table's decoding), appended to
+    ``<target>-outputs/outputs.jsonl`` as they finish, then AlpacaEval against ``reference`` (default: the
+    protocol's reference outputs). ``model_dir`` None: the answers are already there."""
+    from kdbench.judging.api import judge_alpaca_eval
+    from kdbench.judging.settings import AlpacaEvalConfig
+
+    default_reference, prompts = _alpaca_prompts(bench)
+    outputs = alpaca_outputs(target)
+    if model_dir is not None:
+        _generate(model_dir, prompts[:limit], outputs, label, decoding, say)
+    config = AlpacaEvalConfig(outputs=str(outputs), version=bench.suite.rsplit("_", 1)[1],
+                              reference=str(reference or default_reference),
                               templates_dir=_data_dir("alpaca_eval/evaluators_configs"), judge_model=bench.judge_model,
                               out=str(target), limit=limit)
     outcome = judge_alpaca_eval(config, log=say, command=command)
@@ -192,10 +208,36 @@ def judge_model_dir(table: Table, base: Path, row, seed, model_dir: str, teacher
                 continue
             scores[bench.suite] = _pairwise(bench, table, model_dir, teacher_dir, row.label, target, limit, decoding,
                                             log, command)
+        elif bench.reference_row:  # answers now; judged against the reference row's once it is trained
+            _generate(model_dir, _alpaca_prompts(bench)[1][:limit], alpaca_outputs(target), row.label, decoding, log)
         else:
             scores[bench.suite] = _alpaca_eval(bench, model_dir, row.label, target, limit, decoding, log, command)
     return scores
 
 
+def judge_against_reference_rows(table: Table, base: Path, evaluated: list[tuple], *, log: Callable[[str], None],
+                                 command: list[str]) -> dict:
+    """AlpacaEval benchmarks whose reference is one of the table's rows (``reference_row``), after every row is
+    trained: each evaluated (row, training seed) against the reference row's answers at the same seed (an
+    evaluated-only row: at the first training seed). {row label: {suite: {seed: per-example scores}}}."""
+    scores: dict = {}
+    first_seed = (table.eval.get("train_seeds") or [1])[0]
+    for bench in judged_at_full_scale(table):
+        if not bench.reference_row:
+            continue
+        reference_row = next(r for r in table.rows if r.label == bench.reference_row)
+        for row, seed in evaluated:
+            target = base / "judge" / bench.suite / (slug(row.label) if seed is None else f"{slug(row.label)}-seed{seed}")
+            ref_seed = None if reference_row.method is None else (first_seed if seed is None else seed)
+            ref_name = slug(reference_row.label) if ref_seed is None else f"{slug(reference_row.label)}-seed{ref_seed}"
+            reference = alpaca_outputs(base / "judge" / bench.suite / ref_name)
+            if not reference.is_file():
+                log(f"{bench.benchmark}: no answers of reference row {reference_row.label} (not trained): not judged")
+                continue
+            scores.setdefault(row.label, {}).setdefault(bench.suite, {})[str(seed)] = _alpaca_eval(
+                bench, None, row.label, target, table.eval.get("limit"), None, log, command, reference=reference)
+    return scores
+
+
 __all__ = ["RUN_AT_FULL_SCALE", "judged_at_full_scale", "judge_requirement", "full_scale_note", "check_judge_configuration",
-           "judge_model_dir"]
+           "judge_model_dir", "judge_against_reference_rows"]

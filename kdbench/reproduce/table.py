@@ -59,6 +59,7 @@ class Benchmark:
     judge_model: str | None
     scale: float
     prompts: str | None = None  # a datasets key: the held-out prompts of a pairwise (in-domain) judge benchmark
+    reference_row: str | None = None  # AlpacaEval against this row's answers instead of the protocol's reference
 
 
 @dataclass
@@ -133,7 +134,8 @@ def load_table(name: str) -> Table:
                           "share a run folder).")
     benchmarks = [Benchmark(b["benchmark"], b["metric"], b["kind"], b["suite"], int(b["examples"]),
                             b.get("judge_model"), float(b.get("scale", 1.0)),
-                            need(b["prompts"], datasets, "dataset") if b.get("prompts") else None)
+                            need(b["prompts"], datasets, "dataset") if b.get("prompts") else None,
+                            need(b["reference_row"], [r.label for r in rows], "row") if b.get("reference_row") else None)
                   for b in body["eval"]["benchmarks"]]
     return Table(entry.name, entry.description, body["paper"], str(body["table"]), body["source"], models, datasets,
                  pairs, list(body.get("preparation") or []), rows, benchmarks, dict(body["eval"]),
