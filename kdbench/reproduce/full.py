@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from kdbench.errors import ConfigError
+from kdbench.reproduce.fetch import fetch_data, fetch_model
 from kdbench.reproduce.layout import eval_dir, slug, train_dir
 from kdbench.reproduce.table import Pair, Table
 
@@ -27,9 +28,6 @@ from kdbench.reproduce.table import Pair, Table
 def check_full_inputs(table: Table) -> None:
     """Before any work: every dataset a pair trains on must be one file in kdbench's format (``file``), and a
     judged table needs the judge's API key."""
-    from kdbench.reproduce.judged import check_judge_configuration
-
-    check_judge_configuration(table)
     for pair in table.pairs:
         used = [pair.data] + [p.get("data", pair.data) for p in table.preparation] + [r.data for r in table.rows if r.data]
         for key in dict.fromkeys(used):
@@ -37,25 +35,9 @@ def check_full_inputs(table: Table) -> None:
                 raise ConfigError(f"Dataset {key} ({table.datasets[key]['hub']}) of reproduction {table.name} names no "
                                   "file in kdbench's training format, so it cannot be trained on as it is; convert it to "
                                   "JSONL (instruction, input, output or chosen / rejected) and set its file.")
+    from kdbench.reproduce.judged import check_judge_configuration
 
-
-def fetch_model(spec: dict) -> str:
-    """A local folder of the checkpoint at its pinned revision."""
-    if Path(spec["hub"]).expanduser().is_dir():
-        return str(Path(spec["hub"]).expanduser())
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(spec["hub"], revision=spec["revision"])
-
-
-def fetch_data(spec: dict) -> str:
-    """The dataset's training file at its pinned revision."""
-    folder = Path(spec["hub"]).expanduser()
-    if folder.is_dir():
-        return str(folder / spec["file"])
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(spec["hub"], spec["file"], repo_type="dataset", revision=spec["revision"])
+    check_judge_configuration(table)
 
 
 def _prune(teacher: str, target: Path, keep: float) -> str:

@@ -156,7 +156,7 @@ def _generate(model_dir: str, prompts: list[dict], path: Path, label: str, decod
 
 def _in_domain_prompts(table: Table, bench, limit: int | None) -> list[dict]:
     from kdbench.errors import DataError
-    from kdbench.reproduce.full import fetch_data
+    from kdbench.reproduce.fetch import fetch_data
     from kdbench.store import read_jsonl
 
     path = fetch_data(table.datasets[bench.prompts])
