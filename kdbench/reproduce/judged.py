@@ -68,11 +68,11 @@ def full_scale_note(table: Table) -> str:
 
 def check_judge_configuration(table: Table) -> None:
     """Before any work: a full run with a judged benchmark needs the judge's API key in the environment."""
-    from kdbench.judging.client import API_KEY_VARIABLES, resolve_api_key, resolve_base_url
+    from kdbench.judging.client import API_KEY_VARIABLES, redact_url, resolve_api_key, resolve_base_url
 
     judged = judged_at_full_scale(table)
     if judged and not resolve_api_key():
-        where = resolve_base_url() or "OpenAI"
+        where = redact_url(resolve_base_url()) or "OpenAI"
         raise ConfigError(f"Reproduction {table.name} is judged by {judged[0].judge_model} ({judged[0].benchmark}) "
                           f"and no judge API key is set: set {API_KEY_VARIABLES[0]} (and KDBENCH_JUDGE_BASE_URL for "
                           f"an endpoint other than {where}) before a full run, or use --scale mini.")
