@@ -246,6 +246,24 @@ def test_comparison_marks_unavailable_rows_and_the_paper_inside_ci(user_registry
     assert rows[("KD", "dolly")].status == "not run"
 
 
+
+def test_a_failed_judgment_drops_that_example_from_every_training_seed():
+    """Full-scale judge scores: a failed judgment (None) in one seed removes that example from all seeds, so
+    the CI's seeds x examples rectangle holds; numbers (MT-Bench ratings) and outcomes (ω) both count."""
+    from kdbench.reproduce.compare import compare
+    from kdbench.reproduce.table import load_table
+
+    table = load_table("adpa-table1")
+    scores = {"ADPA": {"mt_bench": {"1": [8.0, None, 6.0, 7.0], "2": [6.0, 9.0, None, 5.0]}}}
+    row = next(r for r in compare(table, table.pairs[0], scores) if r.row == "ADPA" and r.benchmark.startswith("mt_bench"))
+    assert (row.n_seeds, row.n_examples) == (2, 2) and row.kdbench == pytest.approx((8 + 7 + 6 + 5) / 4)
+    dadpo = load_table("dadpo-main")
+    label = next(r.label for r in dadpo.rows if r.method)
+    outcomes = {label: {"pairwise": {"1": ["win", "failed", "loss", "tie"], "2": ["win", "win", None, "win"]}}}
+    omega = next(r for r in compare(dadpo, dadpo.pairs[0], outcomes) if r.row == label
+                 and r.benchmark.startswith("in_domain"))
+    assert (omega.n_seeds, omega.n_examples) == (2, 2) and omega.kdbench == pytest.approx((100 + 0 + 100 + 100) / 4)
+
 # --- every table's miniature, end to end (slow) ---------------------------------------------------------------
 
 

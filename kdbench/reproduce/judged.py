@@ -86,7 +86,7 @@ def _mt_bench(bench, model_dir: str, label: str, target: Path, limit: int | None
                            limit=limit, data_dir=_data_dir("mt_bench"))
     outcome = judge_mt_bench(config, log=say, command=command)
     say(outcome.message)
-    return [float(r["score"]) for r in outcome.judgments if float(r["score"]) != -1]
+    return [None if float(r["score"]) == -1 else float(r["score"]) for r in outcome.judgments]  # -1: no rating
 
 
 def _alpaca_prompts(bench) -> tuple[Path, list[dict]]:
@@ -125,7 +125,7 @@ def _alpaca_eval(bench, model_dir: str | None, label: str, target: Path, limit: 
                               out=str(target), limit=limit)
     outcome = judge_alpaca_eval(config, log=say, command=command)
     say(outcome.message)
-    return [(float(r["preference"]) - 1.0) * 100.0 for r in outcome.judgments if r.get("preference") is not None]
+    return [None if r.get("preference") is None else (float(r["preference"]) - 1.0) * 100.0 for r in outcome.judgments]
 
 
 def _generate(model_dir: str, prompts: list[dict], path: Path, label: str, decoding, say) -> None:
@@ -182,7 +182,7 @@ def _pairwise(bench, table: Table, model_dir: str, teacher_dir: str, label: str,
                             data_dir=_data_dir("mt_bench"), out=str(target), labels={"student": label})
     outcome = judge_pairwise(config, log=say, command=command)
     say(outcome.message)
-    return [r["outcome"] for r in outcome.judgments if r["outcome"] != "failed"]
+    return [None if r["outcome"] == "failed" else r["outcome"] for r in outcome.judgments]
 
 
 def _data_dir(name: str) -> str | None:
