@@ -4,6 +4,7 @@ confidence interval over training seeds x examples; and (slow) every table's min
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,24 @@ def test_comparison_marks_unavailable_rows_and_the_paper_inside_ci(user_registry
     assert rows[("KD", "dolly")].status == "not run"
 
 
+
+def test_a_failed_judgment_drops_that_example_from_every_training_seed():
+    """Full-scale judge scores: a failed judgment (None) in one seed removes that example from all seeds, so
+    the CI's seeds x examples rectangle holds; numbers (MT-Bench ratings) and outcomes (ω) both count."""
+    from kdbench.reproduce.compare import compare
+    from kdbench.reproduce.table import load_table
+
+    table = load_table("adpa-table1")
+    scores = {"ADPA": {"mt_bench": {"1": [8.0, None, 6.0, 7.0], "2": [6.0, 9.0, None, 5.0]}}}
+    row = next(r for r in compare(table, table.pairs[0], scores) if r.row == "ADPA" and r.benchmark.startswith("mt_bench"))
+    assert (row.n_seeds, row.n_examples) == (2, 2) and row.kdbench == pytest.approx((8 + 7 + 6 + 5) / 4)
+    dadpo = load_table("dadpo-main")
+    label = next(r.label for r in dadpo.rows if r.method)
+    outcomes = {label: {"pairwise": {"1": ["win", "failed", "loss", "tie"], "2": ["win", "win", None, "win"]}}}
+    omega = next(r for r in compare(dadpo, dadpo.pairs[0], outcomes) if r.row == label
+                 and r.benchmark.startswith("in_domain"))
+    assert (omega.n_seeds, omega.n_examples) == (2, 2) and omega.kdbench == pytest.approx((100 + 0 + 100 + 100) / 4)
+
 # --- every table's miniature, end to end (slow) ---------------------------------------------------------------
 
 
@@ -335,3 +354,122 @@ def test_full_scale_runs_on_local_mirrors_and_resumes(tmp_path, monkeypatch):
     assert rows["MiniLLM"]["status"].startswith("method not available in this version")
     plan, _ = plan_reproduction("local-table", scale="full", out_dir=out)
     assert {s.status for s in plan.stages if s.kind in ("prepare", "train", "evaluate")} == {"done", "not available"}
+
+
+def _judged_local_table(tmp_path: Path, *, limit: int = 2, in_domain_prompts: bool = True) -> None:
+    """A judged table (MT-Bench, AlpacaEval 1.0, AlpacaEval 2.0 against the SFT row, the pairwise ω on held-out
+    prompts, a tiny lm-eval suite) on
+    tiny local models, registered on KDBENCH_REGISTRY_PATH=tmp_path/reg (the caller sets it)."""
+    from kdbench import harness
+    from tiny_models import build_tiny, write_tiny_data
+
+    corpus, tokenizer = build_tiny(tmp_path)
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    for name in ("teacher", "student"):  # a chat model: MT-Bench answers use the tokenizer's chat template
+        tokenizer.save_pretrained(str(tmp_path / name))
+    write_tiny_data(tmp_path, corpus, n=8)
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps({"instruction": f"Where does person {i} live?",
+                                                              "input": ""}) + "\n" for i in range(3)))
+    tasks = tmp_path / "lm_eval_tasks"
+    records = [{"question": f"Which number follows {i}?", "choices": [str(i + 1), str(i + 2), str(i * 3)],
+                "answer": 0} for i in range(4)]
+    harness.local_multiple_choice_task("tiny_mc", records, tasks)
+    reg = tmp_path / "reg"
+    (reg / "tasks").mkdir(parents=True)
+    (reg / "tasks" / "tiny-oll.yaml").write_text(yaml.safe_dump({
+        "name": "tiny-oll", "description": "one tiny multiple-choice task", "type": "lm_eval", "protocol": "TINY",
+        "include_path": [str(tasks)], "tasks": [{"task": "tiny_mc", "num_fewshot": 0, "metric": "acc"}]}))
+    quick = {"max_steps": 1, "batch_size": 4, "learning_rate": 1.0e-3, "max_length": 128, "max_prompt_length": 64}
+    body = {
+        "name": "judged-table", "description": "ADPA Table 1 on local mirrors.", "paper": "ADPA", "table": "1",
+        "source": "test", "train_data": "train",
+        "models": {"t": {"hub": str(tmp_path / "teacher"), "revision": "local", "params_b": 0.001, "paper_name": "t"},
+                   "s": {"hub": str(tmp_path / "student"), "revision": "local", "params_b": 0.0005, "paper_name": "s"}},
+        "datasets": {"train": {"hub": str(tmp_path), "revision": "local", "file": "prompts.jsonl", "rows": 8,
+                               "prompt_tokens": 10, "response_tokens": 10},
+                     "held": {"hub": str(tmp_path), "revision": "local", "file": "held.jsonl", "rows": 3,
+                              "prompt_tokens": 10, "response_tokens": 10}},
+        "pairs": [{"teacher": "t", "student": "s", "paper_teacher": "t", "paper_student": "s"}],
+        "preparation": [],
+        "rows": [{"label": "teacher", "evaluate": "teacher", "paper_student": "teacher", "source": "test"},
+                 {"label": "SFT", "method": "sft", "settings": quick, "source": "test"}],
+        "eval": {"benchmarks": [
+            {"benchmark": "mt_bench", "metric": "score", "kind": "judge", "suite": "mt_bench", "examples": limit,
+             "judge_model": "fake-judge"},
+            {"benchmark": "alpaca_eval_1", "metric": "win_rate", "kind": "judge", "suite": "alpaca_eval_1",
+             "examples": limit, "judge_model": "fake-judge"},
+            {"benchmark": "alpaca_eval_vs_sft", "metric": "win_rate", "kind": "judge", "suite": "alpaca_eval_2",
+             "examples": limit, "judge_model": "fake-judge", "reference_row": "SFT"},
+            {"benchmark": "in_domain", "metric": "omega", "kind": "judge", "suite": "pairwise", "examples": limit,
+             "judge_model": "fake-judge", **({"prompts": "held"} if in_domain_prompts else {})},
+            {"benchmark": "oll_v1", "metric": "average", "kind": "lm_eval", "suite": "tiny-oll", "examples": 4,
+             "scale": 100}],
+            "seeds": [], "decoding": {"greedy": True, "max_new_tokens": 4, "max_prompt_length": 64}, "limit": limit,
+            "train_seeds": [1], "source": "test"},
+        "mini": yaml.safe_load((REPO / "reproductions" / "akl-table1.yaml").read_text())["mini"],
+    }
+    (reg / "reproductions").mkdir(parents=True)
+    (reg / "reproductions" / "judged-table.yaml").write_text(yaml.safe_dump(body))
+
+
+def test_a_judged_table_without_a_judge_key_refuses_a_full_run_before_any_work(tmp_path, monkeypatch):
+    """The full dry-run names the judge it needs; a run without a judge API key is one sentence, exit 2, and
+    writes nothing (no training starts)."""
+    monkeypatch.setenv("KDBENCH_REGISTRY_PATH", str(tmp_path / "reg"))
+    for name in ("KDBENCH_JUDGE_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    _judged_local_table(tmp_path, in_domain_prompts=False)
+    out = tmp_path / "out"
+    result, text = _invoke("reproduce", "judged-table", "--scale", "full", "--dry-run", "--out", str(out))
+    assert result.exit_code == 0, text
+    assert "judge required: fake-judge" in text and "KDBENCH_JUDGE_API_KEY" in text
+    assert "in_domain by fake-judge (2 prompts) - not run at full scale" in text
+    result, text = _invoke("reproduce", "judged-table", "--scale", "full", "--out", str(out))
+    assert result.exit_code == 2, text
+    assert "no judge API key is set" in text and "Traceback" not in text
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_full_scale_judges_and_runs_lm_eval_through_the_existing_machinery(tmp_path, monkeypatch):
+    """--scale full with MT-Bench, AlpacaEval (against its reference and against a row) and the pairwise ω judged
+    by a local OpenAI-compatible server (real HTTP) and an lm-eval suite: every row gets a number, the key is written nowhere, and a rerun makes no new judge call."""
+    import csv
+
+    from judge_server import FakeJudgeServer
+    from kdbench.reproduce import run_reproduction
+
+    key = "sk-reproduce-SECRET-5e6f"
+    monkeypatch.setenv("KDBENCH_DATA", str(REPO.parent / "shared" / "data"))
+    monkeypatch.setenv("KDBENCH_REGISTRY_PATH", str(tmp_path / "reg"))
+    monkeypatch.setenv("KDBENCH_JUDGE_API_KEY", key)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("KDBENCH_CACHE", str(tmp_path / "cache"))
+    _judged_local_table(tmp_path)
+    out = tmp_path / "out"
+    with FakeJudgeServer(api_key=key) as server:
+        monkeypatch.setenv("KDBENCH_JUDGE_BASE_URL", server.url)
+        run_reproduction("judged-table", scale="full", out_dir=out, cache_dir=tmp_path / "cache", progress=False)
+        calls = server.total_calls()
+        assert calls > 0
+        run_reproduction("judged-table", scale="full", out_dir=out, cache_dir=tmp_path / "cache", progress=False)
+        assert server.total_calls() == calls  # answers and judgments are reused, not redone
+    rows = {(r["row"], r["benchmark"]): r for r in csv.DictReader(open(out / "comparison.csv"))}
+    for row in ("teacher", "SFT"):
+        mt = rows[(row, "mt_bench")]
+        assert mt["status"] != "not run" and 1 <= float(mt["kdbench"]) <= 10 and mt["n_examples"] == "4"  # 2 x 2 turns
+        for name in ("alpaca_eval_1", "alpaca_eval_vs_sft"):
+            ae = rows[(row, name)]
+            assert ae["status"] != "not run" and 0 <= float(ae["kdbench"]) <= 100 and ae["n_examples"] == "2"
+        oll = rows[(row, "oll_v1")]
+        assert oll["status"] != "not run" and 0 <= float(oll["kdbench"]) <= 100
+        omega = rows[(row, "in_domain")]
+        assert omega["status"] != "not run" and -100 <= float(omega["kdbench"]) <= 100 and omega["n_examples"] == "2"
+    assert float(rows[("teacher", "in_domain")]["kdbench"]) == 0.0  # the teacher against itself: ties
+    assert float(rows[("SFT", "alpaca_eval_vs_sft")]["kdbench"]) == 50.0  # the reference row against itself
+    judgments = [json.loads(line) for line in open(out / "t-s" / "judge" / "pairwise" / "sft-seed1" / "judgments.jsonl")]
+    assert len(judgments) == 2 and all(len(j["verdicts"]) == 2 for j in judgments)  # both orders, by the LLM judge
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert key not in path.read_text(errors="replace"), path

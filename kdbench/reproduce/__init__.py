@@ -83,9 +83,10 @@ def run_reproduction(name: str, *, scale: str = "mini", out_dir: str | Path | No
         judge_note = ("Judged benchmarks ran with the offline Rouge-L proxy judge against the teacher (deterministic), "
                       "not the paper's judge (" + ", ".join(sorted({b.judge_model or '?' for b in plan.table.benchmarks
                                                                      if b.kind == 'judge'})) + ").")
-    if scale == "full" and any(b.kind != "reference" for b in plan.table.benchmarks):
-        judge_note = ("Judged and lm-eval benchmarks are not run at full scale in this version (an LLM judge endpoint, "
-                      "hours of lm-eval per model): their rows say 'not run'.")
+    if scale == "full":
+        from kdbench.reproduce.judged import full_scale_note
+
+        judge_note = full_scale_note(plan.table)
     used = {kind: STAND_INS[kind] for kind in dict.fromkeys(b.kind for b in plan.table.benchmarks)}
     markdown = comparison_markdown(plan.table, rows, scale=scale, stand_ins=used if scale == "mini" else None,
                                     judge_note=judge_note)

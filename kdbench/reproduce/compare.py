@@ -72,11 +72,22 @@ class ComparisonRow:
 
 
 def _values(bench: Benchmark, seeds: dict[str, list]) -> list[list[float]]:
-    if bench.kind == "judge":
-        mapping = JUDGE_VALUES.get(bench.metric, JUDGE_VALUES["win_rate"])
-        return [[mapping[o] for o in outcomes if o in mapping] for outcomes in seeds.values()]
-    return [[float(v) * bench.scale if bench.kind != "lm_eval" else float(v) for v in values]
-            for values in seeds.values()]
+    """Per training seed, the per-example numbers. A failed judgment (None, or the outcome "failed") is dropped
+    from every seed, so the seeds keep the same examples in the same order (the CI needs a rectangle)."""
+    mapping = JUDGE_VALUES.get(bench.metric, JUDGE_VALUES["win_rate"])
+
+    def number(value) -> float | None:
+        if value is None:
+            return None
+        if bench.kind == "judge" and isinstance(value, str):  # win / tie / loss (ω, the mini stand-in)
+            return mapping.get(value)
+        # a judge's number (full scale: an MT-Bench rating, an AlpacaEval (preference - 1) x 100) or a score
+        return float(value) * bench.scale if bench.kind == "reference" else float(value)
+
+    per_seed = [[number(v) for v in values] for values in seeds.values()]
+    width = min((len(values) for values in per_seed), default=0)
+    keep = [i for i in range(width) if all(values[i] is not None for values in per_seed)]
+    return [[values[i] for i in keep] for values in per_seed]
 
 
 def compare(table: Table, pair: Pair, scores: dict) -> list[ComparisonRow]:

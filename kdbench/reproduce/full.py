@@ -8,8 +8,10 @@ stages (``sft``, trained once and resumable), then every available row for each 
 reference suites through :func:`kdbench.evaluate.evaluate_many` (the suites' own pinned data). Every run is a
 run directory: rerunning resumes an unfinished one and returns a finished one as it is.
 
-Judged and lm-eval benchmarks are not run at full scale in this version (they need an LLM judge endpoint
-or hours of lm-eval per model): the comparison lists them as "not run".
+Judged benchmarks (MT-Bench, AlpacaEval) of every evaluated model go through the judging library
+(:mod:`kdbench.reproduce.judged`); the OLL suites through lm-eval as ``kdbench eval --suite oll`` does
+(:mod:`kdbench.reproduce.harnessed`). Benchmarks this version cannot run at full scale (the pairwise ω, whose
+in-domain prompts the tables do not pin) are listed as "not run".
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from pathlib import Path
 from typing import Callable
 
 from kdbench.errors import ConfigError
+from kdbench.reproduce.fetch import fetch_data, fetch_model
 from kdbench.reproduce.layout import eval_dir, slug, train_dir
 from kdbench.reproduce.table import Pair, Table
 
 
 def check_full_inputs(table: Table) -> None:
-    """Before any work: every dataset a pair trains on must be one file in kdbench's format (``file``)."""
+    """Before any work: every dataset a pair trains on must be one file in kdbench's format (``file``), and a
+    judged table needs the judge's API key."""
     for pair in table.pairs:
         used = [pair.data] + [p.get("data", pair.data) for p in table.preparation] + [r.data for r in table.rows if r.data]
         for key in dict.fromkeys(used):
@@ -31,25 +35,9 @@ def check_full_inputs(table: Table) -> None:
                 raise ConfigError(f"Dataset {key} ({table.datasets[key]['hub']}) of reproduction {table.name} names no "
                                   "file in kdbench's training format, so it cannot be trained on as it is; convert it to "
                                   "JSONL (instruction, input, output or chosen / rejected) and set its file.")
+    from kdbench.reproduce.judged import check_judge_configuration
 
-
-def fetch_model(spec: dict) -> str:
-    """A local folder of the checkpoint at its pinned revision."""
-    if Path(spec["hub"]).expanduser().is_dir():
-        return str(Path(spec["hub"]).expanduser())
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(spec["hub"], revision=spec["revision"])
-
-
-def fetch_data(spec: dict) -> str:
-    """The dataset's training file at its pinned revision."""
-    folder = Path(spec["hub"]).expanduser()
-    if folder.is_dir():
-        return str(folder / spec["file"])
-    from huggingface_hub import hf_hub_download
-
-    return hf_hub_download(spec["hub"], spec["file"], repo_type="dataset", revision=spec["revision"])
+    check_judge_configuration(table)
 
 
 def _prune(teacher: str, target: Path, keep: float) -> str:
@@ -92,7 +80,19 @@ def run_pair(table: Table, pair: Pair, out: Path, cache_dir: Path | None, *, log
     suites = [b.suite for b in table.benchmarks if b.kind == "reference"]
     scores: dict = {}
 
+    evaluated: list[tuple] = []  # (row, training seed) in evaluation order
+
     def evaluate_model(row, seed, model_dir: str) -> None:
+        from kdbench.reproduce.harnessed import harness_model_dir
+        from kdbench.reproduce.judged import judge_model_dir
+
+        evaluated.append((row, seed))
+
+        judged = judge_model_dir(table, base, row, seed, model_dir, prepared["teacher"], decoding, log=say,
+                                 command=command)
+        for suite, values in {**judged, **harness_model_dir(table, base, row, seed, model_dir, log=say,
+                                                            command=command)}.items():
+            scores.setdefault(row.label, {}).setdefault(suite, {})[str(seed)] = values
         if not suites:
             return
         target = eval_dir(base, row, seed)
@@ -126,6 +126,11 @@ def run_pair(table: Table, pair: Pair, out: Path, cache_dir: Path | None, *, log
             say(f"{pair.name}: {row.label} seed {seed}")
             models[(row.label, seed)] = str(train(config, log=say, command=command, progress=progress).model_dir)
             evaluate_model(row, seed, models[(row.label, seed)])
+    from kdbench.reproduce.judged import judge_against_reference_rows
+
+    for label, by_suite in judge_against_reference_rows(table, base, evaluated, log=say, command=command).items():
+        for suite, by_seed in by_suite.items():
+            scores.setdefault(label, {}).setdefault(suite, {}).update(by_seed)
     return scores
 
 

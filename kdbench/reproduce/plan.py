@@ -295,10 +295,16 @@ def render_plan(plan: Plan) -> str:
             lines.append(f"not available in this version: row {stage.name} - the report lists it without a number")
     judged = [b for b in table.benchmarks if b.kind == "judge"]
     if judged:
-        lines.append("judged benchmarks: " + "; ".join(f"{b.benchmark} by {b.judge_model} ({b.examples} prompts)"
-                                                       for b in judged)
-                     + (" - not run at full scale in this version (their evaluation compute is counted above)"
-                        if plan.scale == "full" else " - mini: the offline Rouge-L proxy judge against the teacher"))
+        from kdbench.reproduce.judged import judge_requirement, judged_at_full_scale
+
+        run_in_full = judged_at_full_scale(table)
+        lines.append("judged benchmarks: " + "; ".join(
+            f"{b.benchmark} by {b.judge_model} ({b.examples} prompts)"
+            + ("" if plan.scale == "mini" or b in run_in_full else " - not run at full scale")
+            for b in judged)
+                     + ("" if plan.scale == "full" else " - mini: the offline Rouge-L proxy judge against the teacher"))
+        if plan.scale == "full" and judge_requirement(table):
+            lines.append(judge_requirement(table))
     lines += ["", "deviations from the paper:"] + [f"  - {gap}" for gap in table.gaps]
     lines += [f"  - row {row.label}: {row.gap}" for row in table.rows if row.gap]
     lines += [f"  - preparation {p['name']}: {p['gap']}" for p in table.preparation if p.get("gap")]

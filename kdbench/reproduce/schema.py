@@ -84,6 +84,10 @@ BENCHMARK = Schema({
     "examples": integer("Prompts or questions evaluated (compute estimates).", required=True),
     "judge_model": text("The paper's judge model (judge benchmarks)."),
     "scale": number("Multiply kdbench's value by this before comparing (e.g. 100 for a 0-1 metric)."),
+    "prompts": text("Pairwise judge benchmarks: the datasets key of the held-out in-domain prompts (a file of "
+                    "instruction / input rows); without it the benchmark is not run at full scale."),
+    "reference_row": text("AlpacaEval benchmarks: the label of the row whose answers are the reference (e.g. the "
+                          "paper's own student), instead of the protocol's reference outputs."),
 })
 
 EVAL = Schema({

@@ -58,6 +58,8 @@ class Benchmark:
     examples: int
     judge_model: str | None
     scale: float
+    prompts: str | None = None  # a datasets key: the held-out prompts of a pairwise (in-domain) judge benchmark
+    reference_row: str | None = None  # AlpacaEval against this row's answers instead of the protocol's reference
 
 
 @dataclass
@@ -131,7 +133,10 @@ def load_table(name: str) -> Table:
         raise ConfigError(f"{where}: each row label may appear once (labels differing only in punctuation or case "
                           "share a run folder).")
     benchmarks = [Benchmark(b["benchmark"], b["metric"], b["kind"], b["suite"], int(b["examples"]),
-                            b.get("judge_model"), float(b.get("scale", 1.0))) for b in body["eval"]["benchmarks"]]
+                            b.get("judge_model"), float(b.get("scale", 1.0)),
+                            need(b["prompts"], datasets, "dataset") if b.get("prompts") else None,
+                            need(b["reference_row"], [r.label for r in rows], "row") if b.get("reference_row") else None)
+                  for b in body["eval"]["benchmarks"]]
     return Table(entry.name, entry.description, body["paper"], str(body["table"]), body["source"], models, datasets,
                  pairs, list(body.get("preparation") or []), rows, benchmarks, dict(body["eval"]),
                  list(body.get("gaps") or []), dict(body["mini"]), str(entry.path), body)
