@@ -260,7 +260,7 @@ class HFBackend:
 
         # a model with learned absolute positions (GPT-2) cannot go past its last position: stop there
         # (the answer then counts as unfinished, like one cut by max_new_tokens)
-        max_positions = _max_positions(model)
+        max_positions = model_max_positions(model)
         max_steps = decoding.max_new_tokens if max_positions is None else max(
             1, min(decoding.max_new_tokens, max_positions - longest))
         new_tokens: list[list[int]] = [[] for _ in range(n_rows)]
@@ -326,7 +326,7 @@ def iter_chunks(items: list, size: int) -> Iterable[list]:
         yield items[start:start + size]
 
 
-def _max_positions(model) -> int | None:
+def model_max_positions(model) -> int | None:
     """The number of positions a model with learned position embeddings supports (None: no hard limit)."""
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) in ("gpt2", "gpt_neo", "gptj", "opt", "bloom"):

@@ -195,3 +195,20 @@ def test_settings_a_sampling_form_cannot_run_are_one_sentence_before_any_file(ti
     assert result.exit_code == 2, result.output
     assert words in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_minillm_rollouts_stop_at_the_models_last_position():
+    """A prompt near the position limit of a model with learned position embeddings: the mixed sampler cuts
+    the response where the positions end (it indexed past GPT-2's position table before: IndexError)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kdbench.train.minillm import sample_mixed
+
+    torch.manual_seed(0)
+    student = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=1, n_head=1)).eval()
+    teacher = GPT2LMHeadModel(GPT2Config(vocab_size=11, n_positions=12, n_embd=8, n_layer=1, n_head=1)).eval()
+    for prompt_length, expected in ((6, 2), (8, 0)):
+        response = sample_mixed(student, teacher, list(range(1, prompt_length + 1)), alpha=0.2, max_new_tokens=50,
+                                eos_ids=set(), vocab=11, generator=torch.Generator().manual_seed(0))
+        assert len(response) == expected

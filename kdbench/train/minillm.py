@@ -97,15 +97,21 @@ class MiniLLMRolloutParams:
 def sample_mixed(student, teacher, prompt: list[int], *, alpha: float, max_new_tokens: int, eos_ids, vocab: int,
                  generator) -> list[int]:
     """One response to ``prompt`` sampled token by token from p̃ = α·p + (1 − α)·q (both models with their KV
-    caches, no gradient): the new tokens, ending with the EOS id drawn (none when cut at ``max_new_tokens``).
+    caches, no gradient): the new tokens, ending with the EOS id drawn (none when cut at ``max_new_tokens`` or
+    at the last position a model with learned position embeddings has, as ``kdbench.generate`` cuts).
     ``generator``: a CPU ``torch.Generator`` (the row's own seed)."""
     import torch
 
     from kdbench.losses.policy_gradient import teacher_mixed_logprobs
 
+    from kdbench.generate import model_max_positions
+
     device = next(student.parameters()).device
     ids = torch.tensor([prompt], device=device)
     response: list[int] = []
+    limits = [n for n in (model_max_positions(student), model_max_positions(teacher)) if n is not None]
+    if limits:  # learned position embeddings: the response stops where either model runs out of positions
+        max_new_tokens = max(0, min(max_new_tokens, min(limits) - len(prompt)))
     with torch.no_grad():
         s_out = student(input_ids=ids, use_cache=True)
         t_out = teacher(input_ids=ids, use_cache=True)
