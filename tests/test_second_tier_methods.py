@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from kdbench.cli import app
-from tiny_models import build_tiny, write_tiny_data
+from tiny_models import build_tiny, loss_log, train_tiny, write_tiny_data
 
 runner = CliRunner()
 
@@ -30,20 +29,6 @@ def tiny(tmp_path_factory):
     return root
 
 
-def _train(root: Path, out: Path, method: str, params: dict | None = None, **settings):
-    from kdbench.train import TrainConfig, train
-
-    values = dict(method=method, student=str(root / "student"), teacher=str(root / "teacher"),
-                  data=str(root / "prompts.jsonl"), valid_fraction=0.2, output_dir=str(out), max_steps=12,
-                  batch_size=8, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant", prompt_style="compact",
-                  logging_steps=1, save_steps=100, generation_batch_size=64, seed=3, cache_dir=str(root / "cache"),
-                  params=dict(params or {}))
-    values.update(settings)
-    return train(TrainConfig(**values), progress=False)
-
-
-def _log(result) -> list[dict]:
-    return [r for r in map(json.loads, open(result.run.path / "train_log.jsonl")) if "loss" in r]
 
 
 STAGE = {"max_steps": 4}
@@ -64,8 +49,8 @@ def test_each_recipe_overfits_one_batch_in_its_direction_and_leaves_frozen_model
     method, params, data = CASES[case]
     hashes = {name: hash_tree(tiny / name) for name in ("teacher", "student")}
     evaluation = {"eval_steps": 6, "save_steps": 12} if method == "dkto" else {}  # z0 on held-out pairs too
-    result = _train(tiny, tmp_path, method, params, data=str(tiny / f"{data}.jsonl"), **evaluation)
-    log = _log(result)
+    result = train_tiny(tiny, tmp_path, method, params, data=str(tiny / f"{data}.jsonl"), **evaluation)
+    log = loss_log(result)
     losses = [r["loss"] for r in log]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses), (case, losses)
     assert sum(losses[-3:]) / 3 < 0.85 * losses[0], (case, losses)
@@ -165,7 +150,7 @@ def test_ddpo_rm_scores_pairs_with_a_given_reward_model(tiny, tmp_path):
     unscored = tmp_path / "unscored.jsonl"
     unscored.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if not k.startswith("score_")})
                                 + "\n" for line in open(tiny / "prefs.jsonl")))
-    result = _train(tiny, tmp_path / "runs", "ddpo_rm", {"reward_model": str(reward_model)}, data=str(unscored),
+    result = train_tiny(tiny, tmp_path / "runs", "ddpo_rm", {"reward_model": str(reward_model)}, data=str(unscored),
                     max_steps=2)
     facts = json.loads((result.run.path / "stages.json").read_text())["reward_scores"]
     assert facts["reward"]["source"] == str(reward_model) and facts["reward"]["forward_tokens"] > 0

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from kdbench.cli import app
-from tiny_models import build_tiny, write_tiny_data
+from tiny_models import build_tiny, loss_log, train_tiny, write_tiny_data
 
 runner = CliRunner()
 
@@ -30,20 +29,6 @@ def tiny(tmp_path_factory):
     return root
 
 
-def _train(root: Path, out: Path, method: str, params: dict | None = None, **settings):
-    from kdbench.train import TrainConfig, train
-
-    values = dict(method=method, student=str(root / "student"), teacher=str(root / "teacher"),
-                  data=str(root / "prompts.jsonl"), valid_fraction=0.2, output_dir=str(out), max_steps=12,
-                  batch_size=8, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant", prompt_style="compact",
-                  logging_steps=1, save_steps=100, generation_batch_size=64, seed=3, cache_dir=str(root / "cache"),
-                  params=dict(params or {}))
-    values.update(settings)
-    return train(TrainConfig(**values), progress=False)
-
-
-def _log(result) -> list[dict]:
-    return [r for r in map(json.loads, open(result.run.path / "train_log.jsonl")) if "loss" in r]
 
 
 GUIDED_STAGES = {"sft_settings": {"max_steps": 4}, "teacher_dpo_settings": {"max_steps": 4}, "max_new_tokens": 8}
@@ -64,8 +49,8 @@ def test_each_recipe_overfits_one_batch_with_its_term_falling(tiny, tmp_path, ca
 
     method, params, data, term = CASES[case]
     hashes = {name: hash_tree(tiny / name) for name in ("teacher", "student")}
-    result = _train(tiny, tmp_path, method, params, data=str(tiny / f"{data}.jsonl"))
-    log = _log(result)
+    result = train_tiny(tiny, tmp_path, method, params, data=str(tiny / f"{data}.jsonl"))
+    log = loss_log(result)
     losses = [r["loss"] for r in log]
     assert len(losses) == 12 and all(math.isfinite(v) for v in losses), (case, losses)
     assert sum(losses[-3:]) / 3 < 0.85 * losses[0], (case, losses)
@@ -80,7 +65,7 @@ def test_q_softmax_kd_takes_the_dpo_teachers_beta_unless_set(tiny, tmp_path):
     from kdbench.train.recipes import resolve_recipe
 
     assert resolve_recipe("q_softmax_kd").form_params.q_beta is None  # filled from teacher_dpo_beta (0.05) in training
-    result = _train(tiny, tmp_path, "q_softmax_kd", {**GUIDED_STAGES, "teacher_dpo_beta": 0.2},
+    result = train_tiny(tiny, tmp_path, "q_softmax_kd", {**GUIDED_STAGES, "teacher_dpo_beta": 0.2},
                     data=str(tiny / "prefs.jsonl"), max_steps=1)
     assert result.run.complete
 

@@ -38,3 +38,24 @@ def write_tiny_data(root: Path, corpus: Path, *, n: int = 8, n_pairs: int = 8,
     prefs = [json.loads(line) for line in open(corpus / FILES["preferences"])][:n_pairs]
     (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
     return rows
+
+
+def train_tiny(root: Path, out: Path, method: str, params: dict | None = None, **settings):
+    """One run of ``method`` on the tiny models and prompts of ``root`` (as the CLI calls ``train``): 12 steps of
+    8 at 1e-3, constant schedule, validation on 20%; ``settings`` override any of it."""
+    from kdbench.train import TrainConfig, train
+
+    values = dict(method=method, student=str(root / "student"), teacher=str(root / "teacher"),
+                  data=str(root / "prompts.jsonl"), valid_fraction=0.2, output_dir=str(out), max_steps=12,
+                  batch_size=8, learning_rate=1e-3, warmup_ratio=0.0, lr_scheduler="constant", prompt_style="compact",
+                  logging_steps=1, save_steps=100, generation_batch_size=64, seed=3, cache_dir=str(root / "cache"),
+                  params=dict(params or {}))
+    values.update(settings)
+    return train(TrainConfig(**values), progress=False)
+
+
+def loss_log(result) -> list[dict]:
+    """The training-loss rows of a run's train_log.jsonl."""
+    import json
+
+    return [r for r in map(json.loads, open(result.run.path / "train_log.jsonl")) if "loss" in r]

@@ -20,7 +20,7 @@ from kdbench.config import option
 from kdbench.errors import ConfigError, ModelError
 from kdbench.losses.sequence import cross_entropy_sum
 from kdbench.train.objectives import Batch, Objective, register_objective
-from kdbench.train.params import not_negative, positive
+from kdbench.train.params import not_negative, positive, unit_interval
 
 
 def vocabulary_rows(teacher, teacher_tokenizer, student, student_tokenizer) -> tuple[int, int]:
@@ -146,8 +146,7 @@ class DSKDParams:
     def __post_init__(self):
         from kdbench.losses.divergences import get_divergence
 
-        if not 0.0 <= self.kd_rate <= 1.0:
-            raise ConfigError(f"Parameter kd_rate must be between 0 and 1 (got {self.kd_rate}).")
+        unit_interval("kd_rate", self.kd_rate)
         get_divergence(self.divergence)
         if self.teacher_space_positions not in ("all", "kept"):
             raise ConfigError("Parameter teacher_space_positions must be 'all' (the authors' code) or 'kept'.")

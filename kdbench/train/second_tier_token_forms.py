@@ -22,7 +22,7 @@ from kdbench.errors import ConfigError
 from kdbench.losses.sequence import cross_entropy_sum
 from kdbench.train.guided_forms import GuidedBatch, GuidedForm, GuidedParams, register_guided_form
 from kdbench.train.objectives import Batch, Objective, register_objective
-from kdbench.train.params import not_negative, positive
+from kdbench.train.params import not_negative, positive, unit_interval
 
 
 # ------------------------------------------------------------------------------------------ ATKD
@@ -35,10 +35,8 @@ class ATKDParams:
     temperature: float = option(1.0, "Divides teacher and student logits in u_t, TCKD and NCKD.")
 
     def __post_init__(self):
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"Parameter alpha must be between 0 and 1 (got {self.alpha}).")
-        if not 0.0 <= self.kd_ratio <= 1.0:
-            raise ConfigError(f"Parameter kd_ratio must be between 0 and 1 (got {self.kd_ratio}).")
+        unit_interval("alpha", self.alpha)
+        unit_interval("kd_ratio", self.kd_ratio)
         positive("temperature", self.temperature)
 
 
