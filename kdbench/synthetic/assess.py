@@ -266,7 +266,8 @@ def validity_markdown(out: Path, metrics: tuple[str, ...] = READINGS) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sign_agreement_markdown(first: Path, second: Path, metric: str = "rougeL") -> str:
+def sign_agreement_markdown(first: Path, second: Path, metric: str = "rougeL",
+                            labels: tuple[str, str] = ("world 1", "world 2")) -> str:
     """For every pair of arms present in both runs: the effect in each world, whether its sign agrees, and
     whether it is significant (Holm within each world) in both."""
     a_pairs = {(c.a, c.b): c for c in pair_contrasts(load_arms(first), metric)}
@@ -283,7 +284,7 @@ def sign_agreement_markdown(first: Path, second: Path, metric: str = "rougeL") -
         rows.append([f"{key[0]} − {key[1]}", f"{c1.effect:+.1f} (p {fmt_p(c1.p_holm)})",
                      f"{c2.effect:+.1f} (p {fmt_p(c2.p_holm)})", "yes" if same else "**no**",
                      "yes" if significant and same else ("opposite signs" if significant else "no")])
-    lines = _table(["contrast", "world 1", "world 2", "same sign", "significant in both"], rows)
+    lines = _table(["contrast", *labels, "same sign", "significant in both"], rows)
     lines += ["", f"{agree} of {len(rows)} signs agree; {both} differences are significant in both worlds "
                   f"(Holm within each world, p < {ALPHA})."]
     return "\n".join(lines) + "\n"
