@@ -50,7 +50,7 @@ def main() -> None:
             if not (folder / "demo.json").is_file():
                 raise SystemExit(f"{folder} holds no finished run: run this world first (without --compose).")
             folders.append(folder)
-            seconds.append(json.loads((folder / "demo.json").read_text())["timings"]["total_seconds"])
+            seconds.append(json.loads((folder / "demo.json").read_text()).get("timings", {}).get("total_seconds", float("nan")))
             continue
         corpus = {**overrides.get("corpus", {}), "seed": world}
         preset = preset_with(args.preset, {**overrides, "corpus": corpus})
