@@ -112,14 +112,16 @@ def test_other_token_methods_still_refuse_different_vocabularies(pair, tmp_path)
     assert not list(tmp_path.glob("*-seed1"))
 
 
-def test_uld_trains_from_the_cli(pair, tmp_path):
+@pytest.mark.parametrize("method", ["uld", "dskd"])
+def test_cross_tokenizer_method_trains_from_the_cli(pair, tmp_path, method):
+    """The GPT-2-tokenizer student from the SmolLM2-tokenizer teacher, as a user runs it."""
     root, student, teacher = pair
-    result = runner.invoke(app, ["train", "uld", "--student", str(student), "--teacher", str(teacher), "--data",
+    result = runner.invoke(app, ["train", method, "--student", str(student), "--teacher", str(teacher), "--data",
                                  str(root / "prompts.jsonl"), "--output-dir", str(tmp_path), "--set", "max_steps=2",
                                  "--set", "batch_size=4", "--set", "prompt_style=compact", "--set",
                                  f"cache_dir={tmp_path / 'cache'}"])
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "uld-seed1" / "run.json").read_text())["status"] == "complete"
+    assert json.loads((tmp_path / f"{method}-seed1" / "run.json").read_text())["status"] == "complete"
 
 
 # ------------------------------------------------------------------------------------------ DSKD
@@ -204,13 +206,3 @@ def test_dskd_resumes_with_its_trained_projectors_and_saves_a_plain_student(pair
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(got[name], plain[name]) for name in plain)
 
-
-def test_dskd_trains_from_the_cli(pair, tmp_path):
-    """The GPT-2-tokenizer student from the SmolLM2-tokenizer teacher, as a user runs it."""
-    root, student, teacher = pair
-    result = runner.invoke(app, ["train", "dskd", "--student", str(student), "--teacher", str(teacher), "--data",
-                                 str(root / "prompts.jsonl"), "--output-dir", str(tmp_path), "--set", "max_steps=2",
-                                 "--set", "batch_size=4", "--set", "prompt_style=compact", "--set",
-                                 f"cache_dir={tmp_path / 'cache'}"])
-    assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "dskd-seed1" / "run.json").read_text())["status"] == "complete"

@@ -312,6 +312,17 @@ def test_mini_runs_every_row_evaluation_and_report(name, tmp_path, stand_in_cach
 
 
 @pytest.mark.slow
+def _local_models(tmp_path: Path, paper_teacher: str, paper_student: str) -> dict:
+    """A table's teacher "t" and student "s" as local mirror folders (tmp_path/teacher, tmp_path/student)."""
+    return {"t": {"hub": str(tmp_path / "teacher"), "revision": "local", "params_b": 0.001, "paper_name": paper_teacher},
+            "s": {"hub": str(tmp_path / "student"), "revision": "local", "params_b": 0.0005, "paper_name": paper_student}}
+
+
+def _local_dataset(tmp_path: Path, file: str, rows: int) -> dict:
+    return {"hub": str(tmp_path), "revision": "local", "file": file, "rows": rows, "prompt_tokens": 10,
+            "response_tokens": 10}
+
+
 def test_full_scale_runs_on_local_mirrors_and_resumes(tmp_path, monkeypatch):
     """--scale full through the same code as on a GPU node, with the hub replaced by local mirror folders (tiny
     models, a tiny training file) and the real Dolly test file, three examples."""
@@ -328,10 +339,8 @@ def test_full_scale_runs_on_local_mirrors_and_resumes(tmp_path, monkeypatch):
     body = {
         "name": "local-table", "description": "DPKD Table 1 on local mirrors.", "paper": "DPKD", "table": "1",
         "source": "test", "train_data": "train",
-        "models": {"t": {"hub": str(tmp_path / "teacher"), "revision": "local", "params_b": 0.001, "paper_name": "gpt2-1.5B"},
-                   "s": {"hub": str(tmp_path / "student"), "revision": "local", "params_b": 0.0005, "paper_name": "gpt2-120M"}},
-        "datasets": {"train": {"hub": str(tmp_path), "revision": "local", "file": "prompts.jsonl", "rows": 8,
-                               "prompt_tokens": 10, "response_tokens": 10}},
+        "models": _local_models(tmp_path, "gpt2-1.5B", "gpt2-120M"),
+        "datasets": {"train": _local_dataset(tmp_path, "prompts.jsonl", 8)},
         "pairs": [{"teacher": "t", "student": "s", "paper_teacher": "gpt2-1.5B", "paper_student": "gpt2-120M"}],
         "preparation": [{"name": "teacher_sft", "of": "teacher", "kind": "sft", "settings": quick, "source": "test"}],
         "rows": [{"label": "teacher", "evaluate": "teacher", "paper_student": "teacher", "source": "test"},
@@ -386,12 +395,9 @@ def _judged_local_table(tmp_path: Path, *, limit: int = 2, in_domain_prompts: bo
     body = {
         "name": "judged-table", "description": "ADPA Table 1 on local mirrors.", "paper": "ADPA", "table": "1",
         "source": "test", "train_data": "train",
-        "models": {"t": {"hub": str(tmp_path / "teacher"), "revision": "local", "params_b": 0.001, "paper_name": "t"},
-                   "s": {"hub": str(tmp_path / "student"), "revision": "local", "params_b": 0.0005, "paper_name": "s"}},
-        "datasets": {"train": {"hub": str(tmp_path), "revision": "local", "file": "prompts.jsonl", "rows": 8,
-                               "prompt_tokens": 10, "response_tokens": 10},
-                     "held": {"hub": str(tmp_path), "revision": "local", "file": "held.jsonl", "rows": 3,
-                              "prompt_tokens": 10, "response_tokens": 10}},
+        "models": _local_models(tmp_path, "t", "s"),
+        "datasets": {"train": _local_dataset(tmp_path, "prompts.jsonl", 8),
+                     "held": _local_dataset(tmp_path, "held.jsonl", 3)},
         "pairs": [{"teacher": "t", "student": "s", "paper_teacher": "t", "paper_student": "s"}],
         "preparation": [],
         "rows": [{"label": "teacher", "evaluate": "teacher", "paper_student": "teacher", "source": "test"},
